@@ -1,0 +1,58 @@
+"""Validate a composed config before any model loads: bad values fail in a second, with what to change."""
+
+from __future__ import annotations
+
+from omegaconf import DictConfig
+
+from sdpo.algo.dense import STRATEGIES
+from sdpo.policy.steps import SPACINGS
+from sdpo.rewards import available_rewards
+
+PRECISIONS = ("32-true", "32", "bf16-mixed", "16-mixed")
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot work; the message says which key to change."""
+
+
+def validate_config(cfg: DictConfig) -> None:
+    problems: list[str] = []
+
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            problems.append(message)
+
+    a, m = cfg.algo, cfg.model
+    need(a.num_steps >= 1, f"algo.num_steps={a.num_steps}: need at least 1 denoising step")
+    need(a.eta > 0, f"algo.eta={a.eta}: the DDIM policy needs eta > 0 to have a log-prob (SDPO uses 1.0)")
+    need(a.dense.anchor in STRATEGIES, f"algo.dense.anchor={a.dense.anchor!r}: use one of {list(STRATEGIES)}")
+    need(a.dense.anchor == "all" or a.dense.num_anchors >= 1,
+         f"algo.dense.num_anchors={a.dense.num_anchors}: need >= 1")
+    need(a.clip_range > 0, f"algo.clip_range={a.clip_range}: must be > 0 (paper: 1e-4)")
+    need(a.adv_clip_max > 0, f"algo.adv_clip_max={a.adv_clip_max}: must be > 0")
+    need(0 < a.gamma <= 1, f"algo.gamma={a.gamma}: must be in (0, 1]")
+    need(a.temporal_eta != 0, "algo.temporal_eta must be non-zero")
+    need(a.micro_batch_pairs >= 1, f"algo.micro_batch_pairs={a.micro_batch_pairs}: need >= 1")
+    need(a.gradient_accumulation_steps >= 1,
+         f"algo.gradient_accumulation_steps={a.gradient_accumulation_steps}: need >= 1")
+    need(a.num_inner_epochs >= 1, f"algo.num_inner_epochs={a.num_inner_epochs}: need >= 1")
+    need(a.sample_batch_size >= 1, f"algo.sample_batch_size={a.sample_batch_size}: need >= 1")
+    need(a.tracker.min_count <= a.tracker.buffer_size,
+         f"algo.tracker.min_count={a.tracker.min_count} > buffer_size={a.tracker.buffer_size}: "
+         "the buffer statistics could never be used")
+    need(m.spacing in SPACINGS, f"model.spacing={m.spacing!r}: use one of {list(SPACINGS)}")
+    need(m.spacing != "linspace" or a.num_steps >= 1,
+         "model.spacing=linspace ends at t=0, where the DDIM step is deterministic: use trailing or leading")
+    need(m.weight_dtype in ("fp32", "bf16", "fp16", "float32", "bfloat16", "float16"),
+         f"model.weight_dtype={m.weight_dtype!r}: use fp32, bf16 or fp16")
+    need(cfg.reward.name in available_rewards(),
+         f"reward.name={cfg.reward.name!r}: available rewards are {available_rewards()}")
+    precision = str(cfg.trainer.get("precision", "32-true"))
+    need(precision in PRECISIONS, f"trainer.precision={precision}: use one of {list(PRECISIONS)}")
+    if precision == "16-mixed" and cfg.trainer.get("accelerator") == "cpu":
+        problems.append("trainer.precision=16-mixed needs a GPU; on CPU use bf16-mixed or 32-true")
+    need(cfg.optim.lr > 0, f"optim.lr={cfg.optim.lr}: must be > 0")
+    need(cfg.data.prompts_per_batch >= 1 and cfg.data.batches_per_epoch >= 1,
+         "data.prompts_per_batch and data.batches_per_epoch must be >= 1")
+    if problems:
+        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))

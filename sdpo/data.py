@@ -1,0 +1,114 @@
+"""Prompt sources and the LightningDataModule that streams one iteration's prompts per rank.
+
+One SDPO iteration (a Lightning "epoch") consumes one batch: the list of prompts this rank samples pairs for.
+Prompts are drawn with a generator seeded by (seed, epoch, rank), so every rank draws different prompts, a
+resumed run draws exactly what an uninterrupted run would, and nothing needs to be re-sampled.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+SIMPLE_ANIMALS: tuple[str, ...] = (
+    "cat", "dog", "horse", "monkey", "rabbit", "zebra", "spider", "bird", "sheep", "deer", "cow", "goat", "lion",
+    "tiger", "bear", "raccoon", "fox", "wolf", "lizard", "beetle", "ant", "butterfly", "fish", "shark", "whale",
+    "dolphin", "squirrel", "mouse", "rat", "snake", "turtle", "frog", "chicken", "duck", "goose", "bee", "pig",
+    "turkey", "fly", "llama", "camel", "bat", "gorilla", "hedgehog", "kangaroo",
+)  # the reference code's 45 training prompts, used verbatim
+UNSEEN_EXAMPLES: tuple[str, ...] = (
+    "A green colored rabbit", "Four wolves in the park", "A cat and a dog", "A dog on the moon",
+)
+
+
+def load_prompts(source: str | Sequence[str]) -> list[str]:
+    """A prompt list from a built-in name ("simple_animals", "unseen_examples"), a text file, or a list."""
+    if not isinstance(source, str):
+        prompts = [str(p) for p in source]
+    elif source == "simple_animals":
+        prompts = list(SIMPLE_ANIMALS)
+    elif source == "unseen_examples":
+        prompts = list(UNSEEN_EXAMPLES)
+    elif Path(source).expanduser().is_file():
+        lines = Path(source).expanduser().read_text().splitlines()
+        prompts = [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+    else:
+        raise ValueError(
+            f"prompt source {source!r} is neither a built-in set ('simple_animals', 'unseen_examples') "
+            f"nor an existing file (one prompt per line)"
+        )
+    if not prompts:
+        raise ValueError(f"prompt source {source!r} holds no prompts")
+    return prompts
+
+
+def iteration_seed(seed: int, epoch: int, rank: int, purpose: int) -> int:
+    """A 63-bit seed for one (run seed, epoch, rank, purpose): independent streams, reproducible on resume."""
+    return int(np.random.SeedSequence([seed, epoch, rank, purpose]).generate_state(2, np.uint64)[0] >> 1)
+
+
+class IterationPrompts(Dataset):
+    """Item ``epoch`` is the list of prompts this rank samples in that iteration (uniform with replacement)."""
+
+    PURPOSE = 1
+
+    def __init__(self, prompts: list[str], prompts_per_iteration: int, seed: int, rank: int) -> None:
+        self.prompts = prompts
+        self.prompts_per_iteration = prompts_per_iteration
+        self.seed = seed
+        self.rank = rank
+
+    def __len__(self) -> int:  # an upper bound; the sampler picks one index per epoch
+        return 2**31 - 1
+
+    def __getitem__(self, epoch: int) -> list[str]:
+        rng = np.random.default_rng(iteration_seed(self.seed, epoch, self.rank, self.PURPOSE))
+        picks = rng.integers(0, len(self.prompts), size=self.prompts_per_iteration)
+        return [self.prompts[i] for i in picks]
+
+
+class EpochSampler(Sampler[int]):
+    """Yields the current epoch index once; Lightning calls ``set_epoch`` before every epoch."""
+
+    def __init__(self) -> None:
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        yield self.epoch
+
+    def __len__(self) -> int:
+        return 1
+
+
+class PromptDataModule(L.LightningDataModule):
+    """Streams ``prompts_per_batch x batches_per_epoch`` prompts per rank per iteration."""
+
+    def __init__(self, source: str | Sequence[str], prompts_per_batch: int, batches_per_epoch: int,
+                 seed: int = 0) -> None:
+        super().__init__()
+        if prompts_per_batch < 1 or batches_per_epoch < 1:
+            raise ValueError(
+                f"data.prompts_per_batch ({prompts_per_batch}) and data.batches_per_epoch ({batches_per_epoch}) "
+                f"must be >= 1"
+            )
+        self.source = source
+        self.prompts_per_batch = prompts_per_batch
+        self.batches_per_epoch = batches_per_epoch
+        self.seed = seed
+        self.prompts = load_prompts(source)
+
+    @property
+    def prompts_per_iteration(self) -> int:
+        return self.prompts_per_batch * self.batches_per_epoch
+
+    def train_dataloader(self) -> DataLoader:
+        rank = self.trainer.global_rank if self.trainer is not None else 0
+        dataset = IterationPrompts(self.prompts, self.prompts_per_iteration, self.seed, rank)
+        return DataLoader(dataset, batch_size=None, sampler=EpochSampler(), num_workers=0)

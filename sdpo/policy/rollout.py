@@ -1,0 +1,114 @@
+"""Dual-state pair rollouts: per prompt two trajectories from one shared x_T, both through one UNet call.
+
+Both states of every step are kept: the noisy latent x_t (needed to recompute log-probs when training) and the
+predicted clean latent x̂0_t (what dense rewards are computed on). x̂0 at the first step is what a 1-step
+generation outputs, so rewards on x̂0 supervise every step count at once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from diffusers import DDIMScheduler, UNet2DConditionModel
+from torch import Tensor
+
+from sdpo.policy.steps import ddim_step_with_logprob
+
+
+@dataclass
+class PairTrajectories:
+    """P prompts x 2 trajectories (a, b) x T steps; the layout is [P, 2, T, ...] throughout."""
+
+    prompts: list[str]  # [P]
+    prompt_embeds: Tensor  # [P, L, D]
+    timesteps: Tensor  # [T] long, the sampling schedule (shared by all trajectories)
+    latents: Tensor  # [P, 2, T+1, C, H, W]: x_T ... x_0; latents[:, :, i] is the input of step i
+    x0_latents: Tensor  # [P, 2, T, C, H, W]: x̂0 predicted at each step
+    log_probs: Tensor  # [P, 2, T] log π_old of each recorded transition (fp32)
+
+    @property
+    def num_pairs(self) -> int:
+        return self.latents.shape[0]
+
+    @property
+    def num_steps(self) -> int:
+        return self.timesteps.shape[0]
+
+    @staticmethod
+    def concat(parts: list[PairTrajectories]) -> PairTrajectories:
+        """Join the chunks sampled in several UNet batches into one batch of pairs."""
+        return PairTrajectories(
+            prompts=[p for part in parts for p in part.prompts],
+            prompt_embeds=torch.cat([part.prompt_embeds for part in parts]),
+            timesteps=parts[0].timesteps,
+            latents=torch.cat([part.latents for part in parts]),
+            x0_latents=torch.cat([part.x0_latents for part in parts]),
+            log_probs=torch.cat([part.log_probs for part in parts]),
+        )
+
+
+def predict_model_output(
+    unet: UNet2DConditionModel, latents: Tensor, timesteps: Tensor, prompt_embeds: Tensor
+) -> Tensor:
+    """The UNet's raw prediction (ε, v or x0 per the scheduler config), [B, C, H, W]."""
+    return unet(latents, timesteps, encoder_hidden_states=prompt_embeds, return_dict=False)[0]
+
+
+@torch.no_grad()
+def sample_pairs(
+    unet: UNet2DConditionModel,
+    scheduler: DDIMScheduler,
+    prompts: list[str],
+    prompt_embeds: Tensor,
+    timesteps: Tensor,
+    latent_shape: tuple[int, int, int],
+    eta: float,
+    generator: torch.Generator,
+    latent_dtype: torch.dtype = torch.float32,
+) -> PairTrajectories:
+    """Roll out one pair per prompt. Trajectories a and b share x_T and differ only in the per-step noise."""
+    num_prompts = len(prompts)
+    device = prompt_embeds.device
+    shared_noise = torch.randn(
+        (num_prompts, *latent_shape), generator=generator, device=generator.device, dtype=torch.float32
+    ).to(device)
+    x = shared_noise.repeat_interleave(2, dim=0)  # [2P, C, H, W], rows (2p, 2p+1) = pair p
+    embeds = prompt_embeds.repeat_interleave(2, dim=0)  # [2P, L, D]
+    latents, x0s, log_probs = [x], [], []
+    for t in timesteps:
+        t_batch = t.expand(x.shape[0]).to(device)
+        model_output = predict_model_output(unet, x.to(latent_dtype), t_batch, embeds)
+        step = ddim_step_with_logprob(scheduler, model_output, t_batch, x, eta=eta, generator=generator)
+        x = step.prev_sample
+        latents.append(x)
+        x0s.append(step.pred_original_sample)
+        log_probs.append(step.log_prob)
+
+    def pairs(stacked: Tensor) -> Tensor:  # [2P, T, ...] -> [P, 2, T, ...]
+        return stacked.view(num_prompts, 2, *stacked.shape[1:])
+
+    return PairTrajectories(
+        prompts=list(prompts),
+        prompt_embeds=prompt_embeds,
+        timesteps=timesteps.to(device),
+        latents=pairs(torch.stack(latents, dim=1)),
+        x0_latents=pairs(torch.stack(x0s, dim=1)),
+        log_probs=pairs(torch.stack(log_probs, dim=1)),
+    )
+
+
+def transition_log_prob(
+    unet: UNet2DConditionModel,
+    scheduler: DDIMScheduler,
+    latents: Tensor,
+    timesteps: Tensor,
+    next_latents: Tensor,
+    prompt_embeds: Tensor,
+    eta: float,
+    latent_dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """log π_θ(next | latents, c) of recorded transitions under the current weights, [B] in fp32 (with grad)."""
+    model_output = predict_model_output(unet, latents.to(latent_dtype), timesteps, prompt_embeds)
+    step = ddim_step_with_logprob(scheduler, model_output, timesteps, latents, eta=eta, prev_sample=next_latents)
+    return step.log_prob

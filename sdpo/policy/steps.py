@@ -1,0 +1,279 @@
+"""A stochastic DDIM step viewed as a Gaussian policy.
+
+SDPO treats one denoising step x_t -> x_{t-1} as an action drawn from
+pi(x_{t-1} | x_t, c) = N(mu_t, sigma_t^2 I). Training needs the log-density of recorded actions under the
+current weights, and the clip range on log-ratios is tiny (1e-4), so the math here must (a) equal diffusers'
+own ``DDIMScheduler.step(..., eta, variance_noise=z)`` and (b) run in fp32 even when the UNet runs in
+bf16/fp16. See docs/method.md, "Setting".
+
+Written in the style of diffusers' scheduler files: small pure functions and a step returning a dataclass.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from diffusers import DDIMScheduler
+from torch import Tensor
+
+__all__ = [
+    "SPACINGS",
+    "StepOutput",
+    "ddim_step_with_logprob",
+    "gaussian_log_prob",
+    "make_scheduler",
+    "prev_timestep",
+    "timestep_schedule",
+]
+
+SPACINGS: tuple[str, ...] = ("trailing", "leading", "linspace")
+
+_LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
+
+
+@dataclass
+class StepOutput:
+    """Result of one stochastic DDIM step; every tensor is float32 (the caller casts)."""
+
+    prev_sample: Tensor  # [B, ...] the action x_{t-1}
+    pred_original_sample: Tensor  # [B, ...] x̂0_t (what dense rewards are computed on)
+    log_prob: Tensor  # [B] Gaussian log-density of prev_sample, averaged over non-batch elements
+    std_dev: Tensor  # [B] sigma_t per sample
+
+
+# --------------------------------------------------------------------------------------------- schedules
+
+
+def make_scheduler(
+    scheduler_or_config: Any,
+    spacing: str = "trailing",
+    steps_offset: int | None = None,
+) -> DDIMScheduler:
+    """Build a DDIMScheduler from any diffusers scheduler (or its config) with a chosen timestep spacing.
+
+    Few-step models ship other schedulers (SD-Turbo: EulerDiscreteScheduler, trailing spacing) but the policy
+    is a DDIM step, so we reuse their beta schedule / prediction type and only swap the class and spacing.
+    "leading" with ``steps_offset=1`` reproduces the reference's 50-step schedule 981..1. "linspace" ends at
+    t = 0, whose step is deterministic, so ``ddim_step_with_logprob`` refuses that last step.
+
+    ``clip_sample`` and ``set_alpha_to_one`` default to False when the source config does not state them:
+    DDIM's own defaults (True) would silently clip latents to ±1 and make the scheduler disagree with our
+    clamp-at-0 last step (see ``prev_timestep``).
+    """
+    if spacing not in SPACINGS:
+        raise ValueError(f"timestep spacing must be one of {list(SPACINGS)}, got {spacing!r}")
+    if isinstance(scheduler_or_config, Mapping):
+        config = dict(scheduler_or_config)
+    elif hasattr(scheduler_or_config, "config"):
+        config = dict(scheduler_or_config.config)
+    else:
+        raise TypeError(
+            f"expected a diffusers scheduler or a config mapping, got {type(scheduler_or_config).__name__}"
+        )
+    overrides: dict[str, Any] = {"timestep_spacing": spacing}
+    for key in ("clip_sample", "set_alpha_to_one"):
+        if key not in config:
+            overrides[key] = False
+    if steps_offset is not None:
+        if steps_offset < 0:
+            raise ValueError(f"steps_offset must be >= 0, got {steps_offset}")
+        overrides["steps_offset"] = int(steps_offset)
+    return DDIMScheduler.from_config(config, **overrides)
+
+
+def timestep_schedule(scheduler: DDIMScheduler, num_steps: int) -> torch.LongTensor:
+    """Set ``num_steps`` inference steps on ``scheduler`` (in place) and return its timesteps [T].
+
+    In place on purpose: ``prev_timestep`` / ``ddim_step_with_logprob`` read ``num_inference_steps`` from the
+    same scheduler, so the schedule and the step size can never disagree.
+    """
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    scheduler.set_timesteps(num_steps)
+    return scheduler.timesteps.clone().long()  # [T], descending
+
+
+def prev_timestep(scheduler: DDIMScheduler, timestep: int | Tensor) -> int | Tensor:
+    """t - num_train_timesteps // num_inference_steps, clamped at 0.
+
+    Clamping (instead of diffusers' "alpha = 1" when ``set_alpha_to_one=True``) keeps sigma > 0 at the last
+    step, so the final action still has a finite log-prob. With ``set_alpha_to_one=False`` diffusers uses
+    alphas_cumprod[0] there too, so both agree.
+    """
+    num_inference_steps = getattr(scheduler, "num_inference_steps", None)
+    if num_inference_steps is None:
+        raise ValueError(
+            "scheduler.num_inference_steps is None: call timestep_schedule(scheduler, T) "
+            "(or scheduler.set_timesteps(T)) before stepping"
+        )
+    step = scheduler.config.num_train_timesteps // num_inference_steps
+    if isinstance(timestep, Tensor):
+        return (timestep.long() - step).clamp(min=0)
+    return max(int(timestep) - step, 0)
+
+
+# ------------------------------------------------------------------------------------------------ pieces
+
+
+def gaussian_log_prob(x: Tensor, mean: Tensor, std: Tensor) -> Tensor:
+    """log N(x; mean, std^2) averaged (not summed) over non-batch elements -> [B].
+
+    The mean keeps log-probs O(1) whatever the latent size; clip ranges and learning rates are calibrated
+    to this scale. ``std`` broadcasts against ``x`` (e.g. [B, 1, 1, 1]).
+    """
+    elementwise = -((x - mean) ** 2) / (2 * std**2) - torch.log(std) - _LOG_SQRT_2PI  # [B, ...]
+    return elementwise.mean(dim=tuple(range(1, x.ndim)))  # [B]
+
+
+def _as_timesteps(timestep: int | Tensor, batch_size: int, device: torch.device) -> Tensor:
+    """Normalise an int / 0-d / [B] timestep to a LongTensor [B] on ``device``."""
+    t = torch.as_tensor(timestep, device=device)
+    if t.is_floating_point():
+        if not torch.equal(t, t.round()):
+            raise ValueError(f"DDIM timesteps must be integers, got {t.tolist()}")
+    t = t.long()
+    if t.ndim == 0:
+        return t.expand(batch_size)
+    if t.ndim == 1 and t.shape[0] == batch_size:
+        return t
+    raise ValueError(
+        f"timestep must be an int, a 0-d tensor or a [B={batch_size}] tensor, got shape {tuple(t.shape)}"
+    )
+
+
+def _predict_x0_and_eps(
+    prediction_type: str, model_output: Tensor, sample: Tensor, alpha_t: Tensor
+) -> tuple[Tensor, Tensor]:
+    """x̂0 and ε̂ from the network output, as in DDIMScheduler.step (formula 12 of the DDIM paper)."""
+    beta_t = 1 - alpha_t
+    if prediction_type == "epsilon":
+        x0 = (sample - beta_t.sqrt() * model_output) / alpha_t.sqrt()
+        eps = model_output
+    elif prediction_type == "sample":
+        x0 = model_output
+        eps = (sample - alpha_t.sqrt() * x0) / beta_t.sqrt()
+    elif prediction_type == "v_prediction":
+        x0 = alpha_t.sqrt() * sample - beta_t.sqrt() * model_output
+        eps = alpha_t.sqrt() * model_output + beta_t.sqrt() * sample
+    else:
+        raise ValueError(
+            f"prediction_type {prediction_type!r} must be one of 'epsilon', 'v_prediction', 'sample'"
+        )
+    return x0, eps
+
+
+def _draw_noise(
+    shape: torch.Size, device: torch.device, generator: torch.Generator | Sequence[torch.Generator] | None
+) -> Tensor:
+    """z ~ N(0, I) in float32 on ``device``; generated on the generator's device so seeds are portable."""
+    if generator is None:
+        return torch.randn(shape, device=device, dtype=torch.float32)
+    if isinstance(generator, torch.Generator):
+        z = torch.randn(shape, generator=generator, device=generator.device, dtype=torch.float32)
+        return z.to(device)
+    generators = list(generator)
+    if len(generators) != shape[0]:
+        raise ValueError(f"got {len(generators)} generators for a batch of {shape[0]}")
+    per_sample = [
+        torch.randn(shape[1:], generator=g, device=g.device, dtype=torch.float32).to(device)
+        for g in generators
+    ]
+    return torch.stack(per_sample)  # [B, ...]
+
+
+# -------------------------------------------------------------------------------------------------- step
+
+
+def ddim_step_with_logprob(
+    scheduler: DDIMScheduler,
+    model_output: Tensor,
+    timestep: int | Tensor,
+    sample: Tensor,
+    eta: float = 1.0,
+    prev_sample: Tensor | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
+) -> StepOutput:
+    """One stochastic DDIM step and the log-prob of its action.
+
+    Sampling: leave ``prev_sample`` None and x_{t-1} = mu + sigma * z is drawn. Training: pass the recorded
+    ``prev_sample`` to get its log-prob under the current ``model_output`` (gradients flow through mu only;
+    the action is treated as a constant, as a policy gradient requires).
+
+    ``timestep`` may be an int, a 0-d tensor or a [B] tensor: training micro-batches mix timesteps.
+    All math is fp32 with autocast off, whatever the input dtype, because log-ratios are clipped at 1e-4.
+    """
+    if eta <= 0:
+        raise ValueError(
+            f"eta={eta}: a deterministic (or negative-eta) DDIM step has no log-prob; "
+            "use eta > 0 (SDPO uses 1)"
+        )
+    config = scheduler.config
+    if config.thresholding:
+        raise NotImplementedError("dynamic thresholding is not supported by ddim_step_with_logprob")
+    if model_output.shape != sample.shape:
+        raise ValueError(f"model_output {tuple(model_output.shape)} and sample {tuple(sample.shape)} differ")
+    if prev_sample is not None and prev_sample.shape != sample.shape:
+        raise ValueError(f"prev_sample {tuple(prev_sample.shape)} and sample {tuple(sample.shape)} differ")
+
+    device = sample.device
+    batch_size = sample.shape[0]
+    bshape = (batch_size,) + (1,) * (sample.ndim - 1)  # broadcast per-sample scalars over [B, ...]
+
+    with torch.autocast(device_type=device.type, enabled=False):
+        t = _as_timesteps(timestep, batch_size, device)  # [B]
+        if (t < 0).any() or (t >= config.num_train_timesteps).any():
+            raise ValueError(f"timesteps {t.tolist()} outside [0, {config.num_train_timesteps})")
+        if (t == 0).any():
+            # prev clamps to 0 as well, so ᾱ_prev = ᾱ_t and sigma = 0: the step is deterministic.
+            raise ValueError(
+                "timestep 0 has sigma = 0 (prev timestep clamps to 0), so its action has no log-prob; "
+                "use a schedule that stops above 0 ('trailing' or 'leading', not 'linspace')"
+            )
+        t_prev = prev_timestep(scheduler, t)  # [B]
+
+        alphas_cumprod = scheduler.alphas_cumprod.to(device=device, dtype=torch.float32)  # [num_train]
+        alpha_t = alphas_cumprod[t].view(bshape)  # ᾱ_t
+        alpha_prev = alphas_cumprod[t_prev].view(bshape)  # ᾱ_prev
+
+        model_output = model_output.float()
+        sample = sample.float()
+
+        x0, eps = _predict_x0_and_eps(config.prediction_type, model_output, sample, alpha_t)
+        if config.clip_sample:
+            # Like diffusers' default (use_clipped_model_output=False): ε̂ is NOT re-derived after clipping.
+            x0 = x0.clamp(-config.clip_sample_range, config.clip_sample_range)
+
+        # sigma_t = eta * sqrt((1 - ᾱ_prev) / (1 - ᾱ_t)) * sqrt(1 - ᾱ_t / ᾱ_prev)   (diffusers' _get_variance)
+        variance = (1 - alpha_prev) / (1 - alpha_t) * (1 - alpha_t / alpha_prev)
+        std_dev = eta * variance.sqrt()  # [B, 1, ...]
+
+        direction = (1 - alpha_prev - std_dev**2).clamp(min=0).sqrt() * eps
+        mean = alpha_prev.sqrt() * x0 + direction  # [B, ...]
+
+        if prev_sample is None:
+            prev_sample = mean + std_dev * _draw_noise(sample.shape, device, generator)
+        else:
+            prev_sample = prev_sample.to(device=device, dtype=torch.float32)
+
+        log_prob = gaussian_log_prob(prev_sample.detach(), mean, std_dev)  # [B]
+
+    _check_finite(t, log_prob=log_prob, prev_sample=prev_sample)
+    return StepOutput(
+        prev_sample=prev_sample,
+        pred_original_sample=x0,
+        log_prob=log_prob,
+        std_dev=std_dev.view(batch_size),
+    )
+
+
+def _check_finite(timesteps: Tensor, **tensors: Tensor) -> None:
+    """Fail loudly, naming the timestep(s), instead of letting a NaN poison the update silently."""
+    for name, value in tensors.items():
+        finite = torch.isfinite(value.detach()).view(value.shape[0], -1).all(dim=1)  # [B]
+        if not bool(finite.all()):
+            bad = sorted(set(timesteps[~finite].tolist()))
+            raise FloatingPointError(f"non-finite {name} in DDIM step at timestep(s) {bad}")

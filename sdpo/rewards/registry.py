@@ -1,0 +1,50 @@
+"""Name -> reward factory registry, so configs pick rewards by string."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from sdpo.rewards.base import RewardModel
+
+_REGISTRY: dict[str, Callable[..., RewardModel]] = {}
+
+T = TypeVar("T", bound=type[RewardModel])
+
+
+def register_reward(name: str) -> Callable[[T], T]:
+    """Class decorator registering a ``RewardModel`` subclass under ``name``.
+
+    The class's ``name`` attribute is set to ``name`` unless the class defines its own, so error
+    messages and logs use the same string as the config.
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"reward name must be a non-empty string, got {name!r}")
+
+    def decorator(cls: T) -> T:
+        if name in _REGISTRY:
+            raise ValueError(f"reward {name!r} is already registered (by {_REGISTRY[name]!r})")
+        if not (isinstance(cls, type) and issubclass(cls, RewardModel)):
+            raise TypeError(f"@register_reward({name!r}) expects a RewardModel subclass, got {cls!r}")
+        if "name" not in cls.__dict__:
+            cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return decorator
+
+
+def available_rewards() -> list[str]:
+    """Sorted names of all registered rewards."""
+    return sorted(_REGISTRY)
+
+
+def build_reward(name: str, **kwargs: Any) -> RewardModel:
+    """Instantiate the reward registered as ``name`` with ``kwargs``."""
+    try:
+        factory = _REGISTRY[name]
+    except KeyError:
+        raise KeyError(
+            f"unknown reward {name!r}; available rewards: {', '.join(available_rewards())}"
+        ) from None
+    return factory(**kwargs)

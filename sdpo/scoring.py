@@ -1,0 +1,79 @@
+"""Dense rewards for rolled-out pairs: plan the exact queries, decode only those x̂0, interpolate the rest.
+
+This is where the policy's latents meet the reward model. The pure math (anchor choice, interpolation) lives
+in ``sdpo.algo.dense``; here we decode the queried x̂0 in large batches and call the reward once per batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from sdpo.algo.dense import interpolate_rewards, plan_queries
+from sdpo.policy.conditioning import decode_latents
+from sdpo.policy.rollout import PairTrajectories
+
+RewardFn = Callable[[Tensor, list[str]], Tensor]
+
+
+@dataclass
+class PairRewards:
+    """Dense rewards of P pairs and what they cost."""
+
+    dense: Tensor  # [P, 2, T] R̂, exact at queried steps (fp32)
+    query_steps: Tensor  # [2P, K] steps queried per trajectory (rows 2p, 2p+1 = pair p)
+    num_queries: int  # reward-model calls spent (the shared first step of a pair is scored once)
+    first_images: Tensor  # [P, 3, H, W] the 1-step image (x̂0 at step 0, shared by a and b)
+    last_images: Tensor  # [P, 2, 3, H, W] the T-step images of a and b
+
+
+@torch.no_grad()
+def score_pairs(
+    traj: PairTrajectories,
+    vae: torch.nn.Module,
+    latent_scale: float,
+    reward_fn: RewardFn,
+    strategy: str,
+    num_anchors: int,
+    include_endpoints: bool,
+    generator: torch.Generator | None,
+    batch_size: int,
+) -> PairRewards:
+    """Score every step of every trajectory with ``K`` exact reward queries per trajectory."""
+    num_pairs, num_steps = traj.num_pairs, traj.num_steps
+    x0 = traj.x0_latents.flatten(0, 1)  # [N=2P, T, C, H, W]
+    plan = plan_queries(x0, strategy, num_anchors, include_endpoints, generator)  # [N, K]
+
+    # Unique (trajectory, step) queries. Both trajectories of a pair start from the same x_T, so their
+    # first-step x̂0 (and reward) are the same: score it once, on trajectory a. Every plan holds the first
+    # and the last step, so the 1-step and T-step images below are always among the decoded ones.
+    def key(row: int, step: int) -> tuple[int, int]:
+        return (row - row % 2, 0) if step == 0 else (row, step)
+
+    keys: dict[tuple[int, int], int] = {}
+    for row, steps in enumerate(plan.tolist()):
+        for step in steps:
+            keys.setdefault(key(row, step), len(keys))
+    queried = list(keys)
+    latents = torch.stack([x0[r, s] for r, s in queried])  # [Q, C, H, W]
+    prompts = [traj.prompts[r // 2] for r, _ in queried]
+    images = decode_latents(vae, latents, latent_scale, batch_size)  # [Q, 3, H, W]
+    scores = torch.cat(
+        [reward_fn(images[i : i + batch_size], prompts[i : i + batch_size]) for i in range(0, len(queried), batch_size)]
+    ).float()  # [Q]
+
+    index = torch.tensor([[keys[key(r, s)] for s in steps] for r, steps in enumerate(plan.tolist())])  # [N, K]
+    dense = interpolate_rewards(x0, plan, scores[index.to(scores.device)])  # [N, T]
+    last = num_steps - 1
+    first_images = images[[keys[(2 * p, 0)] for p in range(num_pairs)]]  # [P, 3, H, W]
+    last_images = images[[keys[(r, last)] for r in range(2 * num_pairs)]]  # [2P, 3, H, W]
+    return PairRewards(
+        dense=dense.view(num_pairs, 2, num_steps),
+        query_steps=plan,
+        num_queries=len(queried),
+        first_images=first_images,
+        last_images=last_images.view(num_pairs, 2, *last_images.shape[1:]),
+    )
