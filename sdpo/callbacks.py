@@ -101,7 +101,7 @@ class RewardSummary(L.Callback):
             f"epoch {first['epoch']} -> epoch {last['epoch']}",
             f"{'image':<16}{'first':>10}{'last':>10}{'change':>10}",
         ]
-        for label, key in ((f"1-step", self.KEYS[0]), (f"{t}-step", self.KEYS[1])):
+        for label, key in (("1-step", self.KEYS[0]), (f"{t}-step", self.KEYS[1])):
             lines.append(f"{label:<16}{first[key]:>10.4f}{last[key]:>10.4f}{last[key] - first[key]:>+10.4f}")
         table = "\n".join(lines)
         print("\n" + table + "\n")

@@ -41,11 +41,13 @@ class SDPOModule(L.LightningModule):
 
     def __init__(self, model: Any, algo: Any, reward: Any, optim: Any, seed: int = 0) -> None:
         super().__init__()
-        self.save_hyperparameters()
-        self.automatic_optimization = False
-        self.strict_loading = False  # checkpoints hold only the trainable weights
         self.model_cfg, self.algo_cfg = _plain(model), _plain(algo)
         self.reward_cfg, self.optim_cfg = _plain(reward), _plain(optim)
+        # plain containers only: checkpoints load with torch.load(weights_only=True)
+        self.save_hyperparameters({"model": self.model_cfg, "algo": self.algo_cfg, "reward": self.reward_cfg,
+                                   "optim": self.optim_cfg, "seed": seed})
+        self.automatic_optimization = False
+        self.strict_loading = False  # checkpoints hold only the trainable weights
         self.seed = seed
 
         components = self._load_components(self.model_cfg)
@@ -55,7 +57,9 @@ class SDPOModule(L.LightningModule):
         self.tokenizer = components.tokenizer
         self.latent_scale = components.latent_scale
         lora = self.model_cfg["lora"]
-        make_trainable(self.unet, lora["enabled"], lora["rank"], lora["alpha"], lora["targets"], lora["init"])
+        with torch.random.fork_rng(devices=[]):  # the adapters' init depends on the seed alone
+            torch.manual_seed(seed)
+            make_trainable(self.unet, lora["enabled"], lora["rank"], lora["alpha"], lora["targets"], lora["init"])
         if self.model_cfg.get("gradient_checkpointing"):
             self.unet.enable_gradient_checkpointing()
         reward_kwargs = {k: v for k, v in self.reward_cfg.items() if k not in ("name", "_target_")}

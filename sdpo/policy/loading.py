@@ -11,6 +11,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import shutil
+import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -85,7 +88,13 @@ def build_tiny_pipeline(directory: str | Path, spec: TinySpec) -> Path:
     latents' differences in brightness and colour — the reward has range.
     """
     directory = Path(directory)
-    torch.manual_seed(spec.seed)
+    with torch.random.fork_rng(devices=[]):  # leave the caller's RNG untouched (LoRA init, seeds)
+        torch.manual_seed(spec.seed)
+        _build_and_save(directory, spec)
+    return directory
+
+
+def _build_and_save(directory: Path, spec: TinySpec) -> None:
     tokenizer = build_clip_tokenizer(spec.words)
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
@@ -134,7 +143,6 @@ def build_tiny_pipeline(directory: str | Path, spec: TinySpec) -> Path:
     save_tokenizer(tokenizer, directory / "tokenizer")
     scheduler.save_pretrained(directory / "scheduler")
     (directory / "tiny_spec.json").write_text(json.dumps(asdict(spec), indent=1, default=list))
-    return directory
 
 
 def init_decoder_passthrough(vae: AutoencoderTiny, out_std: float) -> None:
@@ -159,13 +167,11 @@ def ensure_tiny_pipeline(cache_dir: str | Path, spec: TinySpec) -> Path:
     target = Path(cache_dir).expanduser() / f"tiny-{spec.key()}"
     if (target / "tiny_spec.json").exists():
         return target
-    staging = target.with_name(f"{target.name}.tmp-{torch.randint(0, 2**31, (1,)).item()}")
+    staging = target.with_name(f"{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     build_tiny_pipeline(staging, spec)
     try:
         staging.rename(target)
     except OSError:  # another process won the race; its copy is identical (same seed and spec)
-        import shutil
-
         shutil.rmtree(staging, ignore_errors=True)
     return target
 
@@ -209,7 +215,7 @@ def load_components(
         raise ModelNotAvailableError(
             f"could not load the model {source!r}: {err}\n"
             f"With no network: pre-download it on a connected machine with `hf download {source}` (then set "
-            f"HF_HUB_OFFLINE=1), or point `model.path` at a local diffusers-layout copy."
+            f"HF_HUB_OFFLINE=1), or point `model.source` at a local diffusers-layout copy."
         ) from err
     unet.requires_grad_(False)
     vae.requires_grad_(False).to(dtype)

@@ -1,0 +1,132 @@
+"""End to end through the real Hydra entry point and Lightning Trainer, on the embedded tiny default."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from sdpo.config_checks import ConfigError, validate_config
+from sdpo.train import train
+from tests.conftest import CONFIG_DIR, FAST, REPO, compose
+
+EXPERIMENTS = sorted(p.stem for p in (Path(CONFIG_DIR) / "experiment").glob("*.yaml"))
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, float]]:
+    rows = list(csv.DictReader(open(run_dir / "csv" / "metrics.csv")))
+    return [{k: float(v) for k, v in r.items() if v != ""} for r in rows]
+
+
+def run_cli(args: list[str], cache_dir: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "SDPO_CACHE": str(cache_dir), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
+    return subprocess.run([sys.executable, "-m", "sdpo.train", *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def trainable_state(module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.slow
+def test_default_entry_point_raises_the_reward(tmp_path, cache_dir):
+    """`python -m sdpo.train` (the default, shortened) learns: the 1-step and T-step brightness rise."""
+    run_dir = tmp_path / "run"
+    result = run_cli([f"hydra.run.dir={run_dir}", "trainer.max_epochs=40", "trainer.enable_progress_bar=false"],
+                     cache_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "1-step" in result.stdout and "4-step" in result.stdout  # the closing table
+    rows = read_metrics(run_dir)
+    first, last = rows[:5], rows[-5:]
+    for key in ("train/reward_1step", "train/reward_last"):
+        before = sum(r[key] for r in first) / 5
+        after = sum(r[key] for r in last) / 5
+        spread = rows[0][key + "_std"] if key + "_std" in rows[0] else rows[0]["train/reward_1step_std"]
+        assert after - before > max(0.01, 3 * spread), (key, before, after, spread)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["last"]["epoch"] == 39
+    assert (run_dir / ".hydra" / "config.yaml").exists()
+    assert (run_dir / "checkpoints" / "last.ckpt").exists()
+    assert sorted(p.name for p in (run_dir / "samples").glob("*.png"))[0] == "epoch_0000.png"
+    assert rows[-1]["train/reward_queries"] == 40 * 16 * 5  # 16 pairs x (3 + 3 - 1 shared) queries per epoch
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_every_experiment_composes_and_runs_one_iteration(name, tmp_path, cache_dir):
+    cfg = compose([f"+experiment={name}", "trainer.max_epochs=1", *FAST, *TINY_OVERRIDES.get(name, [])],
+                  tmp_path, cache_dir)
+    trainer = train(cfg)
+    assert trainer.current_epoch == 1
+    assert torch.isfinite(torch.tensor(float(trainer.callback_metrics["train/loss"])))
+
+
+TINY_OVERRIDES: dict[str, list[str]] = {}  # experiments that need real weights get tiny stand-ins here
+
+
+def test_resume_equals_uninterrupted(tmp_path, cache_dir):
+    """2 epochs + resume for 2 more == 4 epochs straight: LoRA weights, optimizer, tracker, counters, RNG."""
+    base = [*FAST, "model.lora.enabled=true", "optim.lr=1e-2", "algo.tracker.min_count=2", "algo.tracker.buffer_size=4"]
+    full = train(compose([*base, "trainer.max_epochs=4"], tmp_path / "full", cache_dir))
+    first = train(compose([*base, "trainer.max_epochs=2"], tmp_path / "part", cache_dir))
+    ckpt = tmp_path / "part" / "checkpoints" / "last.ckpt"
+    resumed = train(compose([*base, "trainer.max_epochs=4", f"ckpt_path={ckpt}"], tmp_path / "resumed", cache_dir))
+    a, b = trainable_state(full.lightning_module), trainable_state(resumed.lightning_module)
+    assert a.keys() == b.keys() and any("lora" in k for k in a)
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
+    assert not torch.equal(a[name], trainable_state(first.lightning_module)[name])  # it did train further
+    assert full.lightning_module.tracker.state_dict() == resumed.lightning_module.tracker.state_dict()
+    assert full.lightning_module.total_queries == resumed.lightning_module.total_queries
+    rows_full, rows_resumed = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "resumed")
+    assert [r["epoch"] for r in rows_resumed] == [2, 3]  # past epochs were not re-sampled
+    assert rows_full[3]["train/reward_1step"] == pytest.approx(rows_resumed[1]["train/reward_1step"], abs=1e-6)
+
+
+def test_checkpoint_holds_only_trainable_weights_and_tracker(tmp_path, cache_dir):
+    train(compose([*FAST, "model.lora.enabled=true", "trainer.max_epochs=1"], tmp_path, cache_dir))
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["state_dict"] and all("lora" in k for k in ckpt["state_dict"])
+    assert ckpt["sdpo"]["tracker"]["buffers"] and ckpt["sdpo"]["total_queries"] > 0
+    assert ckpt["optimizer_states"]
+
+
+def test_first_update_is_on_policy(tmp_path, cache_dir):
+    """Before any optimizer step, every recorded transition's importance ratio is 1 (fp32)."""
+    from sdpo.module import SDPOModule
+
+    cfg = compose([*FAST, "model.lora.enabled=true"], tmp_path, cache_dir)
+    module = SDPOModule(cfg.model, cfg.algo, cfg.reward, cfg.optim, seed=0)
+    traj = module.sample(["cat", "dog", "zebra"])
+    worst = 0.0
+    with torch.no_grad():
+        for step in range(traj.num_steps):  # the training path, at a different batch composition
+            for pair in range(traj.num_pairs):
+                idx, steps = torch.tensor([pair]), torch.tensor([step])
+                log_prob = module._micro_batch_log_probs(traj, idx, steps)  # [1, 2]
+                worst = max(worst, float((log_prob - traj.log_probs[idx, :, steps]).abs().max()))
+    assert worst < 1e-5
+
+
+def test_multirun_sweeps_steps_and_anchors(tmp_path, cache_dir):
+    result = run_cli(["-m", "algo.num_steps=3,4", "algo.dense.anchor=argmin,uniform", "trainer.max_epochs=1",
+                      *FAST, f"hydra.sweep.dir={tmp_path}"], cache_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = sorted(p for p in tmp_path.iterdir() if p.is_dir() and (p / "csv" / "metrics.csv").exists())
+    assert len(runs) == 4
+    assert {read_metrics(r)[0]["train/queries_per_trajectory"] for r in runs} == {2.5}
+
+
+def test_bad_config_fails_before_loading(tmp_path, cache_dir):
+    cfg = compose(["algo.dense.anchor=middle", "algo.eta=0", "model.spacing=odd"], tmp_path, cache_dir)
+    with pytest.raises(ConfigError) as err:
+        validate_config(cfg)
+    message = str(err.value)
+    assert "algo.dense.anchor='middle'" in message and "algo.eta=0" in message and "model.spacing" in message
+    result = run_cli(["algo.num_steps=0", f"hydra.run.dir={tmp_path / 'x'}"], cache_dir, timeout=120)
+    assert result.returncode != 0 and "algo.num_steps=0" in result.stderr

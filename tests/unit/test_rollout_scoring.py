@@ -1,0 +1,101 @@
+"""Pair rollouts keep both states and share x_T; dense scoring decodes only what it queries."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sdpo.policy.conditioning import decode_latents, encode_prompts
+from sdpo.policy.loading import TinySpec, ensure_tiny_pipeline, load_components
+from sdpo.policy.rollout import sample_pairs, transition_log_prob
+from sdpo.policy.steps import make_scheduler, timestep_schedule
+from sdpo.scoring import score_pairs
+
+PROMPTS = ["cat", "dog", "red cat"]
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    folder = ensure_tiny_pipeline(tmp_path_factory.mktemp("c"), TinySpec(latent_size=8, words=["cat", "dog", "red"]))
+    parts = load_components(str(folder))
+    scheduler = make_scheduler(parts.scheduler_config, "trailing")
+    return parts, scheduler
+
+
+def rollout(pipeline, num_steps=4, seed=0):
+    parts, scheduler = pipeline
+    timesteps = timestep_schedule(scheduler, num_steps)
+    embeds = encode_prompts(parts.tokenizer, parts.text_encoder, PROMPTS)
+    return sample_pairs(parts.unet, scheduler, PROMPTS, embeds, timesteps, (4, 8, 8), 1.0,
+                        torch.Generator().manual_seed(seed))
+
+
+def test_pairs_share_start_and_differ_after(pipeline):
+    traj = rollout(pipeline)
+    assert traj.latents.shape == (3, 2, 5, 4, 8, 8)
+    assert traj.x0_latents.shape == (3, 2, 4, 4, 8, 8) and traj.log_probs.shape == (3, 2, 4)
+    assert torch.equal(traj.latents[:, 0, 0], traj.latents[:, 1, 0])  # shared x_T
+    assert torch.allclose(traj.x0_latents[:, 0, 0], traj.x0_latents[:, 1, 0])  # so the 1-step x̂0 is shared
+    assert not torch.allclose(traj.latents[:, 0, 1], traj.latents[:, 1, 1])  # per-step noise differs
+    assert not torch.allclose(traj.latents[0, 0, 0], traj.latents[1, 0, 0])  # prompts get different x_T
+    assert torch.isfinite(traj.log_probs).all()
+
+
+def test_same_seed_same_rollout(pipeline):
+    a, b = rollout(pipeline, seed=3), rollout(pipeline, seed=3)
+    assert torch.equal(a.latents, b.latents) and torch.equal(a.log_probs, b.log_probs)
+
+
+def test_recorded_log_probs_are_reproduced_per_transition(pipeline):
+    """Recomputing every transition one sample at a time gives the sampling-time log-prob (fp32)."""
+    parts, scheduler = pipeline
+    traj = rollout(pipeline)
+    for step in range(traj.num_steps):
+        x = traj.latents[:, :, step].flatten(0, 1)
+        nxt = traj.latents[:, :, step + 1].flatten(0, 1)
+        t = traj.timesteps[step].expand(x.shape[0])
+        emb = traj.prompt_embeds.repeat_interleave(2, dim=0)
+        with torch.no_grad():
+            lp = transition_log_prob(parts.unet, scheduler, x, t, nxt, emb, 1.0)
+        assert (lp - traj.log_probs[:, :, step].flatten()).abs().max() < 1e-5
+
+
+class CountingReward:
+    """Brightness that records every image it is asked to score."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, images, prompts):
+        assert len(prompts) == images.shape[0]
+        self.calls += images.shape[0]
+        return images.mean(dim=(1, 2, 3))
+
+
+@pytest.mark.parametrize(("strategy", "per_traj"), [("argmin", 3), ("uniform", 3), ("all", 4)])
+def test_scoring_queries_only_the_plan(pipeline, strategy, per_traj):
+    parts, _ = pipeline
+    traj = rollout(pipeline)
+    reward = CountingReward()
+    scored = score_pairs(traj, parts.vae, parts.latent_scale, reward, strategy, 1, False,
+                         torch.Generator().manual_seed(0), batch_size=4)
+    pairs = traj.num_pairs
+    expected = pairs * 2 * per_traj - pairs  # the shared first step is scored once per pair
+    assert scored.num_queries == expected == reward.calls
+    assert scored.dense.shape == (pairs, 2, 4)
+    # exact at the first and last step: equal to scoring the decoded x̂0 directly
+    x0 = traj.x0_latents
+    direct_last = decode_latents(parts.vae, x0[:, :, -1].flatten(0, 1), parts.latent_scale).mean(dim=(1, 2, 3))
+    assert torch.allclose(scored.dense[:, :, -1].flatten(), direct_last, atol=1e-6)
+    direct_first = decode_latents(parts.vae, x0[:, 0, 0], parts.latent_scale).mean(dim=(1, 2, 3))
+    assert torch.allclose(scored.dense[:, 0, 0], direct_first, atol=1e-6)
+    assert torch.equal(scored.dense[:, 0, 0], scored.dense[:, 1, 0])
+    assert scored.first_images.shape == (pairs, 3, 16, 16) and scored.last_images.shape == (pairs, 2, 3, 16, 16)
+
+
+def test_two_step_schedule_is_all_exact(pipeline):
+    parts, _ = pipeline
+    traj = rollout(pipeline, num_steps=2)
+    reward = CountingReward()
+    scored = score_pairs(traj, parts.vae, parts.latent_scale, reward, "argmin", 1, False, None, batch_size=8)
+    assert scored.num_queries == traj.num_pairs * 3  # first (shared) + last of a and b
