@@ -71,6 +71,7 @@ class RewardSummary(L.Callback):
     """Record the rewards of every epoch; at the end print first-vs-last and write them as JSON."""
 
     KEYS = ("train/reward_1step", "train/reward_last")
+    SPREAD = ("train/reward_1step_std", "train/reward_last_std")
 
     def __init__(self, path: str) -> None:
         self.path = Path(path)
@@ -80,7 +81,7 @@ class RewardSummary(L.Callback):
         metrics = trainer.callback_metrics
         if all(k in metrics for k in self.KEYS):
             row = {"epoch": trainer.current_epoch}
-            row.update({k: float(metrics[k]) for k in self.KEYS})
+            row.update({k: float(metrics[k]) for k in self.KEYS + self.SPREAD if k in metrics})
             row["train/reward_queries"] = float(metrics.get("train/reward_queries", float("nan")))
             self.history.append(row)
 
@@ -99,10 +100,14 @@ class RewardSummary(L.Callback):
         lines = [
             f"SDPO reward ({getattr(pl_module, 'reward_cfg', {}).get('name', 'reward')}), "
             f"epoch {first['epoch']} -> epoch {last['epoch']}",
-            f"{'image':<16}{'first':>10}{'last':>10}{'change':>10}",
+            f"{'image':<10}{'first':>10}{'last':>10}{'change':>10}{'spread':>10}",
         ]
-        for label, key in (("1-step", self.KEYS[0]), (f"{t}-step", self.KEYS[1])):
-            lines.append(f"{label:<16}{first[key]:>10.4f}{last[key]:>10.4f}{last[key] - first[key]:>+10.4f}")
+        rows = (("1-step", self.KEYS[0], self.SPREAD[0]), (f"{t}-step", self.KEYS[1], self.SPREAD[1]))
+        for label, key, spread in rows:
+            change = last[key] - first[key]
+            values = f"{first[key]:>10.4f}{last[key]:>10.4f}{change:>+10.4f}{first.get(spread, 0):>10.4f}"
+            lines.append(f"{label:<10}{values}")
+        lines.append("(spread: std of the reward across the first epoch's samples)")
         table = "\n".join(lines)
         print("\n" + table + "\n")
         self.path.parent.mkdir(parents=True, exist_ok=True)

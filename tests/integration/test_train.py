@@ -130,3 +130,14 @@ def test_bad_config_fails_before_loading(tmp_path, cache_dir):
     assert "algo.dense.anchor='middle'" in message and "algo.eta=0" in message and "model.spacing" in message
     result = run_cli(["algo.num_steps=0", f"hydra.run.dir={tmp_path / 'x'}"], cache_dir, timeout=120)
     assert result.returncode != 0 and "algo.num_steps=0" in result.stderr
+
+
+def test_bf16_autocast_run_keeps_log_probs_fp32(tmp_path, cache_dir):
+    """Mixed precision: the UNet under bf16 autocast, frozen parts in bf16, the loss still finite."""
+    trainer = train(compose([*FAST, "trainer.precision=bf16-mixed", "model.weight_dtype=bf16", "trainer.max_epochs=1"],
+                            tmp_path, cache_dir))
+    module = trainer.lightning_module
+    assert next(module.vae.parameters()).dtype == torch.bfloat16
+    assert next(module.text_encoder.parameters()).dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 for p in module.unet.parameters() if p.requires_grad)
+    assert torch.isfinite(torch.tensor(float(trainer.callback_metrics["train/loss"])))
