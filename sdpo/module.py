@@ -215,8 +215,8 @@ class SDPOModule(L.LightningModule):
         latents = traj.latents[idx, :, steps].flatten(0, 1)  # [2B, C, H, W]
         next_latents = traj.latents[idx, :, steps + 1].flatten(0, 1)  # [2B, C, H, W]
         timesteps = traj.timesteps[steps].repeat_interleave(2)  # [2B]
-        embeds = traj.prompt_embeds[idx].repeat_interleave(2, dim=0)  # [2B, L, D]
-        log_prob = transition_log_prob(self.unet, self.scheduler, latents, timesteps, next_latents, embeds,
+        cond = traj.cond.select(idx).repeat_pairs()  # [2B, ...]
+        log_prob = transition_log_prob(self.unet, self.scheduler, latents, timesteps, next_latents, cond,
                                        self.algo_cfg["eta"])
         return log_prob.view(b, 2)
 

@@ -13,6 +13,7 @@ import torch
 from diffusers import DDIMScheduler, UNet2DConditionModel
 from torch import Tensor
 
+from sdpo.policy.conditioning import Conditioning
 from sdpo.policy.steps import ddim_step_with_logprob
 
 
@@ -21,7 +22,7 @@ class PairTrajectories:
     """P prompts x 2 trajectories (a, b) x T steps; the layout is [P, 2, T, ...] throughout."""
 
     prompts: list[str]  # [P]
-    prompt_embeds: Tensor  # [P, L, D]
+    cond: Conditioning  # [P, ...] per prompt
     timesteps: Tensor  # [T] long, the sampling schedule (shared by all trajectories)
     latents: Tensor  # [P, 2, T+1, C, H, W]: x_T ... x_0; latents[:, :, i] is the input of step i
     x0_latents: Tensor  # [P, 2, T, C, H, W]: x̂0 predicted at each step
@@ -40,7 +41,7 @@ class PairTrajectories:
         """Join the chunks sampled in several UNet batches into one batch of pairs."""
         return PairTrajectories(
             prompts=[p for part in parts for p in part.prompts],
-            prompt_embeds=torch.cat([part.prompt_embeds for part in parts]),
+            cond=Conditioning.cat([part.cond for part in parts]),
             timesteps=parts[0].timesteps,
             latents=torch.cat([part.latents for part in parts]),
             x0_latents=torch.cat([part.x0_latents for part in parts]),
@@ -48,11 +49,9 @@ class PairTrajectories:
         )
 
 
-def predict_model_output(
-    unet: UNet2DConditionModel, latents: Tensor, timesteps: Tensor, prompt_embeds: Tensor
-) -> Tensor:
-    """The UNet's raw prediction (ε, v or x0 per the scheduler config), [B, C, H, W]."""
-    return unet(latents, timesteps, encoder_hidden_states=prompt_embeds, return_dict=False)[0]
+def predict_model_output(unet: UNet2DConditionModel, latents: Tensor, timesteps: Tensor, cond: Conditioning) -> Tensor:
+    """The UNet's raw prediction (ε, v or x0 per the scheduler config), [B, C, H, W]; ``cond`` has B rows."""
+    return unet(latents, timesteps, **cond.unet_kwargs(), return_dict=False)[0]
 
 
 @torch.no_grad()
@@ -60,7 +59,7 @@ def sample_pairs(
     unet: UNet2DConditionModel,
     scheduler: DDIMScheduler,
     prompts: list[str],
-    prompt_embeds: Tensor,
+    cond: Conditioning,
     timesteps: Tensor,
     latent_shape: tuple[int, int, int],
     eta: float,
@@ -69,16 +68,16 @@ def sample_pairs(
 ) -> PairTrajectories:
     """Roll out one pair per prompt. Trajectories a and b share x_T and differ only in the per-step noise."""
     num_prompts = len(prompts)
-    device = prompt_embeds.device
+    device = cond.hidden_states.device
     shared_noise = torch.randn(
         (num_prompts, *latent_shape), generator=generator, device=generator.device, dtype=torch.float32
     ).to(device)
     x = shared_noise.repeat_interleave(2, dim=0)  # [2P, C, H, W], rows (2p, 2p+1) = pair p
-    embeds = prompt_embeds.repeat_interleave(2, dim=0)  # [2P, L, D]
+    pair_cond = cond.repeat_pairs()  # [2P, ...]
     latents, x0s, log_probs = [x], [], []
     for t in timesteps:
         t_batch = t.expand(x.shape[0]).to(device)
-        model_output = predict_model_output(unet, x.to(latent_dtype), t_batch, embeds)
+        model_output = predict_model_output(unet, x.to(latent_dtype), t_batch, pair_cond)
         step = ddim_step_with_logprob(scheduler, model_output, t_batch, x, eta=eta, generator=generator)
         x = step.prev_sample
         latents.append(x)
@@ -90,7 +89,7 @@ def sample_pairs(
 
     return PairTrajectories(
         prompts=list(prompts),
-        prompt_embeds=prompt_embeds,
+        cond=cond,
         timesteps=timesteps.to(device),
         latents=pairs(torch.stack(latents, dim=1)),
         x0_latents=pairs(torch.stack(x0s, dim=1)),
@@ -104,11 +103,11 @@ def transition_log_prob(
     latents: Tensor,
     timesteps: Tensor,
     next_latents: Tensor,
-    prompt_embeds: Tensor,
+    cond: Conditioning,
     eta: float,
     latent_dtype: torch.dtype = torch.float32,
 ) -> Tensor:
     """log π_θ(next | latents, c) of recorded transitions under the current weights, [B] in fp32 (with grad)."""
-    model_output = predict_model_output(unet, latents.to(latent_dtype), timesteps, prompt_embeds)
+    model_output = predict_model_output(unet, latents.to(latent_dtype), timesteps, cond)
     step = ddim_step_with_logprob(scheduler, model_output, timesteps, latents, eta=eta, prev_sample=next_latents)
     return step.log_prob

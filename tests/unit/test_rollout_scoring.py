@@ -54,7 +54,7 @@ def test_recorded_log_probs_are_reproduced_per_transition(pipeline):
         x = traj.latents[:, :, step].flatten(0, 1)
         nxt = traj.latents[:, :, step + 1].flatten(0, 1)
         t = traj.timesteps[step].expand(x.shape[0])
-        emb = traj.prompt_embeds.repeat_interleave(2, dim=0)
+        emb = traj.cond.repeat_pairs()
         with torch.no_grad():
             lp = transition_log_prob(parts.unet, scheduler, x, t, nxt, emb, 1.0)
         assert (lp - traj.log_probs[:, :, step].flatten()).abs().max() < 1e-5
