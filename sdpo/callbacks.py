@@ -112,3 +112,17 @@ class RewardSummary(L.Callback):
         print("\n" + table + "\n")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.path.write_text(json.dumps({"first": first, "last": last, "history": self.history}, indent=1))
+
+
+class ExportTrained(L.Callback):
+    """At the end of training, write the LoRA in diffusers' format (or the full UNet) next to the checkpoints."""
+
+    def __init__(self, dirpath: str) -> None:
+        self.dirpath = Path(dirpath)
+
+    @rank_zero_only
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        from sdpo.policy.lora import save_trained_unet
+
+        path = save_trained_unet(pl_module.unet, self.dirpath)
+        print(f"trained weights for diffusers: {path}")

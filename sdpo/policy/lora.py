@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from diffusers import UNet2DConditionModel
@@ -38,3 +39,38 @@ def make_trainable(
     if not params:
         raise ValueError(f"no UNet module matched the LoRA targets {list(targets)}; check model.lora.targets")
     return params
+
+
+def has_lora(unet: UNet2DConditionModel) -> bool:
+    return bool(getattr(unet, "peft_config", None))
+
+
+def save_lora(unet: UNet2DConditionModel, directory: str | Path) -> Path:
+    """Write the UNet's LoRA in diffusers' format: ``pipe.load_lora_weights(directory)`` loads it on the stock
+    pipeline (SD 1.x/2.x, SD-Turbo, SDXL-Turbo and LCM pipelines read the same ``unet.``-prefixed file).
+
+    The adapter's rank and alpha travel as metadata, so the loaded scale equals the trained one.
+    """
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    if not has_lora(unet):
+        raise ValueError("this UNet has no LoRA adapter (model.lora.enabled=false); save the full UNet instead")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    metadata = unet.peft_config["default"].to_dict()
+    StableDiffusionPipeline.save_lora_weights(
+        directory, unet_lora_layers=layers, safe_serialization=True, unet_lora_adapter_metadata=metadata
+    )
+    return directory
+
+
+def save_trained_unet(unet: UNet2DConditionModel, directory: str | Path) -> Path:
+    """What a run ships: the LoRA (diffusers format) or, after full fine-tuning, the whole UNet (safetensors)."""
+    directory = Path(directory)
+    if has_lora(unet):
+        return save_lora(unet, directory)
+    unet.save_pretrained(directory, safe_serialization=True)
+    return directory
