@@ -45,6 +45,13 @@ def validate_config(cfg: DictConfig) -> None:
          "model.spacing=linspace ends at t=0, where the DDIM step is deterministic: use trailing or leading")
     need(m.weight_dtype in ("fp32", "bf16", "fp16", "float32", "bfloat16", "float16"),
          f"model.weight_dtype={m.weight_dtype!r}: use fp32, bf16 or fp16")
+    need(m.get("step_kind", "auto") in ("auto", "ddim", "lcm"),
+         f"model.step_kind={m.get('step_kind')!r}: use auto, ddim or lcm")
+    resolution = m.get("resolution")
+    need(resolution is None or (resolution > 0 and resolution % 8 == 0),
+         f"model.resolution={resolution}: use a positive multiple of 8 (the VAE downsamples by 8), or null")
+    guidance = m.get("guidance_scale")
+    need(guidance is None or guidance >= 1, f"model.guidance_scale={guidance}: use null or a value >= 1")
     need(cfg.reward.name in available_rewards(),
          f"reward.name={cfg.reward.name!r}: available rewards are {available_rewards()}")
     precision = str(cfg.trainer.get("precision", "32-true"))

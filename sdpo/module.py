@@ -24,7 +24,7 @@ from sdpo.policy.conditioning import encode_prompts
 from sdpo.policy.loading import TINY, TinySpec, ensure_tiny_pipeline, load_components
 from sdpo.policy.lora import make_trainable
 from sdpo.policy.rollout import PairTrajectories, sample_pairs, transition_log_prob
-from sdpo.policy.steps import make_scheduler, timestep_schedule
+from sdpo.policy.steps import make_policy_scheduler, timestep_schedule
 from sdpo.rewards import build_reward
 from sdpo.scoring import PairRewards, score_pairs
 
@@ -65,14 +65,17 @@ class SDPOModule(L.LightningModule):
         reward_kwargs = {k: v for k, v in self.reward_cfg.items() if k not in ("name", "_target_")}
         self.reward_fn = build_reward(self.reward_cfg["name"], **reward_kwargs)
 
-        self.scheduler = make_scheduler(
-            components.scheduler_config, self.model_cfg["spacing"], self.model_cfg.get("steps_offset")
+        self.components = components  # the same modules, for encode_prompts (family, tokenizers)
+        self.text_encoder_2 = components.text_encoder_2  # SDXL (else None): registered, so it moves with the module
+        self.step_kind = components.step_kind  # "ddim" | "lcm"
+        self.scheduler = make_policy_scheduler(
+            components, self.model_cfg["spacing"], self.model_cfg.get("steps_offset")
         )
         self.register_buffer(
             "timesteps", timestep_schedule(self.scheduler, self.algo_cfg["num_steps"]), persistent=False
         )
-        unet_cfg = self.unet.config
-        self.latent_shape = (unet_cfg.in_channels, unet_cfg.sample_size, unet_cfg.sample_size)
+        size = components.latent_size(self.model_cfg.get("resolution"))
+        self.latent_shape = (self.unet.config.in_channels, size, size)
 
         tracker = self.algo_cfg["tracker"]
         self.tracker = PerStepPromptStatTracker(tracker["buffer_size"], tracker["min_count"])
@@ -94,6 +97,8 @@ class SDPOModule(L.LightningModule):
             variant=cfg.get("variant"),
             weight_dtype=cfg.get("weight_dtype", "fp32"),
             local_files_only=cfg.get("local_files_only", False),
+            vae_source=cfg.get("vae_source"),
+            step_kind=cfg.get("step_kind", "auto"),
         )
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
@@ -105,9 +110,9 @@ class SDPOModule(L.LightningModule):
 
     def on_train_epoch_start(self) -> None:
         # Lightning switches every submodule to train mode; the frozen parts must stay deterministic.
-        self.vae.eval()
-        self.text_encoder.eval()
-        self.reward_fn.eval()
+        for frozen in (self.vae, self.text_encoder, self.text_encoder_2, self.reward_fn):
+            if frozen is not None:
+                frozen.eval()
 
     def _generator(self, stream: int) -> torch.Generator:
         seed = iteration_seed(self.seed, self.current_epoch, self.global_rank, stream)
@@ -118,12 +123,13 @@ class SDPOModule(L.LightningModule):
         """Phase 1: roll out one pair per prompt, ``sample_batch_size`` prompts per UNet call."""
         a = self.algo_cfg
         generator = self._generator(NOISE_STREAM)
+        image_size = self.latent_shape[-1] * self.components.vae_scale_factor
         chunks = []
         for start in range(0, len(prompts), a["sample_batch_size"]):
             chunk = prompts[start : start + a["sample_batch_size"]]
-            embeds = encode_prompts(self.tokenizer, self.text_encoder, chunk)
+            embeds = encode_prompts(self.components, chunk, image_size, self.model_cfg.get("guidance_scale"))
             chunks.append(sample_pairs(self.unet, self.scheduler, chunk, embeds, self.timesteps,
-                                       self.latent_shape, a["eta"], generator))
+                                       self.latent_shape, a["eta"], generator, step_kind=self.step_kind))
         return PairTrajectories.concat(chunks)
 
     def score(self, traj: PairTrajectories) -> PairRewards:
@@ -217,7 +223,7 @@ class SDPOModule(L.LightningModule):
         timesteps = traj.timesteps[steps].repeat_interleave(2)  # [2B]
         cond = traj.cond.select(idx).repeat_pairs()  # [2B, ...]
         log_prob = transition_log_prob(self.unet, self.scheduler, latents, timesteps, next_latents, cond,
-                                       self.algo_cfg["eta"])
+                                       self.algo_cfg["eta"], step_kind=self.step_kind)
         return log_prob.view(b, 2)
 
     def _clip_and_norm(self, optimizer) -> float:

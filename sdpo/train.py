@@ -45,6 +45,10 @@ def train(cfg: DictConfig) -> L.Trainer:
     if "SDPO_NUM_THREADS" in os.environ:
         torch.set_num_threads(int(os.environ["SDPO_NUM_THREADS"]))
     L.seed_everything(cfg.seed, workers=True, verbose=False)
+    if str(cfg.trainer.get("precision", "32-true")).startswith("32"):
+        # TF32 convolutions move recomputed log-probs by ~1e-4 on Ampere+ GPUs: the size of the clip range.
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
 
     from sdpo.module import SDPOModule
 

@@ -25,6 +25,46 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+def build_tiny_clip(folder: Path, words: list[str], image_size: int = 32, projection: int = 16) -> Path:
+    """A random tiny CLIPModel + CLIP tokenizer saved like a hub repo: what CLIP-based rewards load in tests."""
+    from transformers import CLIPConfig, CLIPModel
+
+    from sdpo.policy.tokenizer import build_clip_tokenizer, save_tokenizer
+
+    tokenizer = build_clip_tokenizer(words)
+    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                vocab_size=len(tokenizer), max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                  image_size=image_size, patch_size=8)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=projection))
+        with torch.no_grad():
+            model.logit_scale.fill_(4.0)  # exp ~ 54.6, away from the init value so scale tests mean something
+    model.save_pretrained(folder)
+    save_tokenizer(tokenizer, folder)
+    return folder
+
+
+def build_aesthetic_head(path: Path, projection: int = 16) -> Path:
+    """A random LAION aesthetic head saved as the original ``.pth`` (a state dict keyed ``layers.N.*``)."""
+    from sdpo.rewards.clip_based import AestheticHead
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1)
+        torch.save(AestheticHead(projection).state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_reward_assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Tiny stand-ins for the CLIP-based reward models, for end-to-end runs of the real-model experiments."""
+    clip = build_tiny_clip(tmp_path_factory.mktemp("tiny-clip"), ["a", "photo", "of", "cat", "dog"])
+    head = build_aesthetic_head(tmp_path_factory.mktemp("head") / "aesthetic_head.pth")
+    return {"clip": clip, "head": head}
+
+
 def compose(overrides: list[str], output_dir: Path, cache_dir: Path):
     """The training config exactly as ``python -m sdpo.train <overrides>`` composes it."""
     from hydra import compose as hydra_compose

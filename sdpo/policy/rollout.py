@@ -3,6 +3,9 @@
 Both states of every step are kept: the noisy latent x_t (needed to recompute log-probs when training) and the
 predicted clean latent x̂0_t (what dense rewards are computed on). x̂0 at the first step is what a 1-step
 generation outputs, so rewards on x̂0 supervise every step count at once.
+
+The step is chosen by ``step_kind``: "ddim" (SD/SDXL-Turbo, ``scheduler`` a DDIMScheduler) or "lcm" (latent
+consistency models, ``scheduler`` an LCMScheduler; x̂0 is then the LCM's denoised output).
 """
 
 from __future__ import annotations
@@ -10,11 +13,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from diffusers import DDIMScheduler, UNet2DConditionModel
+from diffusers import DDIMScheduler, LCMScheduler, UNet2DConditionModel
 from torch import Tensor
 
 from sdpo.policy.conditioning import Conditioning
-from sdpo.policy.steps import ddim_step_with_logprob
+from sdpo.policy.steps import policy_step
 
 
 @dataclass
@@ -25,7 +28,7 @@ class PairTrajectories:
     cond: Conditioning  # [P, ...] per prompt
     timesteps: Tensor  # [T] long, the sampling schedule (shared by all trajectories)
     latents: Tensor  # [P, 2, T+1, C, H, W]: x_T ... x_0; latents[:, :, i] is the input of step i
-    x0_latents: Tensor  # [P, 2, T, C, H, W]: x̂0 predicted at each step
+    x0_latents: Tensor  # [P, 2, T, C, H, W]: x̂0 predicted at each step (LCM: the denoised output)
     log_probs: Tensor  # [P, 2, T] log π_old of each recorded transition (fp32)
 
     @property
@@ -57,7 +60,7 @@ def predict_model_output(unet: UNet2DConditionModel, latents: Tensor, timesteps:
 @torch.no_grad()
 def sample_pairs(
     unet: UNet2DConditionModel,
-    scheduler: DDIMScheduler,
+    scheduler: DDIMScheduler | LCMScheduler,
     prompts: list[str],
     cond: Conditioning,
     timesteps: Tensor,
@@ -65,8 +68,12 @@ def sample_pairs(
     eta: float,
     generator: torch.Generator,
     latent_dtype: torch.dtype = torch.float32,
+    step_kind: str = "ddim",
 ) -> PairTrajectories:
-    """Roll out one pair per prompt. Trajectories a and b share x_T and differ only in the per-step noise."""
+    """Roll out one pair per prompt. Trajectories a and b share x_T and differ only in the per-step noise.
+
+    ``eta`` applies to the DDIM step only (the LCM step's noise is set by its schedule).
+    """
     num_prompts = len(prompts)
     device = cond.hidden_states.device
     shared_noise = torch.randn(
@@ -78,7 +85,7 @@ def sample_pairs(
     for t in timesteps:
         t_batch = t.expand(x.shape[0]).to(device)
         model_output = predict_model_output(unet, x.to(latent_dtype), t_batch, pair_cond)
-        step = ddim_step_with_logprob(scheduler, model_output, t_batch, x, eta=eta, generator=generator)
+        step = policy_step(step_kind, scheduler, model_output, t_batch, x, eta, generator=generator)
         x = step.prev_sample
         latents.append(x)
         x0s.append(step.pred_original_sample)
@@ -99,15 +106,16 @@ def sample_pairs(
 
 def transition_log_prob(
     unet: UNet2DConditionModel,
-    scheduler: DDIMScheduler,
+    scheduler: DDIMScheduler | LCMScheduler,
     latents: Tensor,
     timesteps: Tensor,
     next_latents: Tensor,
     cond: Conditioning,
     eta: float,
     latent_dtype: torch.dtype = torch.float32,
+    step_kind: str = "ddim",
 ) -> Tensor:
     """log π_θ(next | latents, c) of recorded transitions under the current weights, [B] in fp32 (with grad)."""
     model_output = predict_model_output(unet, latents.to(latent_dtype), timesteps, cond)
-    step = ddim_step_with_logprob(scheduler, model_output, timesteps, latents, eta=eta, prev_sample=next_latents)
+    step = policy_step(step_kind, scheduler, model_output, timesteps, latents, eta, prev_sample=next_latents)
     return step.log_prob

@@ -6,6 +6,11 @@ current weights, and the clip range on log-ratios is tiny (1e-4), so the math he
 own ``DDIMScheduler.step(..., eta, variance_noise=z)`` and (b) run in fp32 even when the UNet runs in
 bf16/fp16. See docs/method.md, "Setting".
 
+For a latent consistency model (LCM) the policy step is the LCM step (``lcm_step_with_logprob``): the
+consistency prediction re-noised to the next timestep, N(sqrt(ᾱ_prev)·denoised, (1-ᾱ_prev) I), as in RLCM.
+``policy_step`` dispatches on the step kind ("ddim" | "lcm") and ``make_policy_scheduler`` builds the matching
+scheduler.
+
 Written in the style of diffusers' scheduler files: small pure functions and a step returning a dataclass.
 """
 
@@ -17,30 +22,38 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from diffusers import DDIMScheduler
+from diffusers import DDIMScheduler, LCMScheduler
 from torch import Tensor
 
 __all__ = [
     "SPACINGS",
+    "STEP_KINDS",
     "StepOutput",
     "ddim_step_with_logprob",
     "gaussian_log_prob",
+    "lcm_boundary_scalings",
+    "lcm_prev_timestep",
+    "lcm_step_with_logprob",
+    "make_lcm_scheduler",
+    "make_policy_scheduler",
     "make_scheduler",
+    "policy_step",
     "prev_timestep",
     "timestep_schedule",
 ]
 
 SPACINGS: tuple[str, ...] = ("trailing", "leading", "linspace")
+STEP_KINDS: tuple[str, ...] = ("ddim", "lcm")
 
 _LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
 
 
 @dataclass
 class StepOutput:
-    """Result of one stochastic DDIM step; every tensor is float32 (the caller casts)."""
+    """Result of one stochastic policy step (DDIM or LCM); every tensor is float32 (the caller casts)."""
 
     prev_sample: Tensor  # [B, ...] the action x_{t-1}
-    pred_original_sample: Tensor  # [B, ...] x̂0_t (what dense rewards are computed on)
+    pred_original_sample: Tensor  # [B, ...] x̂0_t (DDIM) or the LCM's denoised output: what rewards are computed on
     log_prob: Tensor  # [B] Gaussian log-density of prev_sample, averaged over non-batch elements
     std_dev: Tensor  # [B] sigma_t per sample
 
@@ -85,11 +98,45 @@ def make_scheduler(
     return DDIMScheduler.from_config(config, **overrides)
 
 
-def timestep_schedule(scheduler: DDIMScheduler, num_steps: int) -> torch.LongTensor:
+def make_lcm_scheduler(scheduler_or_config: Any) -> LCMScheduler:
+    """An LCMScheduler from any diffusers scheduler (or its config): the model's own when it ships one.
+
+    The LCM schedule is set by ``original_inference_steps`` (the distillation grid), not by a spacing, so there
+    is nothing to override.
+    """
+    if isinstance(scheduler_or_config, Mapping):
+        config = dict(scheduler_or_config)
+    elif hasattr(scheduler_or_config, "config"):
+        config = dict(scheduler_or_config.config)
+    else:
+        raise TypeError(
+            f"expected a diffusers scheduler or a config mapping, got {type(scheduler_or_config).__name__}"
+        )
+    return LCMScheduler.from_config(config)
+
+
+def make_policy_scheduler(
+    components: Any, spacing: str = "trailing", steps_offset: int | None = None
+) -> DDIMScheduler | LCMScheduler:
+    """The scheduler of the policy step for loaded ``components`` (a ``PolicyComponents``).
+
+    ``step_kind == "ddim"``: ``make_scheduler(config, spacing, steps_offset)``. ``"lcm"``: ``make_lcm_scheduler``;
+    ``spacing`` and ``steps_offset`` do not apply to LCM timesteps and are ignored.
+    """
+    kind = getattr(components, "step_kind", "ddim")
+    if kind == "ddim":
+        return make_scheduler(components.scheduler_config, spacing, steps_offset)
+    if kind == "lcm":
+        return make_lcm_scheduler(components.scheduler_config)
+    raise ValueError(f"step kind must be one of {list(STEP_KINDS)}, got {kind!r}")
+
+
+def timestep_schedule(scheduler: DDIMScheduler | LCMScheduler, num_steps: int) -> torch.LongTensor:
     """Set ``num_steps`` inference steps on ``scheduler`` (in place) and return its timesteps [T].
 
-    In place on purpose: ``prev_timestep`` / ``ddim_step_with_logprob`` read ``num_inference_steps`` from the
-    same scheduler, so the schedule and the step size can never disagree.
+    In place on purpose: ``prev_timestep`` / ``ddim_step_with_logprob`` read ``num_inference_steps`` (and
+    ``lcm_prev_timestep`` reads ``timesteps``) from the same scheduler, so the schedule and the step size can
+    never disagree. For an LCMScheduler ``num_steps`` must not exceed ``original_inference_steps``.
     """
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
@@ -270,10 +317,142 @@ def ddim_step_with_logprob(
     )
 
 
-def _check_finite(timesteps: Tensor, **tensors: Tensor) -> None:
+def _check_finite(timesteps: Tensor, kind: str = "DDIM", **tensors: Tensor) -> None:
     """Fail loudly, naming the timestep(s), instead of letting a NaN poison the update silently."""
     for name, value in tensors.items():
         finite = torch.isfinite(value.detach()).view(value.shape[0], -1).all(dim=1)  # [B]
         if not bool(finite.all()):
             bad = sorted(set(timesteps[~finite].tolist()))
-            raise FloatingPointError(f"non-finite {name} in DDIM step at timestep(s) {bad}")
+            raise FloatingPointError(f"non-finite {name} in {kind} step at timestep(s) {bad}")
+
+
+# ------------------------------------------------------------------------------------------------ LCM step
+
+
+def lcm_prev_timestep(scheduler: LCMScheduler, timestep: int | Tensor) -> int | Tensor:
+    """The timestep after ``timestep`` in ``scheduler.timesteps``, or 0 after the last one.
+
+    LCM timesteps are not equally spaced (e.g. 999, 759, 499, 259 for 4 steps), so the next one is looked up
+    in the schedule, per sample for a [B] tensor. A timestep that is not in the schedule is an error. Ending at
+    0 (not at "no noise") keeps σ = sqrt(1 - ᾱ_0) ≈ 0.03 > 0 at the last step, so it has a log-prob too.
+    """
+    if getattr(scheduler, "num_inference_steps", None) is None:
+        raise ValueError(
+            "scheduler.num_inference_steps is None: call timestep_schedule(scheduler, T) "
+            "(or scheduler.set_timesteps(T)) before stepping"
+        )
+    schedule = scheduler.timesteps.long()  # [T], descending
+    t = torch.as_tensor(timestep).long()
+    schedule = schedule.to(t.device)
+    match = t.reshape(-1, 1) == schedule.reshape(1, -1)  # [N, T]
+    if not bool(match.any(dim=1).all()):
+        missing = sorted(set(t.reshape(-1)[~match.any(dim=1)].tolist()))
+        raise ValueError(f"timestep(s) {missing} are not in the LCM schedule {schedule.tolist()}")
+    following = torch.cat([schedule[1:], schedule.new_zeros(1)])  # [T]: the next timestep, 0 after the last
+    prev = following[match.long().argmax(dim=1)].reshape(t.shape)
+    return prev if isinstance(timestep, Tensor) else int(prev)
+
+
+def lcm_boundary_scalings(scheduler: LCMScheduler, timestep: Tensor) -> tuple[Tensor, Tensor]:
+    """(c_skip, c_out) per timestep, fp32: LCMScheduler.get_scalings_for_boundary_condition_discrete for a [B].
+
+    c_skip = σ_d² / ((s·t)² + σ_d²), c_out = s·t / sqrt((s·t)² + σ_d²), σ_d = 0.5, s = timestep_scaling.
+    """
+    sigma_data = 0.5
+    scaled = timestep.float() * scheduler.config.timestep_scaling
+    c_skip = sigma_data**2 / (scaled**2 + sigma_data**2)
+    c_out = scaled / (scaled**2 + sigma_data**2) ** 0.5
+    return c_skip, c_out
+
+
+def lcm_step_with_logprob(
+    scheduler: LCMScheduler,
+    model_output: Tensor,
+    timestep: int | Tensor,
+    sample: Tensor,
+    prev_sample: Tensor | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
+) -> StepOutput:
+    """One LCM step as a Gaussian policy (RLCM) and the log-prob of its action.
+
+    x̂0 from the prediction type; denoised = c_out·x̂0 + c_skip·x_t (the consistency boundary condition); the
+    action re-noises it to the next timestep of the schedule: x_prev ~ N(sqrt(ᾱ_prev)·denoised, (1-ᾱ_prev) I).
+    For the same noise this equals ``LCMScheduler.step`` on every step but the last, where diffusers returns
+    ``denoised`` itself; here the last step re-noises to t = 0 instead (σ = sqrt(1-ᾱ_0) ≈ 0.03), so every step
+    has a log-prob. The policy's final latent therefore carries that small noise; images for rewards are decoded
+    from ``pred_original_sample`` (= denoised), exactly what diffusers' pipeline outputs.
+
+    ``timestep`` may be an int, a 0-d tensor or a [B] tensor (each must be in ``scheduler.timesteps``). Pass the
+    recorded ``prev_sample`` to score it (gradients flow through the mean only). fp32 with autocast off.
+    """
+    config = scheduler.config
+    if config.thresholding:
+        raise NotImplementedError("dynamic thresholding is not supported by lcm_step_with_logprob")
+    if model_output.shape != sample.shape:
+        raise ValueError(f"model_output {tuple(model_output.shape)} and sample {tuple(sample.shape)} differ")
+    if prev_sample is not None and prev_sample.shape != sample.shape:
+        raise ValueError(f"prev_sample {tuple(prev_sample.shape)} and sample {tuple(sample.shape)} differ")
+
+    device = sample.device
+    batch_size = sample.shape[0]
+    bshape = (batch_size,) + (1,) * (sample.ndim - 1)
+
+    with torch.autocast(device_type=device.type, enabled=False):
+        t = _as_timesteps(timestep, batch_size, device)  # [B]
+        if (t < 0).any() or (t >= config.num_train_timesteps).any():
+            raise ValueError(f"timesteps {t.tolist()} outside [0, {config.num_train_timesteps})")
+        t_prev = lcm_prev_timestep(scheduler, t)  # [B]
+
+        alphas_cumprod = scheduler.alphas_cumprod.to(device=device, dtype=torch.float32)
+        alpha_t = alphas_cumprod[t].view(bshape)
+        alpha_prev = alphas_cumprod[t_prev].view(bshape)
+        c_skip, c_out = (c.view(bshape) for c in lcm_boundary_scalings(scheduler, t))
+
+        model_output = model_output.float()
+        sample = sample.float()
+        x0, _ = _predict_x0_and_eps(config.prediction_type, model_output, sample, alpha_t)
+        if config.clip_sample:
+            x0 = x0.clamp(-config.clip_sample_range, config.clip_sample_range)
+        denoised = c_out * x0 + c_skip * sample
+
+        mean = alpha_prev.sqrt() * denoised
+        std_dev = (1 - alpha_prev).sqrt()  # [B, 1, ...]
+        if prev_sample is None:
+            prev_sample = mean + std_dev * _draw_noise(sample.shape, device, generator)
+        else:
+            prev_sample = prev_sample.to(device=device, dtype=torch.float32)
+        log_prob = gaussian_log_prob(prev_sample.detach(), mean, std_dev)
+
+    _check_finite(t, "LCM", log_prob=log_prob, prev_sample=prev_sample)
+    return StepOutput(
+        prev_sample=prev_sample,
+        pred_original_sample=denoised,
+        log_prob=log_prob,
+        std_dev=std_dev.view(batch_size),
+    )
+
+
+# ------------------------------------------------------------------------------------------------ dispatch
+
+
+def policy_step(
+    step_kind: str,
+    scheduler: DDIMScheduler | LCMScheduler,
+    model_output: Tensor,
+    timestep: int | Tensor,
+    sample: Tensor,
+    eta: float = 1.0,
+    prev_sample: Tensor | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
+) -> StepOutput:
+    """``ddim_step_with_logprob`` (step_kind "ddim", uses ``eta``) or ``lcm_step_with_logprob`` ("lcm", whose
+    noise level is fixed by the schedule, so ``eta`` is ignored)."""
+    if step_kind == "ddim":
+        return ddim_step_with_logprob(scheduler, model_output, timestep, sample, eta=eta,
+                                      prev_sample=prev_sample, generator=generator)
+    if step_kind == "lcm":
+        if not isinstance(scheduler, LCMScheduler):
+            raise TypeError(f"the LCM step needs an LCMScheduler, got {type(scheduler).__name__}")
+        return lcm_step_with_logprob(scheduler, model_output, timestep, sample, prev_sample=prev_sample,
+                                     generator=generator)
+    raise ValueError(f"step kind must be one of {list(STEP_KINDS)}, got {step_kind!r}")

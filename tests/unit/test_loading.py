@@ -69,7 +69,7 @@ def test_decoder_images_differ_and_have_range(tmp_path):
 
 def test_text_encoding_depends_on_prompt(tmp_path):
     parts = load_components(str(build_tiny_pipeline(tmp_path / "tiny", SPEC)))
-    emb = encode_prompts(parts.tokenizer, parts.text_encoder, ["cat", "dog", "cat"]).hidden_states
+    emb = encode_prompts(parts, ["cat", "dog", "cat"]).hidden_states
     assert emb.shape[:2] == (3, parts.tokenizer.model_max_length)
     assert torch.equal(emb[0], emb[2]) and not torch.allclose(emb[0], emb[1])
 

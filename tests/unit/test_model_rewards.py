@@ -24,12 +24,13 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
-from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
+from transformers import CLIPModel, CLIPTokenizer
 
-from sdpo.policy.tokenizer import build_clip_tokenizer, save_tokenizer
+from sdpo.policy.tokenizer import build_clip_tokenizer
 from sdpo.rewards import RewardModel, available_rewards, build_reward, clip_preprocess, fetch_file
 from sdpo.rewards.clip_based import AestheticHead
 from sdpo.rewards.preprocess import CLIP_MEAN, CLIP_STD, parse_dtype
+from tests.conftest import build_aesthetic_head, build_tiny_clip
 
 WORDS = ["a", "photo", "of", "cat", "dog", "red", "car", "blue", "sky"]
 IMAGE_SIZE = 32
@@ -43,44 +44,13 @@ CLIP_REWARDS = ["pickscore", "clip_score", "aesthetic"]
 @pytest.fixture(scope="module")
 def tiny_clip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random tiny CLIPModel + CLIP tokenizer saved like a hub repo (config, safetensors, tokenizer files)."""
-    folder = tmp_path_factory.mktemp("tiny-clip")
-    tokenizer = build_clip_tokenizer(WORDS)
-    text = dict(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        vocab_size=len(tokenizer),
-        max_position_embeddings=77,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    vision = dict(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        image_size=IMAGE_SIZE,
-        patch_size=8,
-    )
-    torch.manual_seed(0)
-    model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=PROJECTION))
-    with torch.no_grad():
-        model.logit_scale.fill_(4.0)  # exp ~ 54.6, away from the init value so the scale test means something
-    model.save_pretrained(folder)
-    save_tokenizer(tokenizer, folder)
-    return folder
+    return build_tiny_clip(tmp_path_factory.mktemp("tiny-clip"), WORDS, IMAGE_SIZE, PROJECTION)
 
 
 @pytest.fixture(scope="module")
 def head_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random aesthetic head saved as the original ``.pth``: a plain state dict keyed ``layers.N.*``."""
-    torch.manual_seed(1)
-    head = AestheticHead(PROJECTION)
-    path = tmp_path_factory.mktemp("head") / "sac+logos+ava1-l14-linearMSE.pth"
-    torch.save(head.state_dict(), path)
-    return path
+    return build_aesthetic_head(tmp_path_factory.mktemp("head") / "sac+logos+ava1-l14-linearMSE.pth", PROJECTION)
 
 
 @pytest.fixture(scope="module")

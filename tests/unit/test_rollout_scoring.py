@@ -25,7 +25,7 @@ def pipeline(tmp_path_factory):
 def rollout(pipeline, num_steps=4, seed=0):
     parts, scheduler = pipeline
     timesteps = timestep_schedule(scheduler, num_steps)
-    embeds = encode_prompts(parts.tokenizer, parts.text_encoder, PROMPTS)
+    embeds = encode_prompts(parts, PROMPTS)
     return sample_pairs(parts.unet, scheduler, PROMPTS, embeds, timesteps, (4, 8, 8), 1.0,
                         torch.Generator().manual_seed(seed))
 
