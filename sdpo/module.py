@@ -268,6 +268,10 @@ class SDPOModule(L.LightningModule):
         counts = self.trainer.strategy.reduce(counts, reduce_op="sum")
         self.total_queries += int(counts[0])
         self.total_samples += int(counts[1])
+        for name, (first, last) in rewards.components.items():  # a multi-reward's parts, each on its own
+            _, parts = self._gather(prompts, torch.stack([first, last.mean(1)], dim=1))
+            stats[f"reward_{name}_1step"] = float(parts[:, 0].mean())
+            stats[f"reward_{name}_last"] = float(parts[:, 1].mean())
         metrics = {
             "train/reward_1step": everything[:, 0].mean(),
             "train/reward_1step_std": everything[:, 0].std(unbiased=False),

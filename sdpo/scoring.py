@@ -7,7 +7,7 @@ in ``sdpo.algo.dense``; here we decode the queried x̂0 in large batches and cal
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -28,6 +28,8 @@ class PairRewards:
     num_queries: int  # reward-model calls spent (the shared first step of a pair is scored once)
     first_images: Tensor  # [P, 3, H, W] the 1-step image (x̂0 at step 0, shared by a and b)
     last_images: Tensor  # [P, 2, 3, H, W] the T-step images of a and b
+    # a multi-reward's unweighted parts: name -> (1-step scores [P], T-step scores [P, 2])
+    components: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)
 
 
 @torch.no_grad()
@@ -61,19 +63,28 @@ def score_pairs(
     latents = torch.stack([x0[r, s] for r, s in queried])  # [Q, C, H, W]
     prompts = [traj.prompts[r // 2] for r, _ in queried]
     images = decode_latents(vae, latents, latent_scale, batch_size)  # [Q, 3, H, W]
-    scores = torch.cat(
-        [reward_fn(images[i : i + batch_size], prompts[i : i + batch_size]) for i in range(0, len(queried), batch_size)]
-    ).float()  # [Q]
+    chunks, parts = [], []
+    for i in range(0, len(queried), batch_size):
+        chunks.append(reward_fn(images[i : i + batch_size], prompts[i : i + batch_size]))
+        parts.append(dict(getattr(reward_fn, "last_components", None) or {}))
+    scores = torch.cat(chunks).float()  # [Q]
 
     index = torch.tensor([[keys[key(r, s)] for s in steps] for r, steps in enumerate(plan.tolist())])  # [N, K]
     dense = interpolate_rewards(x0, plan, scores[index.to(scores.device)])  # [N, T]
     last = num_steps - 1
-    first_images = images[[keys[(2 * p, 0)] for p in range(num_pairs)]]  # [P, 3, H, W]
-    last_images = images[[keys[(r, last)] for r in range(2 * num_pairs)]]  # [2P, 3, H, W]
+    first_index = [keys[(2 * p, 0)] for p in range(num_pairs)]
+    last_index = [keys[(r, last)] for r in range(2 * num_pairs)]
+    first_images = images[first_index]  # [P, 3, H, W]
+    last_images = images[last_index]  # [2P, 3, H, W]
+    components = {}
+    for name in parts[0]:
+        values = torch.cat([part[name] for part in parts]).float()  # [Q]
+        components[name] = (values[first_index], values[last_index].view(num_pairs, 2))
     return PairRewards(
         dense=dense.view(num_pairs, 2, num_steps),
         query_steps=plan,
         num_queries=len(queried),
         first_images=first_images,
         last_images=last_images.view(num_pairs, 2, *last_images.shape[1:]),
+        components=components,
     )

@@ -159,3 +159,28 @@ def test_bf16_autocast_run_keeps_log_probs_fp32(tmp_path, cache_dir):
     assert next(module.text_encoder.parameters()).dtype == torch.bfloat16
     assert all(p.dtype == torch.float32 for p in module.unet.parameters() if p.requires_grad)
     assert torch.isfinite(torch.tensor(float(trainer.callback_metrics["train/loss"])))
+
+
+def test_multi_reward_logs_each_component(tmp_path, cache_dir):
+    """A weighted sum of rewards trains on the sum and logs every part on its own."""
+    components = "{brightness:{weight:1.0},colorfulness:{weight:0.5}}"
+    cfg = compose([*FAST, "reward=multi", "~reward.components", f"+reward.components={components}",
+                   "trainer.max_epochs=1"], tmp_path, cache_dir)
+    metrics = train(cfg).callback_metrics
+    total = float(metrics["train/reward_1step"])
+    bright, color = float(metrics["train/reward_brightness_1step"]), float(metrics["train/reward_colorfulness_1step"])
+    assert total == pytest.approx(bright + 0.5 * color, rel=1e-5)
+    assert "train/reward_colorfulness_last" in metrics
+
+
+def test_sweep_config_is_a_multirun_over_steps_rewards_anchors():
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = hydra_compose("train", overrides=["+sweep=steps_rewards_anchors", "+experiment=sd_turbo_aesthetic"],
+                            return_hydra_config=True)
+    assert str(cfg.hydra.mode) == "RunMode.MULTIRUN"
+    params = cfg.hydra.sweeper.params
+    assert set(params) == {"algo.num_steps", "reward", "algo.dense.anchor"}
+    assert all(len(str(v).split(",")) >= 2 for v in params.values())
