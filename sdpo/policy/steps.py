@@ -61,6 +61,15 @@ class StepOutput:
 # --------------------------------------------------------------------------------------------- schedules
 
 
+def _scheduler_config(scheduler_or_config: Any) -> dict:
+    """The config dict of a diffusers scheduler, or a copy of a config mapping."""
+    if isinstance(scheduler_or_config, Mapping):
+        return dict(scheduler_or_config)
+    if hasattr(scheduler_or_config, "config"):
+        return dict(scheduler_or_config.config)
+    raise TypeError(f"expected a diffusers scheduler or a config mapping, got {type(scheduler_or_config).__name__}")
+
+
 def make_scheduler(
     scheduler_or_config: Any,
     spacing: str = "trailing",
@@ -79,14 +88,7 @@ def make_scheduler(
     """
     if spacing not in SPACINGS:
         raise ValueError(f"timestep spacing must be one of {list(SPACINGS)}, got {spacing!r}")
-    if isinstance(scheduler_or_config, Mapping):
-        config = dict(scheduler_or_config)
-    elif hasattr(scheduler_or_config, "config"):
-        config = dict(scheduler_or_config.config)
-    else:
-        raise TypeError(
-            f"expected a diffusers scheduler or a config mapping, got {type(scheduler_or_config).__name__}"
-        )
+    config = _scheduler_config(scheduler_or_config)
     overrides: dict[str, Any] = {"timestep_spacing": spacing}
     for key in ("clip_sample", "set_alpha_to_one"):
         if key not in config:
@@ -104,15 +106,7 @@ def make_lcm_scheduler(scheduler_or_config: Any) -> LCMScheduler:
     The LCM schedule is set by ``original_inference_steps`` (the distillation grid), not by a spacing, so there
     is nothing to override.
     """
-    if isinstance(scheduler_or_config, Mapping):
-        config = dict(scheduler_or_config)
-    elif hasattr(scheduler_or_config, "config"):
-        config = dict(scheduler_or_config.config)
-    else:
-        raise TypeError(
-            f"expected a diffusers scheduler or a config mapping, got {type(scheduler_or_config).__name__}"
-        )
-    return LCMScheduler.from_config(config)
+    return LCMScheduler.from_config(_scheduler_config(scheduler_or_config))
 
 
 def make_policy_scheduler(
@@ -192,6 +186,26 @@ def _as_timesteps(timestep: int | Tensor, batch_size: int, device: torch.device)
     )
 
 
+def _check_step_inputs(
+    config: Any, name: str, model_output: Tensor, sample: Tensor, prev_sample: Tensor | None
+) -> None:
+    """Shape and feature checks shared by every policy step."""
+    if config.thresholding:
+        raise NotImplementedError(f"dynamic thresholding is not supported by {name}")
+    if model_output.shape != sample.shape:
+        raise ValueError(f"model_output {tuple(model_output.shape)} and sample {tuple(sample.shape)} differ")
+    if prev_sample is not None and prev_sample.shape != sample.shape:
+        raise ValueError(f"prev_sample {tuple(prev_sample.shape)} and sample {tuple(sample.shape)} differ")
+
+
+def _checked_timesteps(timestep: int | Tensor, batch_size: int, device: torch.device, num_train: int) -> Tensor:
+    """Per-sample timesteps [B], validated against the training range."""
+    t = _as_timesteps(timestep, batch_size, device)
+    if (t < 0).any() or (t >= num_train).any():
+        raise ValueError(f"timesteps {t.tolist()} outside [0, {num_train})")
+    return t
+
+
 def _predict_x0_and_eps(
     prediction_type: str, model_output: Tensor, sample: Tensor, alpha_t: Tensor
 ) -> tuple[Tensor, Tensor]:
@@ -259,21 +273,13 @@ def ddim_step_with_logprob(
             "use eta > 0 (SDPO uses 1)"
         )
     config = scheduler.config
-    if config.thresholding:
-        raise NotImplementedError("dynamic thresholding is not supported by ddim_step_with_logprob")
-    if model_output.shape != sample.shape:
-        raise ValueError(f"model_output {tuple(model_output.shape)} and sample {tuple(sample.shape)} differ")
-    if prev_sample is not None and prev_sample.shape != sample.shape:
-        raise ValueError(f"prev_sample {tuple(prev_sample.shape)} and sample {tuple(sample.shape)} differ")
-
+    _check_step_inputs(config, "ddim_step_with_logprob", model_output, sample, prev_sample)
     device = sample.device
     batch_size = sample.shape[0]
     bshape = (batch_size,) + (1,) * (sample.ndim - 1)  # broadcast per-sample scalars over [B, ...]
 
     with torch.autocast(device_type=device.type, enabled=False):
-        t = _as_timesteps(timestep, batch_size, device)  # [B]
-        if (t < 0).any() or (t >= config.num_train_timesteps).any():
-            raise ValueError(f"timesteps {t.tolist()} outside [0, {config.num_train_timesteps})")
+        t = _checked_timesteps(timestep, batch_size, device, config.num_train_timesteps)  # [B]
         if (t == 0).any():
             # prev clamps to 0 as well, so ᾱ_prev = ᾱ_t and sigma = 0: the step is deterministic.
             raise ValueError(
@@ -386,21 +392,13 @@ def lcm_step_with_logprob(
     recorded ``prev_sample`` to score it (gradients flow through the mean only). fp32 with autocast off.
     """
     config = scheduler.config
-    if config.thresholding:
-        raise NotImplementedError("dynamic thresholding is not supported by lcm_step_with_logprob")
-    if model_output.shape != sample.shape:
-        raise ValueError(f"model_output {tuple(model_output.shape)} and sample {tuple(sample.shape)} differ")
-    if prev_sample is not None and prev_sample.shape != sample.shape:
-        raise ValueError(f"prev_sample {tuple(prev_sample.shape)} and sample {tuple(sample.shape)} differ")
-
+    _check_step_inputs(config, "lcm_step_with_logprob", model_output, sample, prev_sample)
     device = sample.device
     batch_size = sample.shape[0]
     bshape = (batch_size,) + (1,) * (sample.ndim - 1)
 
     with torch.autocast(device_type=device.type, enabled=False):
-        t = _as_timesteps(timestep, batch_size, device)  # [B]
-        if (t < 0).any() or (t >= config.num_train_timesteps).any():
-            raise ValueError(f"timesteps {t.tolist()} outside [0, {config.num_train_timesteps})")
+        t = _checked_timesteps(timestep, batch_size, device, config.num_train_timesteps)  # [B]
         t_prev = lcm_prev_timestep(scheduler, t)  # [B]
 
         alphas_cumprod = scheduler.alphas_cumprod.to(device=device, dtype=torch.float32)
