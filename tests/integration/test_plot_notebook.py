@@ -1,0 +1,202 @@
+"""Results plotting on tiny real runs: ``python -m sdpo.plot``, the figure and table it builds, the notebook."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from sdpo import plot
+from sdpo.train import train
+from tests.conftest import FAST, REPO, compose
+
+NOTEBOOK = REPO / "notebooks" / "analysis.ipynb"
+# Two seeds of one config and one run with another T: two groups, one of them with a seed band.
+RUNS = {"seed0": ["algo.num_steps=4", "seed=0"], "seed1": ["algo.num_steps=4", "seed=1"],
+        "steps2": ["algo.num_steps=2", "seed=0"]}
+SEEDS, OTHER = "algo.num_steps=4", "algo.num_steps=2"  # the group labels: the one key that differs
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def runs_root(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> Path:
+    """Three 3-epoch runs. seed0 and steps2 get ``.hydra/config.yaml`` as the Hydra entry point writes it; seed1
+    keeps only the CSV logger's ``hparams.yaml`` (what a run started from Python has), and must still group."""
+    root = tmp_path_factory.mktemp("plot-runs")
+    threads = torch.get_num_threads()
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("SDPO_NUM_THREADS", "1")  # a 0.8 M-parameter UNet: 1 thread is fastest, even on a busy machine
+            for name, extra in RUNS.items():
+                cfg = compose([*FAST, "trainer.max_epochs=3", *extra], root / name, cache_dir)
+                train(cfg)
+                if name != "seed1":
+                    (root / name / ".hydra").mkdir()
+                    OmegaConf.save(cfg, root / name / ".hydra" / "config.yaml")
+    finally:
+        torch.set_num_threads(threads)
+    return root
+
+
+def last_row(run_dir: Path) -> pd.Series:
+    return pd.read_csv(run_dir / "csv" / "metrics.csv").iloc[-1]
+
+
+def test_cli_writes_the_png_next_to_the_first_run(runs_root):
+    result = subprocess.run([sys.executable, "-m", "sdpo.plot", str(runs_root)], cwd=REPO, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = Path(result.stdout.strip().splitlines()[-1])
+    assert out == (runs_root / "seed0" / "reward_curves.png").resolve()
+    assert out.read_bytes()[:8] == PNG_MAGIC
+    assert "3 run(s) in 2 group(s)" in result.stdout and SEEDS in result.stdout
+
+    explicit = runs_root / "figs" / "curves.png"
+    assert plot.main([str(runs_root / "seed0"), str(runs_root / "seed1"), "--out", str(explicit), "--x",
+                      "samples"]) == explicit
+    assert explicit.read_bytes()[:8] == PNG_MAGIC
+    bad = subprocess.run([sys.executable, "-m", "sdpo.plot", str(runs_root), "--metric", "eval"], cwd=REPO,
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "no eval/<reward>/<k>step metrics" in bad.stderr
+
+
+def test_runs_group_by_config_without_seed(runs_root):
+    runs = plot.load_runs([runs_root])
+    assert [r.label for r in runs] == ["seed0", "seed1", "steps2"]
+    assert runs[1].config.algo.num_steps == 4 and runs[1].seed == 1  # from hparams.yaml
+    groups = plot.group_runs(runs)
+    assert [(g.label, g.seeds) for g in groups] == [(SEEDS, [0, 1]), (OTHER, [0])]
+    assert "seed" not in groups[0].config and "paths.output_dir" not in groups[0].config
+
+
+def test_figure_has_one_panel_per_step_count_and_a_seed_band(runs_root):
+    runs = plot.load_runs([runs_root])
+    fig = plot.plot_runs(runs, x="both")
+    axes = fig.get_axes()
+    assert len(axes) == 2 * 2  # (1 step, T steps) x (samples, reward queries)
+    assert [ax.get_title() for ax in axes] == ["1 step", "T steps (T = 2, 4)"] * 2
+    assert [ax.get_xlabel() for ax in axes] == ["samples (images generated)"] * 2 + ["reward queries"] * 2
+    assert axes[0].get_ylabel() == "training reward (brightness)"
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert legend == [f"{SEEDS} (n=2 seeds)", OTHER]
+
+    seeds = [pd.read_csv(runs_root / name / "csv" / "metrics.csv") for name in ("seed0", "seed1")]
+    for ax, (x, column) in zip(axes, [("train/samples", "train/reward_1step"), ("train/samples", "train/reward_last"),
+                                      ("train/reward_queries", "train/reward_1step"),
+                                      ("train/reward_queries", "train/reward_last")], strict=True):
+        lines = ax.get_lines()
+        assert [line.get_label() for line in lines] == legend  # one line per group, seeds averaged into one
+        assert len(ax.collections) == 1  # the band, only for the group with two seeds
+        values = np.stack([df[column].to_numpy() for df in seeds])
+        np.testing.assert_allclose(lines[0].get_xdata(), seeds[0][x].to_numpy())
+        np.testing.assert_allclose(lines[0].get_ydata(), values.mean(0), rtol=1e-12)
+        band = ax.collections[0].get_paths()[0].vertices[:, 1]
+        std = values.std(0, ddof=1)
+        assert band.max() == pytest.approx((values.mean(0) + std).max())
+        assert band.min() == pytest.approx((values.mean(0) - std).min())
+
+    assert len(plot.plot_runs(runs, x="samples").get_axes()) == 2
+
+
+def test_step_table_is_the_mean_of_the_last_rows(runs_root):
+    table = plot.step_table(plot.load_runs([runs_root]))
+    assert list(table.index) == [(SEEDS, 1), (SEEDS, 4), (OTHER, 1), (OTHER, 2)]
+    a, b, c = (last_row(runs_root / name) for name in ("seed0", "seed1", "steps2"))
+    for steps, column in ((1, "train/reward_1step"), (4, "train/reward_last")):
+        row = table.loc[(SEEDS, steps)]
+        assert row["mean"] == pytest.approx((a[column] + b[column]) / 2, rel=1e-12)
+        assert row["std"] == pytest.approx(np.std([a[column], b[column]], ddof=1), rel=1e-9)
+        assert row["seeds"] == 2 and row["samples"] == a["train/samples"] and row["metric"] == column
+    assert table.loc[(OTHER, 2), "mean"] == pytest.approx(c["train/reward_2step"], rel=1e-12)
+    assert table.loc[(OTHER, 2), "reward_queries"] == c["train/reward_queries"]
+    assert np.isnan(table.loc[(OTHER, 1), "std"])
+
+
+def test_eval_metrics_give_one_panel_per_evaluated_step_count(runs_root, tmp_path):
+    """Eval rewards logged every 2 epochs, in rows of their own: one panel per k, values from the eval rows."""
+    for name in ("seed0", "seed1"):
+        run = tmp_path / name
+        shutil.copytree(runs_root / name, run, ignore=shutil.ignore_patterns("checkpoints", "trained", "*.png"))
+        df = pd.read_csv(run / "csv" / "metrics.csv")
+        evals = df.loc[df["epoch"] % 2 == 0, ["epoch", "step"]].copy()
+        for k in (1, 2, 4):
+            evals[f"eval/brightness/{k}step"] = 0.1 * k + evals["epoch"] + (name == "seed1")
+        evals["eval/colorfulness/1step"] = 5.0
+        pd.concat([df, evals]).sort_values("epoch", kind="stable").to_csv(run / "csv" / "metrics.csv", index=False)
+
+    runs = plot.load_runs([tmp_path])
+    assert len(runs[0].metrics) == 3  # the eval rows merged into their epoch's row
+    fig = plot.plot_runs(runs, x="samples")
+    axes = fig.get_axes()
+    assert [ax.get_title() for ax in axes] == ["1 step", "2 steps", "4 steps"]
+    assert axes[0].get_ylabel() == "eval reward (brightness)"
+    for k, ax in zip((1, 2, 4), axes, strict=True):
+        (line,) = ax.get_lines()  # one group: the configs agree once seeds and paths are left out
+        assert line.get_label() == "seed0 (n=2 seeds)"  # nothing differs: the folder name
+        np.testing.assert_allclose(line.get_xdata(), runs[0].metrics["train/samples"].to_numpy()[[0, 2]])
+        np.testing.assert_allclose(line.get_ydata(), [0.1 * k + 0.5, 0.1 * k + 2.5])
+    table = plot.step_table(runs)
+    assert table.loc[("seed0", 4), "mean"] == pytest.approx(0.4 + 2.5)
+    assert table.loc[("seed0", 4), "epoch"] == 2
+    assert [ax.get_title() for ax in plot.plot_runs(runs, reward="colorfulness").get_axes()] == ["1 step"] * 2
+    assert [ax.get_title() for ax in plot.plot_runs(runs, metric="train", x="samples").get_axes()] == [
+        "1 step", "4 steps"]
+
+
+def python_kernel(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A kernel name that runs this interpreter: the installed ``python3`` spec when it does (a bare ``python``
+    is replaced by ``sys.executable`` at launch), else a throwaway spec found through ``JUPYTER_PATH``."""
+    from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
+
+    try:
+        command = KernelSpecManager().get_kernel_spec("python3").argv[0]
+        bare = {"python", f"python{sys.version_info[0]}", "python{}.{}".format(*sys.version_info[:2])}
+        if command in bare or Path(command).resolve() == Path(sys.executable).resolve():
+            return "python3"
+    except NoSuchKernel:
+        pass
+    spec = tmp_path / "jupyter" / "kernels" / "sdpo-test"
+    spec.mkdir(parents=True)
+    (spec / "kernel.json").write_text(json.dumps({
+        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        "display_name": "sdpo test", "language": "python",
+    }))
+    monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
+    return "sdpo-test"
+
+
+def test_notebook_executes_top_to_bottom(runs_root, tmp_path, monkeypatch):
+    import nbformat
+    from nbclient import NotebookClient
+
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    code = [cell for cell in nb.cells if cell.cell_type == "code"]
+    assert "RUNS = " in code[0].source  # the runs are chosen in the first code cell
+    assert all(not cell.outputs and cell.execution_count is None for cell in code)  # stored without outputs
+
+    monkeypatch.setenv("SDPO_RUNS", os.pathsep.join(str(runs_root / name) for name in RUNS))
+    NotebookClient(nb, timeout=120, kernel_name=python_kernel(tmp_path, monkeypatch),
+                   resources={"metadata": {"path": str(NOTEBOOK.parent)}}).execute()
+
+    def outputs(marker: str) -> list:
+        (cell,) = [c for c in code if marker in c.source]
+        return cell.outputs
+
+    curves = [o for o in outputs("plot.plot_runs(") if "image/png" in o.get("data", {})]
+    assert len(curves) == 1 and base64.b64decode(curves[0]["data"]["image/png"])[:8] == PNG_MAGIC
+    printed = "".join(o.get("text", "") for o in outputs("plot.group_runs("))
+    assert f"{SEEDS}: 2 run(s), seeds [0, 1]" in printed and f"{OTHER}: 1 run(s)" in printed
+    table = outputs("plot.step_table(")[-1]["data"]["text/plain"]
+    assert SEEDS in table and OTHER in table
+    grids = [o for o in outputs("samples/epoch_") if "image/png" in o.get("data", {})]
+    assert len(grids) == 2 * len(RUNS)  # first and latest grid of each run
