@@ -24,7 +24,7 @@ def read_metrics(run_dir: Path) -> list[dict[str, float]]:
     return [{k: float(v) for k, v in r.items() if v != ""} for r in rows]
 
 
-def run_cli(args: list[str], cache_dir: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+def run_cli(args: list[str], cache_dir: Path, timeout: int = 1500) -> subprocess.CompletedProcess:
     env = {**os.environ, "SDPO_CACHE": str(cache_dir), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
     return subprocess.run([sys.executable, "-m", "sdpo.train", *args], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=timeout)
