@@ -1,25 +1,40 @@
-"""Callbacks that turn an iteration into things a researcher looks at: sample grids and a reward summary."""
+"""Callbacks that turn an iteration into things a researcher looks at: sample grids, a reward summary, and
+held-out evaluation at several step counts during training."""
 
 from __future__ import annotations
 
 import json
+import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from PIL import Image, ImageDraw
 
+GRID_LABEL_WIDTH = 150  # pixels of the row-caption column on the left of every grid
+GRID_HEADER_HEIGHT = 16  # pixels of the column-title row on top
 
-def image_grid(rows: list[list[torch.Tensor]], captions: list[str], header: list[str], scale: int = 4) -> Image.Image:
-    """A labelled grid: one row per prompt, one column per image kind. Images are [3, H, W] in [0, 1]."""
+
+def image_grid(rows: list[list[torch.Tensor]], captions: list[str], header: list[str], scale: int = 4,
+               cell_captions: list[list[str]] | None = None, corner: str = "") -> Image.Image:
+    """A labelled grid: one row per prompt, one column per image kind. Images are [3, H, W] in [0, 1].
+
+    The grid is ``GRID_LABEL_WIDTH + W*scale*columns`` wide and ``GRID_HEADER_HEIGHT + H*scale*rows`` high.
+    ``cell_captions`` (same layout as ``rows``) are printed on a white box in each cell's bottom-left corner;
+    ``corner`` goes above the row captions (e.g. what the cell captions are).
+    """
     h, w = rows[0][0].shape[-2:]
     cell_h, cell_w = h * scale, w * scale
-    label_w, head_h = 150, 16
+    label_w, head_h = GRID_LABEL_WIDTH, GRID_HEADER_HEIGHT
     grid = Image.new("RGB", (label_w + cell_w * len(header), head_h + cell_h * len(rows)), "white")
     draw = ImageDraw.Draw(grid)
+    if corner:
+        draw.text((2, 2), corner, fill="black")
     for j, title in enumerate(header):
         draw.text((label_w + j * cell_w + 2, 2), title, fill="black")
     for i, (row, caption) in enumerate(zip(rows, captions, strict=True)):
@@ -28,6 +43,11 @@ def image_grid(rows: list[list[torch.Tensor]], captions: list[str], header: list
             array = (image.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
             tile = Image.fromarray(array).resize((cell_w, cell_h), Image.NEAREST)
             grid.paste(tile, (label_w + j * cell_w, head_h + i * cell_h))
+            if cell_captions is not None and cell_captions[i][j]:
+                x, y = label_w + j * cell_w + 1, head_h + (i + 1) * cell_h - 12
+                box = draw.textbbox((x, y), cell_captions[i][j])
+                draw.rectangle(box, fill="white")
+                draw.text((x, y), cell_captions[i][j], fill="black")
     return grid
 
 
@@ -50,10 +70,23 @@ class SampleGrid(L.Callback):
         self.dirpath.mkdir(parents=True, exist_ok=True)
         path = self.dirpath / f"epoch_{epoch:04d}.png"
         grid.save(path)
+        caption = self.caption(latest, epoch)
         for logger in trainer.loggers:
-            if hasattr(logger, "log_image"):
-                logger.log_image(key="samples", images=[grid], step=trainer.global_step,
-                                 caption=[f"epoch {epoch}"])
+            if isinstance(logger, WandbLogger):  # JPEG: a fraction of a PNG's size in the run's media folder
+                logger.log_image(key="samples", images=[grid], step=trainer.global_step, caption=[caption],
+                                 file_type=["jpg"])
+            elif hasattr(logger, "log_image"):
+                logger.log_image(key="samples", images=[grid], step=trainer.global_step, caption=[caption])
+
+    def caption(self, latest: dict[str, Any], epoch: int) -> str:
+        """The grid's rewards as text: W&B shows it under the image, searchable, legible at any zoom."""
+        n = min(self.max_prompts, len(latest["prompts"]))
+        t = latest["num_steps"]
+        parts = []
+        for p in range(n):
+            r1, rl = float(latest["first_rewards"][p]), latest["last_rewards"][p]
+            parts.append(f"{latest['prompts'][p]}: 1-step {r1:.3f}, {t}-step {float(rl[0]):.3f}/{float(rl[1]):.3f}")
+        return f"epoch {epoch} | " + "; ".join(parts)
 
     def make_grid(self, latest: dict[str, Any]) -> Image.Image:
         n = min(self.max_prompts, len(latest["prompts"]))
@@ -126,3 +159,118 @@ class ExportTrained(L.Callback):
 
         path = save_trained_unet(pl_module.unet, self.dirpath)
         print(f"trained weights for diffusers: {path}")
+
+
+class EvalDuringTraining(L.Callback):
+    """Every N epochs (and after the last), evaluate the current UNet the way users will sample it: the model's
+    native scheduler at several step counts, on held-out prompts, for the training reward and held-out rewards.
+
+    SDPO trains at one T but claims better images at every step count; the training metrics cannot show that,
+    and they cannot show over-optimisation either (a held-out reward that falls while the training reward rises).
+    Logs ``eval/<reward>/<k>step`` (means over prompts x images) into the epoch's metrics row (CSV, W&B) and
+    ``time/eval``; with a W&B logger also the full table (std, 95% CI) as a ``wandb.Table`` and a JPEG grid.
+
+    Runs on rank 0 with its own generators (``sdpo.evaluation``) inside ``fork_rng``: training's RNG, weights
+    and train/eval mode are left as they were, so a run with this callback trains exactly as one without.
+    ``rewards`` are names or ``{name: kwargs}``; the training reward (``reward.name``) reuses the module's own
+    instance, and is added when ``include_training_reward`` and not listed.
+    """
+
+    def __init__(
+        self,
+        every_n_epochs: int = 25,
+        prompts: str | Sequence[str] = ("cow", "goat", "lion", "tiger"),
+        steps: Sequence[int] = (1, 2, 4),
+        rewards: Sequence[str | Mapping[str, Any]] | Mapping[str, Any] = ("brightness", "colorfulness"),
+        images_per_prompt: int = 2,
+        seed: int = 0,
+        batch_size: int = 16,
+        include_training_reward: bool = True,
+        dirpath: str | None = None,
+    ) -> None:
+        from sdpo.data import load_prompts
+        from sdpo.evaluation import parse_reward_specs
+
+        if every_n_epochs < 1:
+            raise ValueError(f"callbacks.eval.every_n_epochs={every_n_epochs}: need >= 1")
+        steps = tuple(int(k) for k in steps)
+        if not steps or min(steps) < 1 or len(set(steps)) != len(steps):
+            raise ValueError(f"callbacks.eval.steps={list(steps)}: need distinct step counts >= 1")
+        if images_per_prompt < 1 or batch_size < 1:
+            raise ValueError("callbacks.eval.images_per_prompt and callbacks.eval.batch_size must be >= 1")
+        self.every_n_epochs = every_n_epochs
+        self.prompts = load_prompts(prompts if isinstance(prompts, str) else list(prompts))
+        self.steps = steps
+        self.specs = parse_reward_specs(rewards, key="callbacks.eval.rewards")
+        self.images_per_prompt = images_per_prompt
+        self.seed = seed
+        self.batch_size = batch_size
+        self.include_training_reward = include_training_reward
+        self.dirpath = Path(dirpath) if dirpath else None
+        self._held_out: dict[str, torch.nn.Module] = {}
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if trainer.global_rank == 0:
+            self.rewards_for(pl_module)  # build held-out rewards now: a missing reward model fails before training
+
+    def rewards_for(self, pl_module: L.LightningModule) -> dict[str, torch.nn.Module]:
+        """Label -> reward model on the module's device; held-out ones are built once, the training one reused."""
+        from sdpo.rewards import build_reward
+
+        train_name = getattr(pl_module, "reward_cfg", {}).get("name")
+        train_fn = getattr(pl_module, "reward_fn", None)
+        out: dict[str, torch.nn.Module] = {}
+        if self.include_training_reward and train_fn is not None and train_name not in {s[0] for s in self.specs}:
+            out[train_name] = train_fn
+        for label, name, kwargs in self.specs:
+            if name == train_name and not kwargs and train_fn is not None:
+                out[label] = train_fn
+            else:
+                if label not in self._held_out:
+                    self._held_out[label] = build_reward(name, **kwargs)
+                out[label] = self._held_out[label].to(pl_module.device)
+        return out
+
+    def evaluate(self, pl_module: L.LightningModule):
+        """An ``EvalResult`` of the module's current UNet (same resolution and guidance as training)."""
+        from sdpo.evaluation import evaluate_policy
+
+        device = pl_module.device
+        size = pl_module.latent_shape[-1] * pl_module.components.vae_scale_factor
+        devices = [device.index if device.index is not None else torch.cuda.current_device()] \
+            if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            return evaluate_policy(
+                pl_module.components, pl_module.unet, self.prompts, self.steps, rewards=self.rewards_for(pl_module),
+                images_per_prompt=self.images_per_prompt, seed=self.seed, batch_size=self.batch_size,
+                resolution=size, guidance_scale=pl_module.model_cfg.get("guidance_scale"), progress=False,
+            )
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.global_rank != 0:
+            return
+        epoch = trainer.current_epoch
+        last = bool(trainer.max_epochs and trainer.max_epochs > 0 and epoch + 1 >= trainer.max_epochs)
+        if not (epoch % self.every_n_epochs == 0 or last):
+            return
+        tic = time.perf_counter()
+        result = self.evaluate(pl_module)
+        elapsed = time.perf_counter() - tic
+        for key, value in {**result.means(), "time/eval": elapsed}.items():
+            pl_module.log(key, float(value), on_step=False, on_epoch=True, batch_size=1, rank_zero_only=True)
+        if self.dirpath is not None:
+            result.save(self.dirpath / f"epoch_{epoch:04d}")
+        wandb_loggers = [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
+        if wandb_loggers:
+            rows = result.table()
+            columns = ["epoch", *rows[0]]
+            data = [[epoch, *row.values()] for row in rows]
+            grid = result.grid()
+            caption = (f"epoch {epoch}: held-out prompts x step counts, cells: {result.reward_names[0]} "
+                       f"(native {result.meta['scheduler']})")
+            import wandb
+
+            for lg in wandb_loggers:  # one history row: the table and its grid side by side
+                lg.log_metrics({"eval/table": wandb.Table(columns=columns, data=data),
+                                "eval/grid": wandb.Image(grid, caption=caption, file_type="jpg")},
+                               step=trainer.global_step)

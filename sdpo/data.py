@@ -1,8 +1,10 @@
 """Prompt sources and the LightningDataModule that streams one iteration's prompts per rank.
 
 One SDPO iteration (a Lightning "epoch") consumes one batch: the list of prompts this rank samples pairs for.
-Prompts are drawn with a generator seeded by (seed, epoch, rank), so every rank draws different prompts, a
-resumed run draws exactly what an uninterrupted run would, and nothing needs to be re-sampled.
+The iteration's global prompt list is drawn with a generator seeded by (seed, epoch) alone and rank r takes its
+contiguous slice, so ranks draw different prompts, W processes with n prompts each see exactly the prompts of one
+process with W x n (what the distributed equivalence test relies on), and a resumed run draws exactly what an
+uninterrupted run would.
 """
 
 from __future__ import annotations
@@ -46,13 +48,22 @@ def load_prompts(source: str | Sequence[str]) -> list[str]:
     return prompts
 
 
-def iteration_seed(seed: int, epoch: int, rank: int, purpose: int) -> int:
-    """A 63-bit seed for one (run seed, epoch, rank, purpose): independent streams, reproducible on resume."""
-    return int(np.random.SeedSequence([seed, epoch, rank, purpose]).generate_state(2, np.uint64)[0] >> 1)
+def iteration_seed(seed: int, epoch: int, index: int, purpose: int) -> int:
+    """A 63-bit seed for one (run seed, epoch, index, purpose): independent streams, reproducible on resume.
+
+    ``index`` is a global sample index (a pair, a trajectory or a shuffle shard), never a rank: streams defined
+    by global indices make a W-process run equal a 1-process run that sees the same global batch.
+    """
+    return int(np.random.SeedSequence([seed, epoch, index, purpose]).generate_state(2, np.uint64)[0] >> 1)
 
 
 class IterationPrompts(Dataset):
-    """Item ``epoch`` is the list of prompts this rank samples in that iteration (uniform with replacement)."""
+    """Item ``epoch`` is the list of prompts this rank samples in that iteration (uniform with replacement).
+
+    The global list of an iteration is the first W x n draws of the (seed, epoch) stream; rank r takes draws
+    [r·n, (r+1)·n). numpy draws the integers one after another, so that slice does not depend on W (tested), and
+    the rank needs no world size: it draws (r+1)·n and keeps the last n.
+    """
 
     PURPOSE = 1
 
@@ -66,8 +77,9 @@ class IterationPrompts(Dataset):
         return 2**31 - 1
 
     def __getitem__(self, epoch: int) -> list[str]:
-        rng = np.random.default_rng(iteration_seed(self.seed, epoch, self.rank, self.PURPOSE))
-        picks = rng.integers(0, len(self.prompts), size=self.prompts_per_iteration)
+        rng = np.random.default_rng(iteration_seed(self.seed, epoch, 0, self.PURPOSE))
+        n = self.prompts_per_iteration
+        picks = rng.integers(0, len(self.prompts), size=(self.rank + 1) * n)[self.rank * n :]
         return [self.prompts[i] for i in picks]
 
 
@@ -88,7 +100,7 @@ class EpochSampler(Sampler[int]):
 
 
 class PromptDataModule(L.LightningDataModule):
-    """Streams ``prompts_per_batch x batches_per_epoch`` prompts per rank per iteration."""
+    """Streams ``prompts_per_batch x batches_per_epoch`` prompts per rank per iteration (equal on every rank)."""
 
     def __init__(self, source: str | Sequence[str], prompts_per_batch: int, batches_per_epoch: int,
                  seed: int = 0) -> None:

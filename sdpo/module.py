@@ -2,12 +2,20 @@
 
 sample pairs (dual state) -> dense rewards (few exact queries) -> stepwise advantages (gathered over ranks)
 -> step-shuffled reward-difference updates. Manual optimization: many optimizer steps per iteration, every
-backward goes through ``manual_backward`` so Lightning's DDP syncs the LoRA gradients of every micro-batch.
+backward goes through ``manual_backward`` so Lightning's DDP averages the gradients over ranks (once per optimizer
+step: the other micro-batches of an accumulation group skip the all-reduce).
+
+Distributed equivalence: every random stream is keyed by global indices, never by rank — the prompt list by
+(seed, epoch), the noise by the pair's place in one (seed, epoch) stream over the global batch, a trajectory's
+random anchors by its global trajectory index, the step shuffle by global shard (``sdpo.algo.shuffle``). So W
+processes with n pairs each and micro-batch m train exactly like one process with W·n pairs,
+``algo.shuffle_shards=W`` and micro-batch W·m (tests/integration/test_distributed.py).
 """
 
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from typing import Any
 
 import lightning as L
@@ -18,9 +26,9 @@ from torch import Tensor
 
 from sdpo.algo.advantages import PerStepPromptStatTracker, discounted_returns
 from sdpo.algo.losses import sdpo_loss, temporal_weights
-from sdpo.algo.shuffle import micro_batches, shuffled_update_order
+from sdpo.algo.shuffle import sharded_update_order, update_groups
 from sdpo.data import iteration_seed
-from sdpo.policy.conditioning import encode_prompts
+from sdpo.policy.conditioning import Conditioning, encode_prompts
 from sdpo.policy.loading import TINY, TinySpec, ensure_tiny_pipeline, load_components
 from sdpo.policy.lora import make_trainable
 from sdpo.policy.rollout import PairTrajectories, sample_pairs, transition_log_prob
@@ -28,8 +36,17 @@ from sdpo.policy.steps import make_policy_scheduler, timestep_schedule
 from sdpo.rewards import build_reward
 from sdpo.scoring import PairRewards, score_pairs
 
-# Independent random streams per (seed, epoch, rank): derived, never stored, so resume is exact by construction.
+# Independent random streams per (seed, epoch, global index): derived, never stored, so resume is exact by
+# construction and the result does not depend on how the global batch is split over processes.
 NOISE_STREAM, QUERY_STREAM, SHUFFLE_STREAM = 11, 12, 13
+# Diagnostics reduced over ranks with max (the others with mean).
+_MAX_STATS = ("log_ratio_abs_max", "first_update_log_ratio_abs_max")
+
+
+def _synchronize(device: torch.device) -> None:
+    """Wait for queued GPU work so that phase timings measure the phase, not the launch."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _plain(cfg: Any) -> dict:
@@ -62,6 +79,10 @@ class SDPOModule(L.LightningModule):
             make_trainable(self.unet, lora["enabled"], lora["rank"], lora["alpha"], lora["targets"], lora["init"])
         if self.model_cfg.get("gradient_checkpointing"):
             self.unet.enable_gradient_checkpointing()
+        if self.algo_cfg.get("channels_last"):
+            self.unet.to(memory_format=torch.channels_last)
+        if self.algo_cfg.get("compile"):
+            self.unet.compile()  # in place: parameter names (and checkpoints) stay those of the plain UNet
         reward_kwargs = {k: v for k, v in self.reward_cfg.items() if k not in ("name", "_target_")}
         self.reward_fn = build_reward(self.reward_cfg["name"], **reward_kwargs)
 
@@ -81,6 +102,8 @@ class SDPOModule(L.LightningModule):
         self.tracker = PerStepPromptStatTracker(tracker["buffer_size"], tracker["min_count"])
         self.total_queries = 0  # reward-model calls, all ranks
         self.total_samples = 0  # trajectories (images) generated, all ranks
+        self._grad_norms: list[Tensor] = []  # pre-clip gradient norms of this iteration's optimizer steps
+        self.last_iteration: dict[str, Any] = {}  # phase times and counts of the last iteration (benchmarks)
         self.latest: dict[str, Any] = {}  # last iteration's images and rewards, for callbacks (rank-local, CPU)
 
     # ------------------------------------------------------------------------------------------ setup
@@ -114,30 +137,53 @@ class SDPOModule(L.LightningModule):
             if frozen is not None:
                 frozen.eval()
 
-    def _generator(self, stream: int) -> torch.Generator:
-        seed = iteration_seed(self.seed, self.current_epoch, self.global_rank, stream)
-        return torch.Generator(device=self.device).manual_seed(seed)
+    def _generators(self, stream: int, first: int, count: int, device: torch.device | str) -> list[torch.Generator]:
+        """One generator per global index ``first .. first+count-1`` of ``stream`` in this epoch."""
+        return [torch.Generator(device=device).manual_seed(iteration_seed(self.seed, self.current_epoch, i, stream))
+                for i in range(first, first + count)]
+
+    def _rank_and_world(self) -> tuple[int, int]:
+        """(global rank, world size); (0, 1) outside a Trainer."""
+        return (self.global_rank, self.trainer.world_size) if self._trainer is not None else (0, 1)
+
+    def _pair_offset(self, num_pairs: int) -> int:
+        """Global index of this rank's first pair: every rank holds the same number of pairs (data.py)."""
+        return self._rank_and_world()[0] * num_pairs
 
     # ------------------------------------------------------------------------------------ the phases
     def sample(self, prompts: list[str]) -> PairTrajectories:
-        """Phase 1: roll out one pair per prompt, ``sample_batch_size`` prompts per UNet call."""
-        a = self.algo_cfg
-        generator = self._generator(NOISE_STREAM)
-        image_size = self.latent_shape[-1] * self.components.vae_scale_factor
-        chunks = []
-        for start in range(0, len(prompts), a["sample_batch_size"]):
-            chunk = prompts[start : start + a["sample_batch_size"]]
-            embeds = encode_prompts(self.components, chunk, image_size, self.model_cfg.get("guidance_scale"))
-            chunks.append(sample_pairs(self.unet, self.scheduler, chunk, embeds, self.timesteps,
-                                       self.latent_shape, a["eta"], generator, step_kind=self.step_kind))
-        return PairTrajectories.concat(chunks)
+        """Phase 1: roll out one pair per prompt, ``sample_batch_size`` prompts per UNet call.
 
-    def score(self, traj: PairTrajectories) -> PairRewards:
-        """Phase 2: dense rewards from a few exact reward queries per trajectory."""
+        The noise is one (seed, epoch) stream over the global batch in global pair order; this rank draws and
+        drops the other ranks' rows (``sample_pairs``), so its pairs get the noise they would get in one process.
+        """
+        a = self.algo_cfg
+        rank, world = self._rank_and_world()
+        num_pairs = len(prompts)
+        generator = torch.Generator(device=self.device).manual_seed(
+            iteration_seed(self.seed, self.current_epoch, 0, NOISE_STREAM)
+        )
+        image_size = self.latent_shape[-1] * self.components.vae_scale_factor
+        cond = Conditioning.cat([
+            encode_prompts(self.components, prompts[start : start + a["sample_batch_size"]], image_size,
+                           self.model_cfg.get("guidance_scale"))
+            for start in range(0, num_pairs, a["sample_batch_size"])
+        ])
+        return sample_pairs(self.unet, self.scheduler, prompts, cond, self.timesteps, self.latent_shape, a["eta"],
+                            generator, step_kind=self.step_kind, unet_batch_size=a["sample_batch_size"],
+                            others=(rank * num_pairs, (world - 1 - rank) * num_pairs))
+
+    def score(self, traj: PairTrajectories, timings: dict[str, float] | None = None) -> PairRewards:
+        """Phase 2: dense rewards from a few exact reward queries per trajectory (random anchors per global
+        trajectory index)."""
         d = self.algo_cfg["dense"]
+        generators = None
+        if d["anchor"] == "random":
+            first = 2 * self._pair_offset(traj.num_pairs)
+            generators = self._generators(QUERY_STREAM, first, 2 * traj.num_pairs, "cpu")
         return score_pairs(
             traj, self.vae, self.latent_scale, self.reward_fn, d["anchor"], d["num_anchors"],
-            d["include_endpoints"], self._generator(QUERY_STREAM), self.algo_cfg["decode_batch_size"],
+            d["include_endpoints"], generators, self.algo_cfg["decode_batch_size"], timings=timings,
         )
 
     def advantages(self, prompts: list[str], dense: Tensor) -> Tensor:
@@ -155,65 +201,97 @@ class SDPOModule(L.LightningModule):
         return mine.view_as(dense).to(dense.device)
 
     def _gather(self, prompts: list[str], values: Tensor) -> tuple[list[str], Tensor]:
+        """Prompts and ``values`` [n, ...] of all ranks, in rank order (= global pair order)."""
         if self.trainer.world_size == 1 or not dist.is_initialized():
             return prompts, values
         gathered: list[list[str]] = [[] for _ in range(dist.get_world_size())]
         dist.all_gather_object(gathered, prompts)
-        all_values = self.all_gather(values)  # [W, n, T]
-        return [p for part in gathered for p in part], all_values.flatten(0, 1)
+        return [p for part in gathered for p in part], self._gather_values(values)
+
+    def _gather_values(self, values: Tensor) -> Tensor:
+        """``values`` [n, ...] of all ranks concatenated in rank order, [W*n, ...]."""
+        if self.trainer.world_size == 1 or not dist.is_initialized():
+            return values
+        return self.all_gather(values).flatten(0, 1)  # [W, n, ...] -> [W*n, ...]
+
+    def _update_plan(self, num_pairs: int, num_steps: int, generators: list[torch.Generator]):
+        """One pass's optimizer steps (see ``sdpo.algo.shuffle.update_groups``) on this rank's shards."""
+        a = self.algo_cfg
+        num_shards = len(generators)
+        if num_pairs % num_shards or a["micro_batch_pairs"] % num_shards:
+            raise ValueError(
+                f"algo.shuffle_shards={num_shards} must divide the pairs per rank ({num_pairs}) and "
+                f"algo.micro_batch_pairs ({a['micro_batch_pairs']})"
+            )
+        orders, step_order = sharded_update_order(num_pairs // num_shards, num_steps, generators)
+        orders = [order.to(self.device) for order in orders]
+        return update_groups(orders, step_order.to(self.device), a["micro_batch_pairs"] // num_shards,
+                             a["gradient_accumulation_steps"])
 
     def train_on_pairs(self, traj: PairTrajectories, adv: Tensor) -> dict[str, float]:
-        """Phase 4: step-shuffled updates; ``adv`` is [P, 2, T]. Returns averaged diagnostics."""
+        """Phase 4: step-shuffled updates; ``adv`` is [P, 2, T]. Returns diagnostics averaged over micro-batches
+        (and over ranks; maxima for the ``*_max`` ones).
+
+        One optimizer step per update group of ``micro_batch_pairs x gradient_accumulation_steps`` pairs: each
+        micro-batch's loss is its pairs' summed loss over the group's pair count, so the step is the group's mean
+        whatever the split (tests/unit/test_accumulation.py). Only the group's last backward all-reduces.
+        """
         a = self.algo_cfg
         optimizer = self.optimizers()
         num_pairs, num_steps = traj.num_pairs, traj.num_steps
-        generator = torch.Generator().manual_seed(
-            iteration_seed(self.seed, self.current_epoch, self.global_rank, SHUFFLE_STREAM)
-        )
-        accum = a["gradient_accumulation_steps"]
-        sums: dict[str, float] = {}
+        num_shards = a.get("shuffle_shards", 1)
+        generators = self._generators(SHUFFLE_STREAM, self.global_rank * num_shards, num_shards, "cpu")
+        weight_of_step = temporal_weights(torch.arange(num_steps, device=self.device), a["temporal_lambda"],
+                                          a["temporal_eta"])  # [T]
+        no_sync = getattr(self.trainer.strategy, "block_backward_sync", nullcontext)
+        sums: dict[str, Tensor] = {}
         count = 0
-        first_ratio = 0.0
+        first_ratio = torch.zeros((), device=self.device)
         optimizer_steps = 0
+        self._grad_norms = []
         for _ in range(a["num_inner_epochs"]):
-            pair_order, step_order = shuffled_update_order(num_pairs, num_steps, generator)
-            batches = micro_batches(pair_order, a["micro_batch_pairs"])
-            total = num_steps * len(batches)
-            done = 0
-            for column in range(num_steps):
-                for idx in batches:
-                    steps = step_order[idx, column].to(self.device)  # [B] step index per pair
-                    idx = idx.to(self.device)
+            for group in self._update_plan(num_pairs, num_steps, generators):
+                group_pairs = sum(idx.shape[0] for idx, _ in group)
+                group_loss = torch.zeros((), device=self.device)
+                for k, (idx, steps) in enumerate(group):
                     log_prob = self._micro_batch_log_probs(traj, idx, steps)  # [B, 2]
                     old = traj.log_probs[idx, :, steps]  # [B, 2]
                     advs = adv[idx, :, steps]  # [B, 2]
-                    weights = temporal_weights(steps, a["temporal_lambda"], a["temporal_eta"])
                     loss, info = sdpo_loss(log_prob[:, 0], log_prob[:, 1], old[:, 0], old[:, 1], advs[:, 0],
-                                           advs[:, 1], weights, a["clip_range"], a["adv_clip_max"])
-                    if not torch.isfinite(loss):
-                        raise FloatingPointError(
-                            f"non-finite SDPO loss at epoch {self.current_epoch}, steps {steps.tolist()}; "
-                            f"try trainer.precision=32-true or a lower optim.lr"
-                        )
-                    group = min(accum, total - (done // accum) * accum)  # micro-batches in this optimizer step
-                    self.manual_backward(loss / group)
-                    done += 1
+                                           advs[:, 1], weight_of_step[steps], a["clip_range"], a["adv_clip_max"])
+                    with no_sync() if k < len(group) - 1 else nullcontext():
+                        self.manual_backward(loss * (idx.shape[0] / group_pairs))
+                    detached = loss.detach()
+                    group_loss = group_loss + detached
                     if optimizer_steps == 0:
-                        first_ratio = max(first_ratio, float(info["log_ratio_abs_max"]))
-                    if done % accum == 0 or done == total:
-                        grad_norm = self._clip_and_norm(optimizer)
-                        optimizer.step()
-                        optimizer.zero_grad(set_to_none=True)
-                        optimizer_steps += 1
-                        sums["grad_norm"] = sums.get("grad_norm", 0.0) + grad_norm
+                        first_ratio = torch.maximum(first_ratio, info["log_ratio_abs_max"])
                     for key, value in info.items():
-                        sums[key] = sums.get(key, 0.0) + float(value)
-                    sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
+                        sums[key] = sums.get(key, 0.0) + value
+                    sums["loss"] = sums.get("loss", 0.0) + detached
                     count += 1
-        stats = {k: v / (optimizer_steps if k == "grad_norm" else count) for k, v in sums.items()}
+                if not torch.isfinite(group_loss):  # one host sync per optimizer step, before the weights move
+                    steps_tried = torch.cat([s for _, s in group]).tolist()
+                    raise FloatingPointError(
+                        f"non-finite SDPO loss at epoch {self.current_epoch}, steps {steps_tried}; "
+                        f"try trainer.precision=32-true or a lower optim.lr"
+                    )
+                optimizer.step()  # clips in on_before_optimizer_step, after AMP has unscaled the gradients
+                optimizer.zero_grad(set_to_none=True)
+                optimizer_steps += 1
+        stats = {k: v / count for k, v in sums.items()}
+        stats["grad_norm"] = torch.stack(self._grad_norms).mean() if self._grad_norms else torch.zeros(())
         stats["first_update_log_ratio_abs_max"] = first_ratio
+        stats = self._reduce_stats(stats)
         stats["optimizer_steps"] = float(optimizer_steps)
         return stats
+
+    def _reduce_stats(self, stats: dict[str, Tensor]) -> dict[str, float]:
+        """Diagnostics of all ranks: mean, or max for the ``_MAX_STATS``; one gather, one host sync."""
+        names = list(stats)
+        values = torch.stack([stats[n].detach().float().to(self.device).reshape(()) for n in names])  # [k]
+        everything = self._gather_values(values.unsqueeze(0))  # [W, k]
+        reduced = [everything[:, i].max() if n in _MAX_STATS else everything[:, i].mean() for i, n in enumerate(names)]
+        return dict(zip(names, torch.stack(reduced).tolist(), strict=True))
 
     def _micro_batch_log_probs(self, traj: PairTrajectories, idx: Tensor, steps: Tensor) -> Tensor:
         """Current log-probs [B, 2] of both trajectories of pairs ``idx`` at their ``steps``, one UNet call."""
@@ -226,34 +304,45 @@ class SDPOModule(L.LightningModule):
                                        self.algo_cfg["eta"], step_kind=self.step_kind)
         return log_prob.view(b, 2)
 
-    def _clip_and_norm(self, optimizer) -> float:
-        max_norm = self.algo_cfg["max_grad_norm"]
-        params = [p for p in self.unet.parameters() if p.requires_grad and p.grad is not None]
-        self.clip_gradients(optimizer, gradient_clip_val=max_norm, gradient_clip_algorithm="norm")
-        if not params:
-            return 0.0
-        return float(torch.linalg.vector_norm(torch.stack([p.grad.detach().norm() for p in params])))
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Clip the gradient norm here: Lightning calls this hook after AMP has unscaled the gradients (clipping
+        before ``optimizer.step()`` would clip the loss-scaled ones under 16-mixed). Grads are already averaged
+        over ranks, so every rank clips identically. Keeps the pre-clip norm, without a host sync."""
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if params:
+            norm = torch.nn.utils.clip_grad_norm_(params, self.algo_cfg["max_grad_norm"])
+            self._grad_norms.append(norm.detach())
 
     # ------------------------------------------------------------------------------------ the iteration
     def training_step(self, batch: list[str], batch_idx: int) -> None:
         prompts = list(batch)
         timings: dict[str, float] = {}
-        tic = time.perf_counter()
+        tic = self._lap(timings, None, 0.0)
         traj = self.sample(prompts)
-        timings["sampling"] = time.perf_counter() - tic
+        tic = self._lap(timings, "sampling", tic)
 
-        tic = time.perf_counter()
-        rewards = self.score(traj)
-        timings["rewards"] = time.perf_counter() - tic
+        parts: dict[str, float] = {}
+        rewards = self.score(traj, parts)
+        tic = self._lap(timings, "rewards", tic)  # decode + reward model + interpolation
+        timings["decode"], timings["reward_model"] = parts["decode"], parts["reward"]
 
-        tic = time.perf_counter()
         adv = self.advantages(prompts, rewards.dense)
-        timings["advantages"] = time.perf_counter() - tic
+        tic = self._lap(timings, "advantages", tic)
 
-        tic = time.perf_counter()
         stats = self.train_on_pairs(traj, adv)
-        timings["training"] = time.perf_counter() - tic
+        self._lap(timings, "training", tic)
         self._log_iteration(prompts, rewards, stats, timings)
+        # what benchmarks/epoch.py needs to time the same work in isolation (this rank's counts)
+        self.last_iteration = {"timings": timings, "num_pairs": traj.num_pairs, "num_queries": rewards.num_queries,
+                               "optimizer_steps": int(stats["optimizer_steps"])}
+
+    def _lap(self, timings: dict[str, float], name: str | None, tic: float) -> float:
+        """Record the seconds since ``tic`` as phase ``name`` (GPU work included) and restart the clock."""
+        _synchronize(self.device)
+        now = time.perf_counter()
+        if name is not None:
+            timings[name] = now - tic
+        return now
 
     def _log_iteration(self, prompts: list[str], rewards: PairRewards, stats: dict[str, float],
                        timings: dict[str, float]) -> None:
@@ -263,13 +352,13 @@ class SDPOModule(L.LightningModule):
             dense[:, 0, 0],  # 1-step reward, once per pair (a and b share it)
             dense[:, :, -1].mean(1),  # T-step reward, mean of a and b
         ], dim=1)  # [P, 2]
-        _, everything = self._gather(prompts, local)
+        everything = self._gather_values(local)  # [W*P, 2]
         counts = torch.tensor([rewards.num_queries, 2 * dense.shape[0]], device=self.device, dtype=torch.float64)
         counts = self.trainer.strategy.reduce(counts, reduce_op="sum")
         self.total_queries += int(counts[0])
         self.total_samples += int(counts[1])
         for name, (first, last) in rewards.components.items():  # a multi-reward's parts, each on its own
-            _, parts = self._gather(prompts, torch.stack([first, last.mean(1)], dim=1))
+            parts = self._gather_values(torch.stack([first, last.mean(1)], dim=1))
             stats[f"reward_{name}_1step"] = float(parts[:, 0].mean())
             stats[f"reward_{name}_last"] = float(parts[:, 1].mean())
         metrics = {

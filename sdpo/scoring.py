@@ -6,7 +6,8 @@ in ``sdpo.algo.dense``; here we decode the queried x̂0 in large batches and cal
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -32,6 +33,12 @@ class PairRewards:
     components: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)
 
 
+def _synchronize(device: torch.device) -> None:
+    """Wait for queued GPU work, so a phase's wall time is its own (only when timings are asked for)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 @torch.no_grad()
 def score_pairs(
     traj: PairTrajectories,
@@ -41,13 +48,27 @@ def score_pairs(
     strategy: str,
     num_anchors: int,
     include_endpoints: bool,
-    generator: torch.Generator | None,
+    generator: torch.Generator | Sequence[torch.Generator] | None,
     batch_size: int,
+    timings: dict[str, float] | None = None,
 ) -> PairRewards:
-    """Score every step of every trajectory with ``K`` exact reward queries per trajectory."""
+    """Score every step of every trajectory with ``K`` exact reward queries per trajectory.
+
+    ``generator`` drives the "random" anchor strategy: one for the batch, or one per trajectory (2P, row 2p+j
+    = trajectory j of pair p), which makes a trajectory's anchors independent of the batch it is scored in.
+    ``timings``, when given, receives the seconds spent decoding ("decode") and in the reward model ("reward").
+    """
     num_pairs, num_steps = traj.num_pairs, traj.num_steps
     x0 = traj.x0_latents.flatten(0, 1)  # [N=2P, T, C, H, W]
-    plan = plan_queries(x0, strategy, num_anchors, include_endpoints, generator)  # [N, K]
+    if strategy == "random" and generator is not None and not isinstance(generator, torch.Generator):
+        rows = list(generator)
+        if len(rows) != x0.shape[0]:
+            raise ValueError(f"got {len(rows)} generators for {x0.shape[0]} trajectories")
+        plan = torch.cat([plan_queries(x0[r : r + 1], strategy, num_anchors, include_endpoints, g)
+                          for r, g in enumerate(rows)])  # [N, K]
+    else:
+        single = generator if isinstance(generator, torch.Generator) else None
+        plan = plan_queries(x0, strategy, num_anchors, include_endpoints, single)  # [N, K]
 
     # Unique (trajectory, step) queries. Both trajectories of a pair start from the same x_T, so their
     # first-step x̂0 (and reward) are the same: score it once, on trajectory a. Every plan holds the first
@@ -55,21 +76,34 @@ def score_pairs(
     def key(row: int, step: int) -> tuple[int, int]:
         return (row - row % 2, 0) if step == 0 else (row, step)
 
+    plan_rows = plan.tolist()
     keys: dict[tuple[int, int], int] = {}
-    for row, steps in enumerate(plan.tolist()):
+    for row, steps in enumerate(plan_rows):
         for step in steps:
             keys.setdefault(key(row, step), len(keys))
     queried = list(keys)
-    latents = torch.stack([x0[r, s] for r, s in queried])  # [Q, C, H, W]
+    query_rows = torch.tensor([r for r, _ in queried], device=x0.device)
+    query_steps = torch.tensor([s for _, s in queried], device=x0.device)
+    latents = x0[query_rows, query_steps]  # [Q, C, H, W]
     prompts = [traj.prompts[r // 2] for r, _ in queried]
+    if timings is not None:
+        _synchronize(x0.device)
+        tic = time.perf_counter()
     images = decode_latents(vae, latents, latent_scale, batch_size)  # [Q, 3, H, W]
+    if timings is not None:
+        _synchronize(x0.device)
+        timings["decode"] = time.perf_counter() - tic
+        tic = time.perf_counter()
     chunks, parts = [], []
     for i in range(0, len(queried), batch_size):
         chunks.append(reward_fn(images[i : i + batch_size], prompts[i : i + batch_size]))
         parts.append(dict(getattr(reward_fn, "last_components", None) or {}))
     scores = torch.cat(chunks).float()  # [Q]
+    if timings is not None:
+        _synchronize(scores.device)
+        timings["reward"] = time.perf_counter() - tic
 
-    index = torch.tensor([[keys[key(r, s)] for s in steps] for r, steps in enumerate(plan.tolist())])  # [N, K]
+    index = torch.tensor([[keys[key(r, s)] for s in steps] for r, steps in enumerate(plan_rows)])  # [N, K]
     dense = interpolate_rewards(x0, plan, scores[index.to(scores.device)])  # [N, T]
     last = num_steps - 1
     first_index = [keys[(2 * p, 0)] for p in range(num_pairs)]

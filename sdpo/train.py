@@ -2,13 +2,19 @@
 
 Compose the config, check it, instantiate the data module, the SDPO module, loggers and callbacks, then
 ``Trainer.fit``. Thin on purpose: everything it builds is described in ``conf/``.
+
+Distributed runs use Lightning's own launchers and cluster environments (``trainer=ddp``; torchrun, SLURM's srun
+or one command per node). Every process runs this entry point; ``launch_overrides`` makes them share one run
+folder in which only global rank 0 writes the config copy, logs, checkpoints and images.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import sys
 import warnings
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import hydra
@@ -17,10 +23,81 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from sdpo.config_checks import validate_config
+from sdpo.config_checks import ConfigError, validate_config
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 log = logging.getLogger(__name__)
+
+
+def by_accelerator(accelerator: str, gpu_value: str, cpu_value: str) -> str:
+    """``gpu_value`` unless the run is on CPU: lets conf/trainer/ddp.yaml default to 16-mixed on GPUs and still
+    run with ``trainer.accelerator=cpu`` (gloo), where fp16 autocast does not exist."""
+    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
+    return cpu_value if on_cpu else gpu_value
+
+
+OmegaConf.register_new_resolver("sdpo.by_accelerator", by_accelerator, replace=True)
+
+
+class LaunchError(RuntimeError):
+    """A distributed launch that would scatter one run over several folders."""
+
+
+def launch_overrides(argv: Sequence[str], env: Mapping[str, str]) -> list[str]:
+    """Hydra overrides for a process started by an external launcher (torchrun, srun, one command per node).
+
+    Each such process composes its own config, so (1) all must use one run folder: an explicit
+    ``hydra.run.dir=...``, or one derived from the SLURM job id / torchrun run id; and (2) ranks > 0 must not
+    write a second config copy: they get ``hydra.output_subdir=null`` and a job name of their own (their log file
+    in the shared folder: ``train_rank_<R>.log``, or ``train_node<N>_local<L>.log`` for ranks Lightning starts
+    itself). Lightning's own re-launch of local ranks already passes rank 0's folder. Returns [] for a plain
+    single-process start.
+    """
+    given_dir = any(arg.startswith("hydra.run.dir=") for arg in argv)
+    if "RANK" in env and int(env.get("WORLD_SIZE", "1")) > 1:  # torchrun (Lightning: TorchElasticEnvironment)
+        rank, run_id = int(env["RANK"]), env.get("TORCHELASTIC_RUN_ID", "none")
+        job, name = (None if run_id in ("", "none") else f"torchrun-{run_id}"), f"train_rank_{rank}"
+    elif "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:  # srun (Lightning: SLURMEnvironment)
+        rank = int(env["SLURM_PROCID"])
+        job, name = f"slurm-{env.get('SLURM_JOB_ID', 'job')}", f"train_rank_{rank}"
+    elif "NODE_RANK" in env and int(env.get("WORLD_SIZE", "1")) > 1:  # per-node commands, Lightning's own ranks
+        node, local = int(env["NODE_RANK"]), int(env.get("LOCAL_RANK", "0"))
+        rank, job, name = node + local, None, f"train_node{node}_local{local}"  # rank > 0 unless both are 0
+    else:
+        return []
+    overrides = []
+    if not given_dir:
+        if job is None:
+            raise LaunchError(
+                "this process is one of several started by a launcher, and they would each create their own run "
+                "folder: pass the same hydra.run.dir=<folder> to every process (e.g. outputs/train/<job id>)"
+            )
+        overrides.append(f"hydra.run.dir=outputs/${{task_name}}/{job}")
+    if rank > 0:
+        overrides += ["hydra.output_subdir=null", f"hydra.job.name={name}"]
+    return overrides
+
+
+def check_distributed(cfg: DictConfig) -> None:
+    """Before any model loads: no multi-process job inside a Hydra multirun, and shuffle shards that fit."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    t = cfg.trainer
+    several = str(t.get("num_nodes", 1)) != "1" or str(t.get("devices", 1)) not in ("1", "[0]")
+    if "ddp" in str(t.get("strategy", "")) and several and HydraConfig.initialized() \
+            and HydraConfig.get().mode == RunMode.MULTIRUN:
+        raise ConfigError(
+            "a Hydra multirun (-m) cannot run DDP jobs: Lightning re-launches the other ranks with the sweep's "
+            "command line. Launch one job per sweep point instead (benchmarks/README.md, 'Distributed runs')"
+        )
+    shards, micro = cfg.algo.get("shuffle_shards", 1), cfg.algo.micro_batch_pairs
+    pairs = cfg.data.prompts_per_batch * cfg.data.batches_per_epoch
+    if shards < 1 or pairs % shards or micro % shards:
+        raise ConfigError(
+            f"algo.shuffle_shards={shards} must be >= 1 and divide the pairs per rank ({pairs} = "
+            f"data.prompts_per_batch x data.batches_per_epoch) and algo.micro_batch_pairs ({micro})"
+        )
 
 
 def quiet_libraries() -> None:
@@ -36,13 +113,16 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
     warnings.filterwarnings("ignore", message=r".*litlogger")
+    # DDP: the module logs values it has already gathered over ranks, so sync_dist would only repeat the reduction.
+    warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\(.*sync_dist=True")
 
 
 def train(cfg: DictConfig) -> L.Trainer:
     """Train with a composed config; returns the fitted Trainer (tests read its metrics)."""
     validate_config(cfg)
+    check_distributed(cfg)
     quiet_libraries()
-    if "SDPO_NUM_THREADS" in os.environ:
+    if "SDPO_NUM_THREADS" in os.environ:  # e.g. 1 per process when several CPU ranks share few cores
         torch.set_num_threads(int(os.environ["SDPO_NUM_THREADS"]))
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     if str(cfg.trainer.get("precision", "32-true")).startswith("32"):
@@ -64,8 +144,17 @@ def train(cfg: DictConfig) -> L.Trainer:
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
-def main(cfg: DictConfig) -> None:
+def hydra_main(cfg: DictConfig) -> None:
     train(cfg)
+
+
+def main() -> None:
+    """``python -m sdpo.train``: the Hydra app, with the overrides an externally launched rank needs."""
+    try:
+        sys.argv += launch_overrides(sys.argv[1:], os.environ)
+    except LaunchError as err:
+        sys.exit(f"error: {err}")
+    hydra_main()
 
 
 if __name__ == "__main__":

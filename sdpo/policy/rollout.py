@@ -57,6 +57,12 @@ def predict_model_output(unet: UNet2DConditionModel, latents: Tensor, timesteps:
     return unet(latents, timesteps, **cond.unet_kwargs(), return_dict=False)[0]
 
 
+def _drop_rows(generator: torch.Generator, rows: int, shape: tuple[int, ...]) -> None:
+    """Advance ``generator`` past ``rows`` noise rows, one draw per row exactly as the policy step draws them."""
+    for _ in range(rows):
+        torch.randn(shape, generator=generator, device=generator.device, dtype=torch.float32)
+
+
 @torch.no_grad()
 def sample_pairs(
     unet: UNet2DConditionModel,
@@ -69,23 +75,43 @@ def sample_pairs(
     generator: torch.Generator,
     latent_dtype: torch.dtype = torch.float32,
     step_kind: str = "ddim",
+    unet_batch_size: int | None = None,
+    others: tuple[int, int] = (0, 0),
 ) -> PairTrajectories:
     """Roll out one pair per prompt. Trajectories a and b share x_T and differ only in the per-step noise.
 
+    The noise is one stream in global order: x_T of every pair of the global batch in one draw, then at each step
+    one row per trajectory (2 per pair). ``others`` = (pairs before, pairs after) this batch in a global batch
+    whose other pairs other processes sample: their rows are drawn and dropped, so a pair's noise depends only on
+    its global index and W processes equal one process with the whole batch. ``unet_batch_size`` pairs go through
+    each UNet call (the step math runs on all rows at once), so the batch split does not change the noise either.
     ``eta`` applies to the DDIM step only (the LCM step's noise is set by its schedule).
     """
     num_prompts = len(prompts)
+    before, after = others
     device = cond.hidden_states.device
     shared_noise = torch.randn(
-        (num_prompts, *latent_shape), generator=generator, device=generator.device, dtype=torch.float32
-    ).to(device)
+        (before + num_prompts + after, *latent_shape), generator=generator, device=generator.device,
+        dtype=torch.float32,
+    )[before : before + num_prompts].to(device)
     x = shared_noise.repeat_interleave(2, dim=0)  # [2P, C, H, W], rows (2p, 2p+1) = pair p
     pair_cond = cond.repeat_pairs()  # [2P, ...]
+    rows, per_call = x.shape[0], 2 * (unet_batch_size or num_prompts)
+    calls = []  # UNet batches: a row slice and its conditioning
+    for start in range(0, rows, per_call):
+        stop = min(start + per_call, rows)
+        part_cond = pair_cond if stop - start == rows else pair_cond.select(torch.arange(start, stop))
+        calls.append((slice(start, stop), part_cond))
+    step_generators = [generator] * rows  # one draw per row, in row order
     latents, x0s, log_probs = [x], [], []
     for t in timesteps:
-        t_batch = t.expand(x.shape[0]).to(device)
-        model_output = predict_model_output(unet, x.to(latent_dtype), t_batch, pair_cond)
-        step = policy_step(step_kind, scheduler, model_output, t_batch, x, eta, generator=generator)
+        t_batch = t.expand(rows).to(device)
+        outputs = [predict_model_output(unet, x[part].to(latent_dtype), t_batch[part], part_cond)
+                   for part, part_cond in calls]
+        model_output = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+        _drop_rows(generator, 2 * before, latent_shape)
+        step = policy_step(step_kind, scheduler, model_output, t_batch, x, eta, generator=step_generators)
+        _drop_rows(generator, 2 * after, latent_shape)
         x = step.prev_sample
         latents.append(x)
         x0s.append(step.pred_original_sample)

@@ -30,15 +30,16 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 @pytest.fixture(scope="module")
 def runs_root(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> Path:
-    """Three 3-epoch runs. seed0 and steps2 get ``.hydra/config.yaml`` as the Hydra entry point writes it; seed1
-    keeps only the CSV logger's ``hparams.yaml`` (what a run started from Python has), and must still group."""
+    """Three 3-epoch runs, without the eval callback (a later test writes synthetic eval columns). seed0 and steps2
+    get ``.hydra/config.yaml`` as the Hydra entry point writes it; seed1 keeps only the CSV logger's
+    ``hparams.yaml`` (what a run started from Python has), and must still group."""
     root = tmp_path_factory.mktemp("plot-runs")
     threads = torch.get_num_threads()
     try:
         with pytest.MonkeyPatch.context() as mp:
             mp.setenv("SDPO_NUM_THREADS", "1")  # a 0.8 M-parameter UNet: 1 thread is fastest, even on a busy machine
             for name, extra in RUNS.items():
-                cfg = compose([*FAST, "trainer.max_epochs=3", *extra], root / name, cache_dir)
+                cfg = compose([*FAST, "trainer.max_epochs=3", "callbacks.eval=null", *extra], root / name, cache_dir)
                 train(cfg)
                 if name != "seed1":
                     (root / name / ".hydra").mkdir()

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from lightning.pytorch import Callback
 
 from sdpo.config_checks import ConfigError, validate_config
 from sdpo.train import train
@@ -87,18 +88,35 @@ def test_every_experiment_composes_and_runs_one_iteration(name, tmp_path, cache_
     assert trainer.lightning_module.algo_cfg["micro_batch_pairs"] == cfg.algo.micro_batch_pairs
 
 
-def test_resume_equals_uninterrupted(tmp_path, cache_dir):
-    """2 epochs + resume for 2 more == 4 epochs straight: LoRA weights, optimizer, tracker, counters, RNG."""
-    base = [*FAST, "model.lora.enabled=true", "optim.lr=1e-2", "algo.tracker.min_count=2", "algo.tracker.buffer_size=4"]
-    full = train(compose([*base, "trainer.max_epochs=4"], tmp_path / "full", cache_dir))
-    first = train(compose([*base, "trainer.max_epochs=2"], tmp_path / "part", cache_dir))
+class CrashAtEpoch(Callback):
+    """Stands in for a killed job: raises as epoch ``epoch`` starts, after the earlier epochs completed."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        if trainer.current_epoch == self.epoch:
+            raise RuntimeError(f"simulated crash at epoch {self.epoch}")
+
+
+def test_resume_after_a_crash_equals_uninterrupted(tmp_path, cache_dir):
+    """A 4-epoch run killed as epoch 2 starts, resumed from its last.ckpt, == 4 epochs straight: LoRA weights,
+    optimizer, tracker, counters, RNG. Also proves last.ckpt is written during the run, not only at its end."""
+    base = [*FAST, "model.lora.enabled=true", "optim.lr=1e-2", "algo.tracker.min_count=2", "algo.tracker.buffer_size=4",
+            "trainer.max_epochs=4"]
+    full = train(compose(base, tmp_path / "full", cache_dir))
+    crash = [f"+callbacks.crash._target_={__name__}.CrashAtEpoch", "+callbacks.crash.epoch=2"]
+    with pytest.raises(RuntimeError, match="simulated crash at epoch 2"):
+        train(compose([*base, *crash], tmp_path / "part", cache_dir))
     ckpt = tmp_path / "part" / "checkpoints" / "last.ckpt"
-    resumed = train(compose([*base, "trainer.max_epochs=4", f"ckpt_path={ckpt}"], tmp_path / "resumed", cache_dir))
+    saved = torch.load(ckpt, weights_only=True)
+    assert saved["epoch"] == 1  # the last completed epoch
+    resumed = train(compose([*base, f"ckpt_path={ckpt}"], tmp_path / "resumed", cache_dir))
     a, b = trainable_state(full.lightning_module), trainable_state(resumed.lightning_module)
     assert a.keys() == b.keys() and any("lora" in k for k in a)
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
-    assert not torch.equal(a[name], trainable_state(first.lightning_module)[name])  # it did train further
+    assert not torch.equal(a[name], saved["state_dict"][name])  # it did train further
     assert full.lightning_module.tracker.state_dict() == resumed.lightning_module.tracker.state_dict()
     assert full.lightning_module.total_queries == resumed.lightning_module.total_queries
     rows_full, rows_resumed = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "resumed")

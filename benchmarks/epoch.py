@@ -1,0 +1,288 @@
+"""Per-phase time of SDPO iterations run through the normal entry point, and their overhead over the primitives.
+
+Runs ``sdpo.train.train`` on a composed Hydra config (the default callbacks, CSV logger and a checkpoint every
+iteration; the held-out evaluation callback off) for a few iterations and prints, per iteration:
+
+- the module's phase times (sampling, decode, reward model, advantages, training) and the rest of the iteration
+  (dense-reward bookkeeping, logging, checkpoint, sample grids, Lightning's loop);
+- samples/s, reward queries/s and peak memory (CPU: max RSS; GPU: ``torch.cuda.max_memory_allocated``);
+- the primitives of that same iteration timed in isolation (text encoder, UNet forward at the sampling batch, VAE
+  decode, reward model, UNet forward+backward at the training micro-batch, clip + AdamW step), each multiplied by
+  the number of times the iteration calls it, and the overhead ratio = iteration time / their sum;
+- on GPU, the MFU of sampling and training (FLOPs of one call from ``torch.utils.flop_counter``).
+
+    python benchmarks/epoch.py                       # the tiny default (0.8 M-param UNet, 8x8 latents)
+    python benchmarks/epoch.py --preset small        # 18.9 M-param UNet, 32x32 latents -> 64 px
+    python benchmarks/epoch.py --preset small trainer.precision=bf16-mixed algo.channels_last=true
+
+Not a test: nothing here asserts. Extra arguments are Hydra overrides.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import resource
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import lightning as L
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+PRESETS: dict[str, list[str]] = {
+    "tiny": [],  # python -m sdpo.train's default: 16 pairs, T = 4, micro-batch 8 x 2, full fine-tuning
+    "small": [  # ~18.9 M-param UNet, 32x32x4 latents -> 64 px, 8 pairs, T = 4, micro-batch 2 x 2
+        "model.tiny.latent_size=32", "model.tiny.unet_channels=[64,160,320]", "data.prompts_per_batch=8",
+        "algo.num_steps=4", "algo.micro_batch_pairs=2", "algo.gradient_accumulation_steps=2",
+    ],
+}
+PHASES = ("sampling", "decode", "reward_model", "advantages", "training")
+
+
+class IterationTimer(L.Callback):
+    """Wall time between consecutive epoch starts (everything one iteration costs) and the module's phase times."""
+
+    def __init__(self) -> None:
+        self.starts: list[float] = []
+        self.iterations: list[dict] = []
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize(pl_module.device)
+        self.starts.append(time.perf_counter())
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args) -> None:
+        self.iterations.append(dict(pl_module.last_iteration))
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_call(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
+    """Median seconds of ``fn`` after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        tic = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - tic)
+    return statistics.median(times)
+
+
+def chunk_sizes(total: int, size: int) -> dict[int, int]:
+    """How many calls of each batch size splitting ``total`` items into chunks of ``size`` makes."""
+    sizes: dict[int, int] = {}
+    for start in range(0, total, size):
+        k = min(size, total - start)
+        sizes[k] = sizes.get(k, 0) + 1
+    return sizes
+
+
+def autocast_for(precision: str, device: torch.device):
+    if precision.startswith("bf16"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    if precision.startswith("16"):
+        return torch.autocast(device.type, dtype=torch.float16)
+    return torch.autocast(device.type, enabled=False)
+
+
+def flops_of(fn: Callable[[], object]) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def primitives(module, cfg, counts: dict, device: torch.device, repeats: int) -> dict[str, dict]:
+    """Each primitive of one iteration timed alone: seconds per call, calls per iteration, FLOPs of one call."""
+    from sdpo.policy.conditioning import decode_latents, encode_prompts
+    from sdpo.policy.rollout import predict_model_output
+
+    a = module.algo_cfg
+    prompts = list(cfg.data.source) if not isinstance(cfg.data.source, str) else ["cat"]
+    num_pairs, num_steps = counts["num_pairs"], a["num_steps"]
+    image_size = module.latent_shape[-1] * module.components.vae_scale_factor
+    amp = autocast_for(str(cfg.trainer.precision), device)
+    out: dict[str, dict] = {}
+
+    def add(name: str, fn: Callable[[], object], calls: int, key: str, flops: bool = False) -> None:
+        seconds = time_call(fn, device, repeats)
+        entry = out.setdefault(name, {"seconds": 0.0, "calls": 0, "flops": 0, "detail": []})
+        entry["seconds"] += seconds * calls
+        entry["calls"] += calls
+        entry["detail"].append(f"{calls} x {key}: {seconds * 1e3:.2f} ms")
+        if flops:
+            entry["flops"] += flops_of(fn) * calls
+
+    def rows(n: int) -> list[str]:
+        return [prompts[i % len(prompts)] for i in range(n)]
+
+    for size, calls in chunk_sizes(num_pairs, a["sample_batch_size"]).items():
+        add("text encoder", lambda size=size: encode_prompts(module.components, rows(size), image_size,
+                                                             module.model_cfg.get("guidance_scale")),
+            calls, f"{size} prompts")
+        cond = encode_prompts(module.components, rows(size), image_size, module.model_cfg.get("guidance_scale"))
+        cond = cond.repeat_pairs()
+        x = torch.randn(2 * size, *module.latent_shape, device=device)
+        t = module.timesteps[0].expand(2 * size)
+
+        def unet_forward(x=x, t=t, cond=cond) -> None:
+            with torch.no_grad(), amp:
+                predict_model_output(module.unet, x, t, cond)
+
+        add("UNet forward (sampling)", unet_forward, calls * num_steps, f"{2 * size} rows", flops=True)
+
+    latents = torch.randn(counts["num_queries"], *module.latent_shape, device=device)
+    images = decode_latents(module.vae, latents, module.latent_scale, a["decode_batch_size"])
+    for size, calls in chunk_sizes(counts["num_queries"], a["decode_batch_size"]).items():
+        add("VAE decode", lambda size=size: decode_latents(module.vae, latents[:size], module.latent_scale, size),
+            calls, f"{size} latents")
+        with torch.no_grad():
+            add("reward model", lambda size=size: module.reward_fn(images[:size], rows(size)), calls, f"{size} images")
+
+    generators = [torch.Generator().manual_seed(0) for _ in range(a.get("shuffle_shards", 1))]
+    plan = module._update_plan(num_pairs, num_steps, generators)
+    micro: dict[int, int] = {}
+    for group in plan:
+        for idx, _ in group:
+            micro[idx.shape[0]] = micro.get(idx.shape[0], 0) + 1
+    params = [p for p in module.unet.parameters() if p.requires_grad]
+    for size, calls in micro.items():
+        cond = encode_prompts(module.components, rows(size), image_size, module.model_cfg.get("guidance_scale"))
+        cond = cond.repeat_pairs()
+        x = torch.randn(2 * size, *module.latent_shape, device=device)
+        t = module.timesteps[torch.arange(2 * size, device=device) % num_steps]
+
+        def forward_backward(x=x, t=t, cond=cond) -> None:
+            with amp:
+                output = predict_model_output(module.unet, x, t, cond)
+            output.float().square().mean().backward()
+
+        add("UNet forward+backward (training)", forward_backward, calls * a["num_inner_epochs"],
+            f"{2 * size} rows", flops=True)
+    optimizer = torch.optim.AdamW(params, lr=1e-12)
+    for p in params:
+        p.grad = torch.randn_like(p)
+
+    def optimizer_step() -> None:
+        torch.nn.utils.clip_grad_norm_(params, a["max_grad_norm"])
+        optimizer.step()
+
+    add("clip + AdamW step", optimizer_step, counts["optimizer_steps"], f"{sum(p.numel() for p in params)} params")
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
+    parser.add_argument("--iterations", type=int, default=3, help="timed iterations (after the warm-up ones)")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--repeats", type=int, default=5, help="timings per primitive (median)")
+    parser.add_argument("--peak-flops", type=float, default=989e12, help="peak FLOP/s for MFU (H100/H200 dense bf16)")
+    parser.add_argument("--keep", action="store_true", help="keep the run folder (deleted by default)")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. trainer.precision=bf16-mixed")
+    args = parser.parse_args()
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+        os.environ["SDPO_NUM_THREADS"] = str(args.threads)
+    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+                          else "cpu")
+    from hydra import compose, initialize_config_dir
+
+    from sdpo.train import CONFIG_DIR, train
+
+    epochs = args.warmup + args.iterations + 1  # the last one only closes the timing of the one before
+    out = Path(tempfile.mkdtemp(prefix="sdpo-bench-"))
+    overrides = [
+        *PRESETS[args.preset], f"trainer.max_epochs={epochs}", "trainer.enable_progress_bar=false",
+        "trainer.enable_model_summary=false", "++callbacks.eval=null", f"paths.output_dir={out}",
+        "+callbacks.timer._target_=__main__.IterationTimer",
+        f"trainer.accelerator={'gpu' if device.type == 'cuda' else 'cpu'}", *args.overrides,
+    ]
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=overrides)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    wall = time.perf_counter()
+    trainer = train(cfg)
+    wall = time.perf_counter() - wall
+    timer = next(c for c in trainer.callbacks if type(c).__name__ == "IterationTimer")
+    module = trainer.lightning_module.to(device)
+    timed = range(args.warmup, args.warmup + args.iterations)
+    seconds = [timer.starts[e + 1] - timer.starts[e] for e in timed]
+    phases = {name: statistics.mean(timer.iterations[e]["timings"][name] for e in timed) for name in PHASES}
+    rewards_phase = statistics.mean(timer.iterations[e]["timings"]["rewards"] for e in timed)
+    iteration = statistics.mean(seconds)
+    counts = timer.iterations[args.warmup]
+    world = trainer.world_size
+    if device.type == "cuda":
+        peak = f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB (torch.cuda.max_memory_allocated)"
+    else:
+        peak = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10:.0f} MiB (max RSS)"
+    unet_params = sum(p.numel() for p in module.unet.parameters())
+
+    print(f"\nSDPO iteration benchmark: preset {args.preset}, {device.type}"
+          f"{'' if device.type == 'cuda' else f', {torch.get_num_threads()} threads'}, torch {torch.__version__}")
+    a = module.algo_cfg
+    print(f"UNet {unet_params / 1e6:.1f} M params, latents {list(module.latent_shape)}, T = {a['num_steps']}, "
+          f"{counts['num_pairs']} pairs/rank, {world} rank(s), micro-batch {a['micro_batch_pairs']} x "
+          f"{a['gradient_accumulation_steps']}, {counts['optimizer_steps']} optimizer steps, "
+          f"precision {cfg.trainer.precision}; run of {epochs} iterations took {wall:.1f} s")
+    print(f"iterations timed: {args.iterations} (after {args.warmup} warm-up): "
+          + ", ".join(f"{s:.3f}" for s in seconds) + " s")
+    print(f"\n{'phase':<38} s/iter   share")
+    rest = iteration - sum(phases[p] for p in ("sampling", "advantages", "training")) - rewards_phase
+    rows = [*((p, phases[p]) for p in PHASES),
+            ("rewards: query plan, interpolation", rewards_phase - phases["decode"] - phases["reward_model"]),
+            ("logging, checkpoint, loop", rest)]
+    for name, value in rows:
+        print(f"{name:<38} {value:8.4f} {100 * value / iteration:6.1f}%")
+    print(f"{'iteration':<38} {iteration:8.4f}")
+    samples = 2 * counts["num_pairs"] * world
+    print(f"\nsamples/s {samples / iteration:.1f}   reward queries/s {counts['num_queries'] * world / iteration:.1f}   "
+          f"peak memory {peak}")
+
+    prims = primitives(module, cfg, counts, device, args.repeats)
+    total = sum(p["seconds"] for p in prims.values())
+    print("\nprimitive (same iteration, in isolation)   s/iter   calls")
+    for name, p in prims.items():
+        print(f"{name:<40} {p['seconds']:8.4f} {p['calls']:6d}   ({'; '.join(p['detail'])})")
+    print(f"{'sum of primitives':<40} {total:8.4f}")
+    print(f"overhead ratio = iteration / primitives = {iteration / total:.2f}")
+
+    sample_flops = prims["UNet forward (sampling)"]["flops"]
+    train_flops = prims["UNet forward+backward (training)"]["flops"]
+    print(f"\nFLOPs per iteration: sampling {sample_flops / 1e9:.2f} GFLOP, training {train_flops / 1e9:.2f} GFLOP "
+          f"({sample_flops / phases['sampling'] / 1e9:.1f} and {train_flops / phases['training'] / 1e9:.1f} GFLOP/s)")
+    if device.type == "cuda":
+        mfu_sampling = sample_flops / phases["sampling"] / args.peak_flops
+        mfu_training = train_flops / phases["training"] / args.peak_flops
+        print(f"MFU (peak {args.peak_flops:.3g} FLOP/s): sampling {mfu_sampling:.1%}, training {mfu_training:.1%}")
+    if not math.isfinite(iteration / total):
+        print("warning: a primitive took no measurable time")
+    if args.keep:
+        print(f"run folder: {out}")
+    else:
+        shutil.rmtree(out, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,137 @@
+"""Entry point: ``python -m sdpo.evaluate [checkpoint=PATH | lora=DIR] [steps=[1,2,4,8]] [rewards=[...]] ...``.
+
+Evaluates a base model, a training checkpoint or an exported LoRA/UNet at several sampling step counts with the
+model's native scheduler (``sdpo.evaluation``), prints the Markdown table and writes results.csv, results.json,
+results.md and grid.png into its run folder (``outputs/evaluate/<date_time>/``). Config: ``conf/evaluate.yaml``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from sdpo.config_checks import ConfigError
+from sdpo.evaluation import EvalResult, build_rewards, evaluate_policy, load_policy, parse_reward_specs
+
+CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+log = logging.getLogger(__name__)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto``: the first GPU if there is one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def validate_eval_config(cfg: DictConfig) -> tuple[list[str], list[int], list[tuple[str, str, dict]]]:
+    """Check every value before any model loads; returns the prompts, the step counts and the reward specs."""
+    from sdpo.data import load_prompts
+
+    problems: list[str] = []
+    prompts: list[str] = []
+    specs: list[tuple[str, str, dict]] = []
+
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            problems.append(message)
+
+    steps = OmegaConf.to_container(cfg.steps) if OmegaConf.is_list(cfg.steps) else [cfg.steps]
+    need(bool(steps) and all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in steps),
+         f"steps={steps}: every step count must be an integer >= 1")
+    need(len(set(map(str, steps))) == len(steps), f"steps={steps}: step counts must be distinct")
+    need(cfg.images_per_prompt >= 1, f"images_per_prompt={cfg.images_per_prompt}: need >= 1")
+    need(cfg.batch_size >= 1, f"batch_size={cfg.batch_size}: need >= 1")
+    need(cfg.resolution is None or cfg.resolution > 0, f"resolution={cfg.resolution}: use null or a size > 0")
+    need(cfg.guidance_scale is None or cfg.guidance_scale >= 1,
+         f"guidance_scale={cfg.guidance_scale}: use null or a value >= 1")
+    if cfg.checkpoint is not None and cfg.lora is not None:
+        problems.append("checkpoint and lora are both set: evaluate one of them (a checkpoint already holds its "
+                        "weights; lora is an exported folder applied to `model`)")
+    if cfg.checkpoint is not None:
+        need(Path(str(cfg.checkpoint)).expanduser().is_file(), f"checkpoint={cfg.checkpoint}: no such file")
+    if cfg.lora is not None:
+        need(Path(str(cfg.lora)).expanduser().exists(), f"lora={cfg.lora}: no such file or folder")
+    try:
+        specs = parse_reward_specs(cfg.rewards, key="rewards")
+    except ValueError as err:
+        problems.append(str(err))
+    try:
+        source = cfg.prompts if isinstance(cfg.prompts, str) else OmegaConf.to_container(cfg.prompts)
+        prompts = load_prompts(source)
+    except ValueError as err:
+        problems.append(f"prompts: {err}")
+    try:
+        device = resolve_device(str(cfg.device))
+        need(device.type != "cuda" or torch.cuda.is_available(), f"device={cfg.device}: no CUDA device here")
+    except RuntimeError as err:
+        problems.append(f"device={cfg.device}: {err}")
+    if problems:
+        raise ConfigError("invalid evaluation config:\n  - " + "\n  - ".join(problems))
+    return prompts, [int(k) for k in steps], specs
+
+
+def evaluate(cfg: DictConfig) -> EvalResult:
+    """Evaluate with a composed ``evaluate`` config; writes the run folder and returns the result."""
+    from sdpo.train import quiet_libraries
+
+    prompts, steps, specs = validate_eval_config(cfg)
+    quiet_libraries()
+    if "SDPO_NUM_THREADS" in os.environ:
+        torch.set_num_threads(int(os.environ["SDPO_NUM_THREADS"]))
+    device = resolve_device(str(cfg.device))
+    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    policy = load_policy(model_cfg, cfg.checkpoint, cfg.lora)
+    parts = policy.components
+    for module in (parts.unet, parts.vae, parts.text_encoder, parts.text_encoder_2):
+        if module is not None:
+            module.to(device)
+    rewards = {label: reward.to(device) for label, reward in build_rewards(specs).items()}
+    resolution = cfg.resolution if cfg.resolution is not None else policy.model_cfg.get("resolution")
+    guidance = cfg.guidance_scale if cfg.guidance_scale is not None else policy.model_cfg.get("guidance_scale")
+    result = evaluate_policy(
+        parts, parts.unet, prompts, steps, rewards=rewards, images_per_prompt=cfg.images_per_prompt,
+        seed=cfg.seed, batch_size=cfg.batch_size, resolution=resolution, guidance_scale=guidance,
+        progress=cfg.progress,
+    )
+    result.meta["policy"] = policy.origin
+    out_dir = Path(cfg.paths.output_dir)
+    paths = result.save(out_dir, grid_prompts=cfg.grid_prompts)
+    print(f"\n{policy.origin}\n\n{result.to_markdown()}\n\nwrote {out_dir}")
+    if cfg.wandb.enabled:
+        log_to_wandb(result, cfg, paths["grid.png"])
+    return result
+
+
+def log_to_wandb(result: EvalResult, cfg: DictConfig, grid_path: Path) -> None:
+    """One W&B run: the config, the table as a ``wandb.Table``, the means (also as summary) and the grid."""
+    import wandb
+
+    run = wandb.init(
+        project=cfg.wandb.project, dir=str(Path(cfg.paths.output_dir)), job_type="evaluate",
+        mode="offline" if cfg.wandb.offline else "online", config=OmegaConf.to_container(cfg, resolve=True),
+    )
+    rows = result.table()
+    metrics: dict[str, Any] = {
+        "eval/table": wandb.Table(columns=list(rows[0]), data=[list(r.values()) for r in rows]),
+        "eval/grid": wandb.Image(str(grid_path), caption=f"{result.meta.get('policy')}: prompts x step counts"),
+        **result.means(),
+    }
+    run.log(metrics)
+    run.summary.update(result.means())
+    run.finish()
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="evaluate")
+def main(cfg: DictConfig) -> None:
+    evaluate(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,292 @@
+"""Step-generalisation evaluation: numbers equal diffusers' own pipelines, are deterministic and batch-invariant,
+the CLI writes its run folder, checkpoints and exported LoRAs evaluate alike, and the training callback logs
+held-out rewards (CSV, W&B offline) without changing training."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from PIL import Image
+
+from sdpo.callbacks import GRID_HEADER_HEIGHT, GRID_LABEL_WIDTH, EvalDuringTraining
+from sdpo.config_checks import ConfigError
+from sdpo.evaluate import evaluate, validate_eval_config
+from sdpo.evaluation import (
+    _t_quantile_builtin,
+    build_rewards,
+    evaluate_policy,
+    grid_scale,
+    item_seed,
+    load_policy,
+    parse_reward_specs,
+)
+from sdpo.train import train
+from tests.conftest import CONFIG_DIR, FAST, REPO, compose
+
+PROMPTS = ["cat", "a red dog"]
+
+
+def compose_eval(overrides: list[str], output_dir: Path, cache_dir: Path):
+    """The evaluation config exactly as ``python -m sdpo.evaluate <overrides>`` composes it."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return hydra_compose("evaluate", overrides=[f"paths.output_dir={output_dir}", f"paths.cache_dir={cache_dir}",
+                                                    "progress=false", *overrides])
+
+
+def model_cfg(name: str, cache_dir: Path) -> dict:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(compose_eval([f"model={name}"], Path("unused"), cache_dir).model, resolve=True)
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, float]]:
+    rows = list(csv.DictReader(open(run_dir / "csv" / "metrics.csv")))
+    return [{k: float(v) for k, v in r.items() if v != ""} for r in rows]
+
+
+def stock_pipeline(arch: str, components):
+    """diffusers' own pipeline class for the family, with the scheduler class the model ships."""
+    import diffusers
+
+    scheduler = getattr(diffusers, components.scheduler_config["_class_name"]).from_config(components.scheduler_config)
+    parts = dict(vae=components.vae, text_encoder=components.text_encoder, tokenizer=components.tokenizer,
+                 unet=components.unet, scheduler=scheduler)
+    if arch == "tiny_sdxl":
+        return diffusers.StableDiffusionXLPipeline(text_encoder_2=components.text_encoder_2,
+                                                   tokenizer_2=components.tokenizer_2, **parts)
+    cls = diffusers.LatentConsistencyModelPipeline if arch == "tiny_lcm" else diffusers.StableDiffusionPipeline
+    return cls(safety_checker=None, feature_extractor=None, requires_safety_checker=False, **parts)
+
+
+@pytest.mark.parametrize("arch", ["tiny", "tiny_sdxl", "tiny_lcm"])
+def test_scores_equal_the_stock_pipeline(arch, cache_dir):
+    """DDIM (eta 0), Euler ancestral (step noise) and LCM: our loop equals diffusers' pipeline fed the same
+    per-image generators (it draws the initial noise from them itself); brightness computed by hand."""
+    cfg = model_cfg(arch, cache_dir)
+    policy = load_policy(cfg)
+    steps, n, seed = (1, 2), 2, 3
+    guidance = cfg.get("guidance_scale")
+    result = evaluate_policy(policy.components, policy.unet, PROMPTS, steps, rewards=build_rewards(
+        parse_reward_specs(["brightness"])), images_per_prompt=n, seed=seed, batch_size=3, guidance_scale=guidance,
+        progress=False)
+    pipe = stock_pipeline(arch, policy.components)
+    pipe.set_progress_bar_config(disable=True)
+    size = policy.components.native_resolution
+    for k in steps:
+        for p, prompt in enumerate(PROMPTS):
+            generators = [torch.Generator().manual_seed(item_seed(seed, p, i)) for i in range(n)]
+            with torch.no_grad():
+                images = pipe([prompt] * n, num_inference_steps=k, guidance_scale=guidance or 1.0, height=size,
+                              width=size, generator=generators, output_type="pt").images
+            expected = images.float().mean(dim=(1, 2, 3))
+            torch.testing.assert_close(result.scores_for("brightness", k)[p], expected, rtol=0, atol=2e-6)
+    assert result.meta["scheduler"] == policy.components.scheduler_config["_class_name"]
+    assert result.images.shape == (2, 2, 1, 3, size, size) and result.images.dtype == torch.uint8
+
+
+def test_deterministic_and_independent_of_batching(cache_dir):
+    policy = load_policy(model_cfg("tiny", cache_dir))
+    rewards = build_rewards(parse_reward_specs(["brightness", "colorfulness"]))
+
+    def run(prompts=PROMPTS, **kwargs):
+        args = dict(rewards=rewards, images_per_prompt=3, seed=0, batch_size=16, progress=False) | kwargs
+        return evaluate_policy(policy.components, policy.unet, prompts, (1, 2), **args)
+
+    base = run()
+    for name in ("brightness", "colorfulness"):
+        # batching changes BLAS blocking, so equal to float32 rounding rather than bit for bit
+        torch.testing.assert_close(run(batch_size=1).scores[name], base.scores[name], rtol=0, atol=1e-6)
+        assert torch.equal(run().scores[name], base.scores[name])  # same seed: identical
+        assert not torch.allclose(run(seed=1).scores[name], base.scores[name], atol=1e-4)
+    alone = run(prompts=PROMPTS[:1])  # the other prompts do not matter
+    torch.testing.assert_close(alone.scores["brightness"][:, 0], base.scores["brightness"][:, 0], rtol=0, atol=1e-6)
+    # a prompt's k-step images share their initial noise across k; different images of a prompt differ
+    assert not torch.equal(base.images[0, 0, 0], base.images[1, 0, 0])
+    table = base.table()
+    expected = [(n, k) for n in ("brightness", "colorfulness") for k in (1, 2)]
+    assert [(r["reward"], r["steps"]) for r in table] == expected
+    row = table[0]
+    values = base.scores["brightness"][0].double().flatten()
+    half = _t_quantile_builtin(0.975, 5) * float(values.std()) / 6**0.5
+    assert row["n"] == 6 and row["mean"] == pytest.approx(float(values.mean()))
+    assert row["ci95_high"] - row["mean"] == pytest.approx(half, rel=1e-5)
+
+
+def test_t_quantile_matches_tables():
+    for df, value in ((1, 12.7062), (4, 2.7764), (7, 2.3646), (30, 2.0423), (1000, 1.9623)):
+        assert _t_quantile_builtin(0.975, df) == pytest.approx(value, abs=1e-4)
+
+
+def test_cli_writes_run_folder(tmp_path, cache_dir):
+    """`python -m sdpo.evaluate` end to end: exit 0, the table printed, the files, the grid's layout, and the same
+    numbers as an in-process evaluation."""
+    run_dir = tmp_path / "eval"
+    args = ["prompts=[cat,dog,zebra]", "steps=[1,2]", "images_per_prompt=2", "rewards=[brightness,colorfulness]"]
+    env = {**os.environ, "SDPO_CACHE": str(cache_dir), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
+    result = subprocess.run([sys.executable, "-m", "sdpo.evaluate", f"hydra.run.dir={run_dir}", "progress=false",
+                             *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "| brightness | 1 |" in result.stdout and "| colorfulness | 2 |" in result.stdout
+    for name in ("results.csv", "results.json", "results.md", ".hydra/config.yaml"):
+        assert (run_dir / name).exists(), name
+    rows = list(csv.DictReader(open(run_dir / "results.csv")))
+    assert [(r["reward"], r["steps"]) for r in rows] == [(n, k) for n in ("brightness", "colorfulness") for k in "12"]
+    saved = json.loads((run_dir / "results.json").read_text())
+    assert len(saved["scores"]["brightness"]["2"]) == 3 and len(saved["scores"]["brightness"]["2"][0]) == 2
+    side = 16 * grid_scale(16)  # tiny images are 16 px
+    assert Image.open(run_dir / "grid.png").size == (GRID_LABEL_WIDTH + 2 * side, GRID_HEADER_HEIGHT + 3 * side)
+    again = evaluate(compose_eval(args, tmp_path / "in_process", cache_dir))
+    assert [r["mean"] for r in again.table()] == pytest.approx([r["mean"] for r in saved["table"]], abs=1e-7)
+
+
+def test_bad_inputs_fail_early(tmp_path, cache_dir):
+    ckpt = tmp_path / "x.ckpt"
+    ckpt.write_bytes(b"")
+    cases = {
+        "rewards=[brightness,sharpness]": "unknown reward 'sharpness'",
+        f"checkpoint={ckpt}": None,  # fine on its own (as far as validation goes)
+        "steps=[0,2]": "steps=[0, 2]",
+        "checkpoint=/nope.ckpt": "checkpoint=/nope.ckpt: no such file",
+        "prompts=/nope.txt": "prompts:",
+    }
+    for override, message in cases.items():
+        cfg = compose_eval([override], tmp_path, cache_dir)
+        if message is None:
+            validate_eval_config(cfg)
+            continue
+        with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+            validate_eval_config(cfg)
+    cfg = compose_eval([f"checkpoint={ckpt}", f"lora={tmp_path}"], tmp_path, cache_dir)
+    with pytest.raises(ConfigError, match="checkpoint and lora are both set"):
+        evaluate(cfg)
+    with pytest.raises(ValueError, match="not both"):
+        load_policy(model_cfg("tiny", cache_dir), checkpoint=ckpt, lora=tmp_path)
+
+
+def test_full_unet_folder_is_evaluated_as_the_policy(tmp_path, cache_dir):
+    """What a full fine-tune exports (``unet.save_pretrained``) replaces the base UNet."""
+    tuned_unet = load_policy(model_cfg("tiny", cache_dir)).unet
+    with torch.no_grad():
+        tuned_unet.conv_out.bias.add_(0.5)
+    tuned_unet.save_pretrained(tmp_path / "trained")
+    tuned = load_policy(model_cfg("tiny", cache_dir), lora=tmp_path / "trained")
+    base = load_policy(model_cfg("tiny", cache_dir))
+    assert tuned.origin.startswith("full UNet")
+    torch.testing.assert_close(tuned.unet.conv_out.bias, tuned_unet.conv_out.bias, rtol=0, atol=0)
+    rewards = build_rewards(parse_reward_specs(["brightness"]))
+    scores = [evaluate_policy(p.components, p.unet, PROMPTS, (1, 2), rewards=rewards, images_per_prompt=1,
+                              progress=False).scores["brightness"] for p in (base, tuned)]
+    assert not torch.allclose(scores[0], scores[1], atol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------------ training
+
+
+EVAL_EVERY_EPOCH = ["callbacks.eval.every_n_epochs=1"]
+LORA_RUN = [*FAST, "model.lora.enabled=true", "optim.lr=3e-2", "trainer.max_epochs=2"]
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory, cache_dir) -> Path:
+    """2 epochs of tiny LoRA training at a high lr (the policy visibly changes), held-out eval every epoch."""
+    run_dir = tmp_path_factory.mktemp("lora-run")
+    train(compose([*LORA_RUN, *EVAL_EVERY_EPOCH], run_dir, cache_dir))
+    return run_dir
+
+
+def test_checkpoint_and_exported_lora_evaluate_alike(lora_run, tmp_path, cache_dir):
+    args = ["prompts=[cow,goat,lion,tiger]", "steps=[1,2,4]", "images_per_prompt=2",
+            "rewards=[brightness,colorfulness]"]
+    from_ckpt = evaluate(compose_eval([*args, f"checkpoint={lora_run / 'checkpoints' / 'last.ckpt'}"],
+                                      tmp_path / "ckpt", cache_dir))
+    from_lora = evaluate(compose_eval([*args, f"lora={lora_run / 'trained'}"], tmp_path / "lora", cache_dir))
+    base = evaluate(compose_eval(args, tmp_path / "base", cache_dir))
+    assert "checkpoint" in from_ckpt.meta["policy"] and "LoRA" in from_lora.meta["policy"]
+    for name in ("brightness", "colorfulness"):
+        torch.testing.assert_close(from_lora.scores[name], from_ckpt.scores[name], rtol=0, atol=1e-6)
+        assert not torch.allclose(base.scores[name], from_ckpt.scores[name], atol=1e-4)
+    # the training callback evaluated the same weights with the same settings after the last epoch
+    last = read_metrics(lora_run)[-1]
+    for key, value in from_ckpt.means().items():
+        assert last[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+
+
+def test_callback_logs_held_out_rewards_and_leaves_training_alone(lora_run, tmp_path, cache_dir):
+    rows = read_metrics(lora_run)
+    assert [r["epoch"] for r in rows] == [0, 1]
+    for row in rows:
+        for key in ("eval/brightness/1step", "eval/brightness/4step", "eval/colorfulness/2step", "time/eval"):
+            assert key in row, key
+    assert (lora_run / "eval" / "epoch_0001" / "grid.png").exists()
+    # the same run without the callback trains identically (RNG, weights, metrics)
+    without = train(compose([*LORA_RUN, "callbacks.eval=null"], tmp_path, cache_dir))
+    plain = read_metrics(tmp_path)
+    assert not any(k.startswith("eval/") for k in plain[-1])
+    for a, b in zip(rows, plain, strict=True):
+        assert a["train/reward_1step"] == b["train/reward_1step"] and a["train/loss"] == b["train/loss"]
+    with_eval = torch.load(lora_run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    trained = {f"unet.{n}": p for n, p in without.lightning_module.unet.named_parameters() if p.requires_grad}
+    assert with_eval.keys() == trained.keys()
+    for name, value in trained.items():
+        assert torch.equal(with_eval[name], value.detach()), name
+
+
+def test_callback_reuses_the_training_reward():
+    from sdpo.rewards import build_reward
+
+    train_reward = build_reward("darkness")
+    module = SimpleNamespace(reward_cfg={"name": "darkness"}, reward_fn=train_reward, device=torch.device("cpu"))
+    callback = EvalDuringTraining(rewards=["colorfulness", {"bright": {"name": "brightness"}}])
+    rewards = callback.rewards_for(module)
+    assert list(rewards) == ["darkness", "colorfulness", "bright"] and rewards["darkness"] is train_reward
+    listed = EvalDuringTraining(rewards=["brightness", "darkness"], include_training_reward=True).rewards_for(module)
+    assert list(listed) == ["brightness", "darkness"] and listed["darkness"] is train_reward
+    with pytest.raises(ValueError, match="unknown reward 'nope'"):
+        EvalDuringTraining(rewards=["nope"])
+
+
+def test_wandb_offline_run_holds_eval_table_and_images(tmp_path, cache_dir, monkeypatch):
+    """Training with the W&B logger (offline) and the evaluation CLI with wandb.enabled: the offline run folders
+    hold the eval table (a wandb.Table JSON) and the JPEG grids with their captions."""
+    import wandb
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    try:
+        train(compose([*FAST, "trainer.max_epochs=1", "logger=wandb", "logger.wandb.offline=true"], tmp_path,
+                      cache_dir))
+    finally:
+        wandb.finish()
+    (run,) = (tmp_path / "wandb").glob("offline-run-*")
+    media = run / "files" / "media"
+    (table,) = (media / "table" / "eval").glob("table_*.table.json")
+    content = json.loads(table.read_text())
+    assert content["columns"][:3] == ["epoch", "reward", "steps"]
+    assert {row[1] for row in content["data"]} == {"brightness", "colorfulness"}
+    assert list((media / "images" / "eval").glob("grid_*.jpg"))
+    assert list((media / "images").glob("samples_*.jpg"))
+    (history,) = run.glob("run-*.wandb")  # captions travel in the run's record log, which wandb's service
+    captions = (b"held-out prompts x step counts", b"epoch 0 | ", b"1-step")  # may flush after finish() returns
+    deadline = time.monotonic() + 60
+    while not all(c in history.read_bytes() for c in captions) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    records = history.read_bytes()
+    assert all(c in records for c in captions), (len(records), [c in records for c in captions])
+
+    evaluate(compose_eval(["prompts=[cat]", "steps=[1,2]", "images_per_prompt=1", "wandb.enabled=true"],
+                          tmp_path / "evaluate", cache_dir))
+    (eval_run,) = (tmp_path / "evaluate" / "wandb").glob("offline-run-*")
+    assert list((eval_run / "files" / "media" / "table" / "eval").glob("table_*.table.json"))
+    assert list((eval_run / "files" / "media" / "images" / "eval").glob("grid_*.png"))
