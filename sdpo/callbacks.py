@@ -12,6 +12,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from PIL import Image, ImageDraw
@@ -49,6 +50,23 @@ def image_grid(rows: list[list[torch.Tensor]], captions: list[str], header: list
                 draw.rectangle(box, fill="white")
                 draw.text((x, y), cell_captions[i][j], fill="black")
     return grid
+
+
+class RunCheckpoint(ModelCheckpoint):
+    """Lightning's ``ModelCheckpoint`` that also saves after the final epoch.
+
+    With ``every_n_epochs=N`` (worth raising when each checkpoint is a big full fine-tune), the stock callback skips
+    the last epochs when N does not divide ``max_epochs``, and ``last.ckpt`` would silently hold an older policy
+    than ``trained/``. Resuming or exporting from it must give the final weights.
+    """
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        final = trainer.max_epochs is not None and trainer.current_epoch + 1 >= trainer.max_epochs
+        if final and not self._should_skip_saving_checkpoint(trainer):  # skipped when this step is already saved
+            candidates = self._monitor_candidates(trainer)
+            self._save_topk_checkpoint(trainer, candidates)
+            self._save_last_checkpoint(trainer, candidates)
 
 
 class SampleGrid(L.Callback):

@@ -63,12 +63,14 @@ def tiny_stand_ins(name: str, assets: dict[str, Path]) -> list[str]:
 
     The experiment's own algorithm settings stay, except T (50 steps is minutes on CPU) and the GPU trainer.
     HPS v2 and ImageReward need optional packages that CI does not install: those two runs swap the reward for
-    a model-free one (their loading is tested in tests/unit/test_model_rewards.py).
+    a model-free one (their loading is tested in tests/unit/test_model_rewards.py). The held-out evaluation runs
+    (after the only epoch) with a tiny CLIP as its clip_score, at the experiment's 1/2/4/8 native steps.
     """
     if name.startswith("tiny_"):
         return []
     family = "tiny_sdxl" if name.startswith("sdxl") else "tiny_lcm" if name.startswith("lcm") else "tiny"
-    overrides = [f"model={family}", "trainer=default", "algo.num_steps=3", "data=tiny"]
+    overrides = [f"model={family}", "trainer=default", "algo.num_steps=3", "data=tiny",
+                 f"callbacks.eval.rewards=[{{clip_score:{{model:'{assets['clip']}'}}}}]"]  # held out, tiny CLIP
     if name.endswith("aesthetic"):
         overrides += [f"reward.clip_model={assets['clip']}", f"reward.head_source={assets['head']}"]
     elif name.endswith("pickscore"):
@@ -85,6 +87,11 @@ def test_every_experiment_composes_and_runs_one_iteration(name, tmp_path, cache_
     trainer = train(cfg)
     assert trainer.current_epoch == 1
     assert torch.isfinite(torch.tensor(float(trainer.callback_metrics["train/loss"])))
+    if not name.startswith("tiny_"):  # held-out prompts and rewards, next to the training reward
+        assert cfg.callbacks.eval.prompts == "unseen_examples"
+        logged = {k for k in trainer.callback_metrics if k.startswith("eval/")}
+        assert {f"eval/clip_score/{k}step" for k in (1, 2, 4, 8)} <= logged, logged
+        assert f"eval/{cfg.reward.name}/8step" in logged
     assert trainer.lightning_module.algo_cfg["micro_batch_pairs"] == cfg.algo.micro_batch_pairs
 
 
@@ -202,3 +209,16 @@ def test_sweep_config_is_a_multirun_over_steps_rewards_anchors():
     params = cfg.hydra.sweeper.params
     assert set(params) == {"algo.num_steps", "reward", "algo.dense.anchor"}
     assert all(len(str(v).split(",")) >= 2 for v in params.values())
+
+
+def test_checkpoint_every_n_epochs_still_saves_the_final_epoch(tmp_path, cache_dir):
+    """every_n_epochs=2 with 3 epochs: epoch 1 is saved on schedule, epoch 2 because it is the last."""
+    trainer = train(compose([*FAST, "trainer.max_epochs=3", "callbacks.checkpoint.every_n_epochs=2",
+                             "callbacks.eval=null"], tmp_path, cache_dir))
+    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert len(names) == 2 and names[0].startswith("epoch=2-") and names[1] == "last.ckpt", names
+    saved = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert saved["epoch"] == 2 and saved["global_step"] == trainer.global_step
+    final = trainable_state(trainer.lightning_module)
+    for name, value in saved["state_dict"].items():
+        torch.testing.assert_close(value, final[name], rtol=0, atol=0)
