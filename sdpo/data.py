@@ -9,12 +9,16 @@ uninterrupted run would.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import numpy as np
 from torch.utils.data import DataLoader, Dataset, Sampler
+
+log = logging.getLogger(__name__)
 
 SIMPLE_ANIMALS: tuple[str, ...] = (
     "cat", "dog", "horse", "monkey", "rabbit", "zebra", "spider", "bird", "sheep", "deer", "cow", "goat", "lion",
@@ -119,6 +123,18 @@ class PromptDataModule(L.LightningDataModule):
     @property
     def prompts_per_iteration(self) -> int:
         return self.prompts_per_batch * self.batches_per_epoch
+
+    def state_dict(self) -> dict[str, Any]:
+        """Saved in every checkpoint (plain containers, weights_only-safe) under the class name:
+        ``sdpo.evaluate prompts=training`` reads the resolved list, so it works where the prompt file is not."""
+        source = self.source if isinstance(self.source, str) else [str(p) for p in self.source]
+        return {"source": source, "training_prompts": list(self.prompts)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Nothing to restore (the prompt draws are keyed by seed and epoch); say so when the prompts changed."""
+        if state_dict.get("training_prompts", self.prompts) != self.prompts:
+            log.warning("resuming with other training prompts than the checkpoint's (data.source=%s; it had %s)",
+                        self.source, state_dict.get("source"))
 
     def train_dataloader(self) -> DataLoader:
         rank = self.trainer.global_rank if self.trainer is not None else 0

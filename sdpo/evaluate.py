@@ -17,6 +17,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from sdpo.config_checks import ConfigError
+from sdpo.data import PromptDataModule
 from sdpo.evaluation import EvalResult, build_rewards, evaluate_policy, load_policy, parse_reward_specs
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
@@ -28,6 +29,15 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+TRAINING_PROMPTS = "training"
+
+
+def training_prompts(checkpoint: Path) -> list[str]:
+    """The prompt list a training checkpoint was trained on (stored by ``PromptDataModule``); [] if absent."""
+    saved = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
+    return list(saved.get(PromptDataModule.__qualname__, {}).get("training_prompts", []))
 
 
 def validate_eval_config(cfg: DictConfig) -> tuple[list[str], list[int], list[tuple[str, str, dict]]]:
@@ -62,11 +72,20 @@ def validate_eval_config(cfg: DictConfig) -> tuple[list[str], list[int], list[tu
         specs = parse_reward_specs(cfg.rewards, key="rewards")
     except ValueError as err:
         problems.append(str(err))
-    try:
-        source = cfg.prompts if isinstance(cfg.prompts, str) else OmegaConf.to_container(cfg.prompts)
-        prompts = load_prompts(source)
-    except ValueError as err:
-        problems.append(f"prompts: {err}")
+    if cfg.prompts == TRAINING_PROMPTS:
+        if cfg.checkpoint is None:
+            problems.append("prompts=training needs checkpoint=<run>/checkpoints/last.ckpt (it reads the prompts "
+                            "stored there; a LoRA folder carries none): give a list, a built-in set or a file")
+        elif Path(str(cfg.checkpoint)).expanduser().is_file():
+            prompts = training_prompts(Path(str(cfg.checkpoint)).expanduser())
+            need(bool(prompts), f"prompts=training: {cfg.checkpoint} stores no training prompts (a checkpoint "
+                                "written before they were stored): give the list or file it trained on")
+    else:
+        try:
+            source = cfg.prompts if isinstance(cfg.prompts, str) else OmegaConf.to_container(cfg.prompts)
+            prompts = load_prompts(source)
+        except ValueError as err:
+            problems.append(f"prompts: {err}")
     try:
         device = resolve_device(str(cfg.device))
         need(device.type != "cuda" or torch.cuda.is_available(), f"device={cfg.device}: no CUDA device here")

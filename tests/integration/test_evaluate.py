@@ -15,6 +15,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from PIL import Image
 
 from sdpo.callbacks import GRID_HEADER_HEIGHT, GRID_LABEL_WIDTH, EvalDuringTraining
@@ -168,6 +169,8 @@ def test_bad_inputs_fail_early(tmp_path, cache_dir):
             continue
         with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
             validate_eval_config(cfg)
+    with pytest.raises(ConfigError, match="prompts=training needs checkpoint="):
+        validate_eval_config(compose_eval(["prompts=training", f"lora={tmp_path}"], tmp_path, cache_dir))
     cfg = compose_eval([f"checkpoint={ckpt}", f"lora={tmp_path}"], tmp_path, cache_dir)
     with pytest.raises(ConfigError, match="checkpoint and lora are both set"):
         evaluate(cfg)
@@ -217,6 +220,11 @@ def test_checkpoint_and_exported_lora_evaluate_alike(lora_run, tmp_path, cache_d
     for name in ("brightness", "colorfulness"):
         torch.testing.assert_close(from_lora.scores[name], from_ckpt.scores[name], rtol=0, atol=1e-6)
         assert not torch.allclose(base.scores[name], from_ckpt.scores[name], atol=1e-4)
+    # prompts=training: the checkpoint's own training prompts (data=tiny's list), read from the checkpoint
+    trained_on = evaluate(compose_eval(["prompts=training", "steps=[1]", "images_per_prompt=1",
+                                        f"checkpoint={lora_run / 'checkpoints' / 'last.ckpt'}"],
+                                       tmp_path / "training", cache_dir))
+    assert trained_on.prompts == list(OmegaConf.load(REPO / "conf" / "data" / "tiny.yaml").source)
     # the training callback evaluated the same weights with the same settings after the last epoch
     last = read_metrics(lora_run)[-1]
     for key, value in from_ckpt.means().items():

@@ -37,3 +37,15 @@ def test_sampler_follows_set_epoch():
 def test_bad_sizes_fail_early():
     with pytest.raises(ValueError, match="prompts_per_batch"):
         PromptDataModule(["a"], 0, 1)
+
+
+def test_checkpoint_state_holds_the_resolved_prompts_and_warns_when_resumed_with_others(tmp_path, caplog):
+    prompt_file = tmp_path / "prompts.txt"
+    prompt_file.write_text("a red cube\n# a comment\na blue ball\n")
+    state = PromptDataModule(str(prompt_file), prompts_per_batch=2, batches_per_epoch=1).state_dict()
+    assert state == {"source": str(prompt_file), "training_prompts": ["a red cube", "a blue ball"]}
+    with caplog.at_level("WARNING", logger="sdpo.data"):
+        PromptDataModule(["a red cube", "a blue ball"], 2, 1).load_state_dict(state)
+        assert not caplog.records
+        PromptDataModule("simple_animals", 2, 1).load_state_dict(state)
+    assert "other training prompts" in caplog.text
