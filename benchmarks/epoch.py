@@ -14,6 +14,12 @@ iteration; the held-out evaluation callback off) for a few iterations and prints
     python benchmarks/epoch.py                       # the tiny default (0.8 M-param UNet, 8x8 latents)
     python benchmarks/epoch.py --preset small        # 18.9 M-param UNet, 32x32 latents -> 64 px
     python benchmarks/epoch.py --preset small trainer.precision=bf16-mixed algo.channels_last=true
+    python benchmarks/epoch.py --preset sd_turbo     # GPU: SD-Turbo sizes, random weights, the reference batch
+    python benchmarks/epoch.py --preset sd_turbo_dry --device cpu   # the same path at toy sizes (a CPU check)
+
+``sd_turbo`` builds (random weights, in a temp folder) the SD-Turbo pipeline and the aesthetic reward's
+architecture of ``sd_turbo_scale.py`` and runs ``+experiment=sd_turbo_aesthetic`` on them: 866 M-param UNet,
+512 px, T = 50, 8 x 4 prompt pairs per GPU, LoRA r4, micro-batch 2 x 8, bf16 autocast with bf16 frozen parts.
 
 Not a test: nothing here asserts. Extra arguments are Hydra overrides.
 """
@@ -45,6 +51,9 @@ PRESETS: dict[str, list[str]] = {
         "algo.num_steps=4", "algo.micro_batch_pairs=2", "algo.gradient_accumulation_steps=2",
     ],
 }
+# Presets at the real SD-Turbo architecture, random weights (built per run): name -> sd_turbo_scale.SIZES key
+MODEL_PRESETS: dict[str, str] = {"sd_turbo": "full", "sd_turbo_dry": "tiny"}
+PRESETS.update({name: [] for name in MODEL_PRESETS})
 PHASES = ("sampling", "decode", "reward_model", "advantages", "training")
 
 
@@ -113,7 +122,7 @@ def primitives(module, cfg, counts: dict, device: torch.device, repeats: int) ->
     from sdpo.policy.rollout import predict_model_output
 
     a = module.algo_cfg
-    prompts = list(cfg.data.source) if not isinstance(cfg.data.source, str) else ["cat"]
+    prompts = list(cfg.data.source) if not isinstance(cfg.data.source, str) else ["cat", "dog", "horse"]
     num_pairs, num_steps = counts["num_pairs"], a["num_steps"]
     image_size = module.latent_shape[-1] * module.components.vae_scale_factor
     amp = autocast_for(str(cfg.trainer.precision), device)
@@ -186,6 +195,27 @@ def primitives(module, cfg, counts: dict, device: torch.device, repeats: int) ->
     return out
 
 
+def model_preset_overrides(preset: str, folder: Path, device: torch.device) -> list[str]:
+    """Build the preset's random SD-Turbo-architecture pipeline and aesthetic reward under ``folder``; returns the
+    overrides that train ``sd_turbo_aesthetic`` on them (bf16 on GPU, fp32 on CPU)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from sd_turbo_scale import SIZES, build_random_aesthetic, build_random_sd_turbo
+
+    sizes = SIZES[MODEL_PRESETS[preset]]
+    tic = time.perf_counter()
+    build_random_sd_turbo(folder / "sd_turbo", sizes)
+    head = build_random_aesthetic(folder / "aesthetic", sizes)
+    print(f"built random {preset} models in {time.perf_counter() - tic:.1f} s", flush=True)
+    gpu = device.type == "cuda"
+    dtype = "bf16" if gpu else "fp32"
+    return [
+        "+experiment=sd_turbo_aesthetic", f"model.source={folder / 'sd_turbo'}", "model.variant=null",
+        f"reward.clip_model={folder / 'aesthetic' / 'clip'}", f"reward.head_source={head}",
+        f"model.resolution={sizes['latent'] * 8}", f"model.weight_dtype={dtype}", f"reward.dtype={dtype}",
+        f"trainer.precision={'bf16-mixed' if gpu else '32-true'}",
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
@@ -211,8 +241,14 @@ def main() -> None:
 
     epochs = args.warmup + args.iterations + 1  # the last one only closes the timing of the one before
     out = Path(tempfile.mkdtemp(prefix="sdpo-bench-"))
+    preset = PRESETS[args.preset]
+    if args.preset in MODEL_PRESETS:
+        preset = model_preset_overrides(args.preset, out / "models", device)
+        if device.type == "cuda":
+            props = torch.cuda.get_device_properties(device)
+            print(f"device: {props.name}, {props.total_memory / 2**30:.0f} GiB", flush=True)
     overrides = [
-        *PRESETS[args.preset], f"trainer.max_epochs={epochs}", "trainer.enable_progress_bar=false",
+        *preset, f"trainer.max_epochs={epochs}", "trainer.enable_progress_bar=false",
         "trainer.enable_model_summary=false", "++callbacks.eval=null", f"paths.output_dir={out}",
         "+callbacks.timer._target_=__main__.IterationTimer",
         f"trainer.accelerator={'gpu' if device.type == 'cuda' else 'cpu'}", *args.overrides,
