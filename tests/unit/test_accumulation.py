@@ -84,3 +84,29 @@ def test_micro_batch_times_accumulation_gives_the_same_update(tmp_path, cache_di
             if not p.requires_grad:
                 assert p.grad is None, name
     assert not any(p.requires_grad for part in (module.vae, module.text_encoder) for p in part.parameters())
+
+
+@pytest.fixture(scope="module")
+def plain_update(tmp_path_factory, cache_dir) -> dict[str, torch.Tensor]:
+    return trainable(train(compose(MEMORY_OPTION_BASE, tmp_path_factory.mktemp("plain"), cache_dir)))
+
+
+MEMORY_OPTION_BASE = [*FAST, "model.lora.enabled=true", "optim.lr=0.1", "optim.eps=1.0", "trainer.max_epochs=1",
+                      "++callbacks.eval=null"]
+
+
+@pytest.mark.parametrize("option", ["model.gradient_checkpointing=true", "algo.channels_last=true"])
+def test_speed_and_memory_options_leave_the_update_unchanged(option, plain_update, tmp_path, cache_dir):
+    """Recomputing activations in backward, or another memory layout, must train the same weights."""
+    trainer = train(compose([*MEMORY_OPTION_BASE, option], tmp_path, cache_dir))
+    unet = trainer.lightning_module.unet
+    if option.startswith("model.gradient"):
+        assert unet.is_gradient_checkpointing
+    else:
+        assert unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    weights = trainable(trainer)
+    assert weights.keys() == plain_update.keys()
+    assert max(float(v.abs().max()) for n, v in weights.items() if "lora_B" in n) > 1e-2  # B starts at 0: it trained
+    for name, value in weights.items():
+        torch.testing.assert_close(value, plain_update[name], rtol=0, atol=1e-5,
+                                   msg=lambda m, name=name: f"{option} {name}: {m}")
