@@ -202,10 +202,14 @@ def model_preset_overrides(preset: str, folder: Path, device: torch.device) -> l
     from sd_turbo_scale import SIZES, build_random_aesthetic, build_random_sd_turbo
 
     sizes = SIZES[MODEL_PRESETS[preset]]
-    tic = time.perf_counter()
-    build_random_sd_turbo(folder / "sd_turbo", sizes)
-    head = build_random_aesthetic(folder / "aesthetic", sizes)
-    print(f"built random {preset} models in {time.perf_counter() - tic:.1f} s", flush=True)
+    head = folder / "aesthetic" / "aesthetic_head.pth"
+    if head.is_file() and (folder / "sd_turbo" / "unet").is_dir():
+        print(f"reusing the random {preset} models in {folder}", flush=True)
+    else:
+        tic = time.perf_counter()
+        build_random_sd_turbo(folder / "sd_turbo", sizes)
+        head = build_random_aesthetic(folder / "aesthetic", sizes)
+        print(f"built random {preset} models in {time.perf_counter() - tic:.1f} s", flush=True)
     gpu = device.type == "cuda"
     dtype = "bf16" if gpu else "fp32"
     return [
@@ -226,6 +230,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="timings per primitive (median)")
     parser.add_argument("--peak-flops", type=float, default=989e12, help="peak FLOP/s for MFU (H100/H200 dense bf16)")
     parser.add_argument("--keep", action="store_true", help="keep the run folder (deleted by default)")
+    parser.add_argument("--models", type=Path, default=None,
+                        help="sd_turbo presets: where the random models are built, or reused when already there")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. trainer.precision=bf16-mixed")
     args = parser.parse_args()
 
@@ -243,7 +249,7 @@ def main() -> None:
     out = Path(tempfile.mkdtemp(prefix="sdpo-bench-"))
     preset = PRESETS[args.preset]
     if args.preset in MODEL_PRESETS:
-        preset = model_preset_overrides(args.preset, out / "models", device)
+        preset = model_preset_overrides(args.preset, args.models or out / "models", device)
         if device.type == "cuda":
             props = torch.cuda.get_device_properties(device)
             print(f"device: {props.name}, {props.total_memory / 2**30:.0f} GiB", flush=True)
