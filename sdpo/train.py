@@ -89,7 +89,7 @@ def check_distributed(cfg: DictConfig) -> None:
             and HydraConfig.get().mode == RunMode.MULTIRUN:
         raise ConfigError(
             "a Hydra multirun (-m) cannot run DDP jobs: Lightning re-launches the other ranks with the sweep's "
-            "command line. Launch one job per sweep point instead (benchmarks/README.md, 'Distributed runs')"
+            "command line. Launch one job per sweep point instead (README.md, 'Multi-GPU and multi-node')"
         )
     shards, micro = cfg.algo.get("shuffle_shards", 1), cfg.algo.micro_batch_pairs
     pairs = cfg.data.prompts_per_batch * cfg.data.batches_per_epoch
