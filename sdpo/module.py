@@ -28,6 +28,7 @@ from sdpo.algo.advantages import PerStepPromptStatTracker, discounted_returns
 from sdpo.algo.losses import sdpo_loss, temporal_weights
 from sdpo.algo.shuffle import sharded_update_order, update_groups
 from sdpo.data import iteration_seed
+from sdpo.policy.checks import deferred_checks, require_not
 from sdpo.policy.conditioning import Conditioning, encode_prompts
 from sdpo.policy.loading import TINY, TinySpec, ensure_tiny_pipeline, load_components
 from sdpo.policy.lora import make_trainable
@@ -253,28 +254,29 @@ class SDPOModule(L.LightningModule):
             for group in self._update_plan(num_pairs, num_steps, generators):
                 group_pairs = sum(idx.shape[0] for idx, _ in group)
                 group_loss = torch.zeros((), device=self.device)
-                for k, (idx, steps) in enumerate(group):
-                    log_prob = self._micro_batch_log_probs(traj, idx, steps)  # [B, 2]
-                    old = traj.log_probs[idx, :, steps]  # [B, 2]
-                    advs = adv[idx, :, steps]  # [B, 2]
-                    loss, info = sdpo_loss(log_prob[:, 0], log_prob[:, 1], old[:, 0], old[:, 1], advs[:, 0],
-                                           advs[:, 1], weight_of_step[steps], a["clip_range"], a["adv_clip_max"])
-                    with no_sync() if k < len(group) - 1 else nullcontext():
-                        self.manual_backward(loss * (idx.shape[0] / group_pairs))
-                    detached = loss.detach()
-                    group_loss = group_loss + detached
-                    if optimizer_steps == 0:
-                        first_ratio = torch.maximum(first_ratio, info["log_ratio_abs_max"])
-                    for key, value in info.items():
-                        sums[key] = sums.get(key, 0.0) + value
-                    sums["loss"] = sums.get("loss", 0.0) + detached
-                    count += 1
-                if not torch.isfinite(group_loss):  # one host sync per optimizer step, before the weights move
-                    steps_tried = torch.cat([s for _, s in group]).tolist()
-                    raise FloatingPointError(
-                        f"non-finite SDPO loss at epoch {self.current_epoch}, steps {steps_tried}; "
-                        f"try trainer.precision=32-true or a lower optim.lr"
-                    )
+                with deferred_checks():  # the group's step and loss checks: one host sync, before the weights move
+                    for k, (idx, steps) in enumerate(group):
+                        log_prob = self._micro_batch_log_probs(traj, idx, steps)  # [B, 2]
+                        old = traj.log_probs[idx, :, steps]  # [B, 2]
+                        advs = adv[idx, :, steps]  # [B, 2]
+                        loss, info = sdpo_loss(log_prob[:, 0], log_prob[:, 1], old[:, 0], old[:, 1], advs[:, 0],
+                                               advs[:, 1], weight_of_step[steps], a["clip_range"],
+                                               a["adv_clip_max"])
+                        with no_sync() if k < len(group) - 1 else nullcontext():
+                            self.manual_backward(loss * (idx.shape[0] / group_pairs))
+                        detached = loss.detach()
+                        group_loss = group_loss + detached
+                        if optimizer_steps == 0:
+                            first_ratio = torch.maximum(first_ratio, info["log_ratio_abs_max"])
+                        for key, value in info.items():
+                            sums[key] = sums.get(key, 0.0) + value
+                        sums["loss"] = sums.get("loss", 0.0) + detached
+                        count += 1
+                    require_not(~torch.isfinite(group_loss), lambda group=group: FloatingPointError(
+                        f"non-finite SDPO loss at epoch {self.current_epoch}, steps "
+                        f"{torch.cat([s for _, s in group]).tolist()}; try trainer.precision=32-true or a lower "
+                        f"optim.lr"
+                    ))
                 optimizer.step()  # clips in on_before_optimizer_step, after AMP has unscaled the gradients
                 optimizer.zero_grad(set_to_none=True)
                 optimizer_steps += 1

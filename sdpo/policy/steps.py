@@ -25,6 +25,8 @@ import torch
 from diffusers import DDIMScheduler, LCMScheduler
 from torch import Tensor
 
+from sdpo.policy.checks import require_not
+
 __all__ = [
     "SPACINGS",
     "STEP_KINDS",
@@ -199,11 +201,14 @@ def _check_step_inputs(
 
 
 def _checked_timesteps(timestep: int | Tensor, batch_size: int, device: torch.device, num_train: int) -> Tensor:
-    """Per-sample timesteps [B], validated against the training range."""
+    """Per-sample timesteps [B], validated against the training range (see ``sdpo.policy.checks``).
+
+    Returned clamped into the range: under deferred checks the step runs on before the error is raised, and an
+    out-of-range index would crash the CUDA context instead of raising this clear error.
+    """
     t = _as_timesteps(timestep, batch_size, device)
-    if (t < 0).any() or (t >= num_train).any():
-        raise ValueError(f"timesteps {t.tolist()} outside [0, {num_train})")
-    return t
+    require_not((t < 0) | (t >= num_train), lambda: ValueError(f"timesteps {t.tolist()} outside [0, {num_train})"))
+    return t.clamp(0, num_train - 1)
 
 
 def _predict_x0_and_eps(
@@ -280,12 +285,11 @@ def ddim_step_with_logprob(
 
     with torch.autocast(device_type=device.type, enabled=False):
         t = _checked_timesteps(timestep, batch_size, device, config.num_train_timesteps)  # [B]
-        if (t == 0).any():
-            # prev clamps to 0 as well, so ᾱ_prev = ᾱ_t and sigma = 0: the step is deterministic.
-            raise ValueError(
-                "timestep 0 has sigma = 0 (prev timestep clamps to 0), so its action has no log-prob; "
-                "use a schedule that stops above 0 ('trailing' or 'leading', not 'linspace')"
-            )
+        # At t = 0 the prev timestep clamps to 0 as well, so ᾱ_prev = ᾱ_t and sigma = 0: the step is deterministic.
+        require_not(t == 0, lambda: ValueError(
+            "timestep 0 has sigma = 0 (prev timestep clamps to 0), so its action has no log-prob; "
+            "use a schedule that stops above 0 ('trailing' or 'leading', not 'linspace')"
+        ))
         t_prev = prev_timestep(scheduler, t)  # [B]
 
         alphas_cumprod = scheduler.alphas_cumprod.to(device=device, dtype=torch.float32)  # [num_train]
@@ -327,9 +331,12 @@ def _check_finite(timesteps: Tensor, kind: str = "DDIM", **tensors: Tensor) -> N
     """Fail loudly, naming the timestep(s), instead of letting a NaN poison the update silently."""
     for name, value in tensors.items():
         finite = torch.isfinite(value.detach()).view(value.shape[0], -1).all(dim=1)  # [B]
-        if not bool(finite.all()):
+
+        def error(name: str = name, finite: Tensor = finite) -> FloatingPointError:
             bad = sorted(set(timesteps[~finite].tolist()))
-            raise FloatingPointError(f"non-finite {name} in {kind} step at timestep(s) {bad}")
+            return FloatingPointError(f"non-finite {name} in {kind} step at timestep(s) {bad}")
+
+        require_not(~finite, error)
 
 
 # ------------------------------------------------------------------------------------------------ LCM step
@@ -351,9 +358,10 @@ def lcm_prev_timestep(scheduler: LCMScheduler, timestep: int | Tensor) -> int | 
     t = torch.as_tensor(timestep).long()
     schedule = schedule.to(t.device)
     match = t.reshape(-1, 1) == schedule.reshape(1, -1)  # [N, T]
-    if not bool(match.any(dim=1).all()):
-        missing = sorted(set(t.reshape(-1)[~match.any(dim=1)].tolist()))
-        raise ValueError(f"timestep(s) {missing} are not in the LCM schedule {schedule.tolist()}")
+    found = match.any(dim=1)  # [N]
+    require_not(~found, lambda: ValueError(
+        f"timestep(s) {sorted(set(t.reshape(-1)[~found].tolist()))} are not in the LCM schedule {schedule.tolist()}"
+    ))
     following = torch.cat([schedule[1:], schedule.new_zeros(1)])  # [T]: the next timestep, 0 after the last
     prev = following[match.long().argmax(dim=1)].reshape(t.shape)
     return prev if isinstance(timestep, Tensor) else int(prev)

@@ -222,3 +222,26 @@ def test_checkpoint_every_n_epochs_still_saves_the_final_epoch(tmp_path, cache_d
     final = trainable_state(trainer.lightning_module)
     for name, value in saved["state_dict"].items():
         torch.testing.assert_close(value, final[name], rtol=0, atol=0)
+
+
+class PoisonTheLoss(Callback):
+    """Makes every SDPO loss NaN (a NaN clip range) while sampling stays finite; keeps the module and its weights
+    at that moment (on the class: Hydra builds the instance inside ``train``)."""
+
+    seen: dict = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        pl_module.algo_cfg["clip_range"] = float("nan")
+        PoisonTheLoss.seen = {"module": pl_module, "weights": trainable_state(pl_module)}
+
+
+def test_a_non_finite_loss_stops_training_before_the_weights_move(tmp_path, cache_dir):
+    """The loss check is deferred to the end of each optimizer step's micro-batches (one host sync per step), but
+    still runs before ``optimizer.step()``: the weights keep their last finite values."""
+    poison = [f"+callbacks.poison._target_={__name__}.PoisonTheLoss", "model.lora.enabled=true",
+              "trainer.max_epochs=1", "callbacks.eval=null"]
+    with pytest.raises(FloatingPointError, match="non-finite SDPO loss at epoch 0, steps"):
+        train(compose([*FAST, *poison], tmp_path, cache_dir))
+    before, after = PoisonTheLoss.seen["weights"], trainable_state(PoisonTheLoss.seen["module"])
+    assert before.keys() == after.keys() and any("lora" in n for n in before)
+    assert all(torch.equal(before[n], after[n]) for n in before)

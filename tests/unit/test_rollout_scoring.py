@@ -110,3 +110,19 @@ def test_two_step_schedule_is_all_exact(pipeline):
     reward = CountingReward()
     scored = score_pairs(traj, parts.vae, parts.latent_scale, reward, "argmin", 1, False, None, batch_size=8)
     assert scored.num_queries == traj.num_pairs * 3  # first (shared) + last of a and b
+
+
+def test_a_nan_in_the_rollout_stops_it_and_names_the_first_timestep(pipeline, tmp_path):
+    """The rollout defers the steps' NaN checks to its end (one host sync): the error still names where it arose."""
+    parts, scheduler = pipeline
+    timesteps = timestep_schedule(scheduler, 4)
+    saved = parts.unet.conv_out.bias.detach().clone()
+    try:
+        with torch.no_grad():
+            parts.unet.conv_out.bias[0] = float("nan")
+        with pytest.raises(FloatingPointError, match=rf"timestep\(s\) \[{int(timesteps[0])}\]"):
+            sample_pairs(parts.unet, scheduler, PROMPTS, encode_prompts(parts, PROMPTS), timesteps, (4, 8, 8), 1.0,
+                         torch.Generator().manual_seed(0))
+    finally:
+        with torch.no_grad():
+            parts.unet.conv_out.bias.copy_(saved)

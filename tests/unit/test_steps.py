@@ -286,3 +286,29 @@ def test_step_output_fields() -> None:
     assert isinstance(res, StepOutput)
     assert res.prev_sample.shape == SHAPE and res.pred_original_sample.shape == SHAPE
     assert res.log_prob.shape == (SHAPE[0],) and res.std_dev.shape == (SHAPE[0],)
+
+
+def test_deferred_checks_raise_the_same_errors_once_at_the_end() -> None:
+    """Inside ``deferred_checks`` the steps queue their checks (no host sync per call); the block's end raises the
+    first failure, with the message the immediate check gives."""
+    from sdpo.policy.checks import deferred_checks
+
+    sched = scheduler_for("trailing")
+    timesteps = timestep_schedule(sched, 4)
+    x, out = randn(*SHAPE, seed=1), randn(*SHAPE, seed=2)
+    bad = out.clone()
+    bad[1, 0, 0, 0] = float("nan")
+    reached = []
+    with pytest.raises(FloatingPointError, match=r"non-finite log_prob in DDIM step at timestep\(s\) \[499\]"):
+        with deferred_checks():
+            good = ddim_step_with_logprob(sched, out, timesteps[0], x)
+            ddim_step_with_logprob(sched, bad, torch.tensor([999, 499, 249]), x)  # queued, not raised here
+            ddim_step_with_logprob(sched, out, torch.tensor([999, -5, 249]), x)  # a later failure: not the one
+            reached.append(True)
+    assert reached == [True]
+    with pytest.raises(ValueError, match=r"timesteps \[999, -5, 249\] outside \[0, 1000\)"):
+        with deferred_checks():
+            ddim_step_with_logprob(sched, out, torch.tensor([999, -5, 249]), x)  # clamped inside, then raised
+    with deferred_checks():  # nothing fails: same numbers as outside the block
+        again = ddim_step_with_logprob(sched, out, timesteps[0], x, prev_sample=good.prev_sample)
+    torch.testing.assert_close(again.log_prob, good.log_prob, rtol=0, atol=0)
