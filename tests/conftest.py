@@ -65,16 +65,22 @@ def tiny_reward_assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Pa
     return {"clip": clip, "head": head}
 
 
-def compose(overrides: list[str], output_dir: Path, cache_dir: Path):
-    """The training config exactly as ``python -m sdpo.train <overrides>`` composes it."""
+def compose(overrides: list[str], output_dir: Path, cache_dir: Path, config_name: str = "train", *defaults: str):
+    """The config exactly as ``python -m sdpo.<config_name> <overrides>`` composes it (``train`` or ``evaluate``),
+    writing into ``output_dir``; ``defaults`` go before ``overrides``."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         return hydra_compose(
-            "train",
-            overrides=[f"paths.output_dir={output_dir}", f"paths.cache_dir={cache_dir}", *overrides],
+            config_name,
+            overrides=[f"paths.output_dir={output_dir}", f"paths.cache_dir={cache_dir}", *defaults, *overrides],
         )
+
+
+def compose_eval(overrides: list[str], output_dir: Path, cache_dir: Path):
+    """The evaluation config exactly as ``python -m sdpo.evaluate <overrides>`` composes it (no progress bar)."""
+    return compose(overrides, output_dir, cache_dir, "evaluate", "progress=false")
 
 
 # Small and fast: a few prompts, the default tiny model; progress bars off to keep logs short.

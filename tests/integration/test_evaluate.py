@@ -31,19 +31,9 @@ from sdpo.evaluation import (
     parse_reward_specs,
 )
 from sdpo.train import train
-from tests.conftest import CONFIG_DIR, FAST, REPO, compose
+from tests.conftest import FAST, REPO, compose, compose_eval
 
 PROMPTS = ["cat", "a red dog"]
-
-
-def compose_eval(overrides: list[str], output_dir: Path, cache_dir: Path):
-    """The evaluation config exactly as ``python -m sdpo.evaluate <overrides>`` composes it."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return hydra_compose("evaluate", overrides=[f"paths.output_dir={output_dir}", f"paths.cache_dir={cache_dir}",
-                                                    "progress=false", *overrides])
 
 
 def model_cfg(name: str, cache_dir: Path) -> dict:

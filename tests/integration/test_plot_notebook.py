@@ -17,8 +17,9 @@ import torch
 from omegaconf import OmegaConf
 
 from sdpo import plot
+from sdpo.evaluate import evaluate
 from sdpo.train import train
-from tests.conftest import FAST, REPO, compose
+from tests.conftest import FAST, REPO, compose, compose_eval
 
 NOTEBOOK = REPO / "notebooks" / "analysis.ipynb"
 # Two seeds of one config and one run with another T: two groups, one of them with a seed band.
@@ -176,7 +177,7 @@ def python_kernel(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     return "sdpo-test"
 
 
-def test_notebook_executes_top_to_bottom(runs_root, tmp_path, monkeypatch):
+def test_notebook_executes_top_to_bottom(runs_root, tmp_path, monkeypatch, cache_dir):
     import nbformat
     from nbclient import NotebookClient
 
@@ -185,7 +186,14 @@ def test_notebook_executes_top_to_bottom(runs_root, tmp_path, monkeypatch):
     assert "RUNS = " in code[0].source  # the runs are chosen in the first code cell
     assert all(not cell.outputs and cell.execution_count is None for cell in code)  # stored without outputs
 
-    monkeypatch.setenv("SDPO_RUNS", os.pathsep.join(str(runs_root / name) for name in RUNS))
+    # steps2 as a run whose last epoch was evaluated on held-out prompts: the files EvalDuringTraining writes
+    # (EvalResult.save into eval/epoch_XXXX/), here by `python -m sdpo.evaluate` on the run's checkpoint
+    evaluated = tmp_path / "steps2"
+    shutil.copytree(runs_root / "steps2", evaluated)
+    evaluate(compose_eval([f"checkpoint={evaluated / 'checkpoints' / 'last.ckpt'}", "steps=[1,2]",
+                           "images_per_prompt=1", "prompts=[cow,lion]"], evaluated / "eval" / "epoch_0002", cache_dir))
+    dirs = [runs_root / "seed0", runs_root / "seed1", evaluated]
+    monkeypatch.setenv("SDPO_RUNS", os.pathsep.join(str(d) for d in dirs))
     NotebookClient(nb, timeout=120, kernel_name=python_kernel(tmp_path, monkeypatch),
                    resources={"metadata": {"path": str(NOTEBOOK.parent)}}).execute()
 
@@ -201,3 +209,8 @@ def test_notebook_executes_top_to_bottom(runs_root, tmp_path, monkeypatch):
     assert SEEDS in table and OTHER in table
     grids = [o for o in outputs("samples/epoch_") if "image/png" in o.get("data", {})]
     assert len(grids) == 2 * len(RUNS)  # first and latest grid of each run
+    held_out = outputs('glob("eval/epoch_*")')
+    printed = "".join(o.get("text", "") for o in held_out)
+    assert printed.count("no held-out evaluation") == 2 and "steps2: epoch_0002 (of 1 evaluations)" in printed
+    assert any("image/png" in o.get("data", {}) for o in held_out)
+    assert any("brightness" in o.get("data", {}).get("text/plain", "") for o in held_out)  # the results table
