@@ -228,11 +228,13 @@ class EvalDuringTraining(L.Callback):
         self._held_out: dict[str, torch.nn.Module] = {}
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if trainer.global_rank == 0:
-            self.rewards_for(pl_module)  # build held-out rewards now: a missing reward model fails before training
+        if trainer.global_rank == 0:  # build held-out rewards now (on the CPU): a missing model fails before training
+            self.rewards_for(pl_module, device="cpu")
 
-    def rewards_for(self, pl_module: L.LightningModule) -> dict[str, torch.nn.Module]:
-        """Label -> reward model on the module's device; held-out ones are built once, the training one reused."""
+    def rewards_for(self, pl_module: L.LightningModule, device: torch.device | str | None = None
+                    ) -> dict[str, torch.nn.Module]:
+        """Label -> reward model on ``device`` (default: the module's); held-out ones are built once, the training
+        one reused."""
         from sdpo.rewards import build_reward
 
         train_name = getattr(pl_module, "reward_cfg", {}).get("name")
@@ -246,7 +248,7 @@ class EvalDuringTraining(L.Callback):
             else:
                 if label not in self._held_out:
                     self._held_out[label] = build_reward(name, **kwargs)
-                out[label] = self._held_out[label].to(pl_module.device)
+                out[label] = self._held_out[label].to(device or pl_module.device)
         return out
 
     def evaluate(self, pl_module: L.LightningModule):
@@ -257,12 +259,17 @@ class EvalDuringTraining(L.Callback):
         size = pl_module.latent_shape[-1] * pl_module.components.vae_scale_factor
         devices = [device.index if device.index is not None else torch.cuda.current_device()] \
             if device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            return evaluate_policy(
-                pl_module.components, pl_module.unet, self.prompts, self.steps, rewards=self.rewards_for(pl_module),
-                images_per_prompt=self.images_per_prompt, seed=self.seed, batch_size=self.batch_size,
-                resolution=size, guidance_scale=pl_module.model_cfg.get("guidance_scale"), progress=False,
-            )
+        try:
+            with torch.random.fork_rng(devices=devices):
+                return evaluate_policy(
+                    pl_module.components, pl_module.unet, self.prompts, self.steps,
+                    rewards=self.rewards_for(pl_module), images_per_prompt=self.images_per_prompt, seed=self.seed,
+                    batch_size=self.batch_size, resolution=size,
+                    guidance_scale=pl_module.model_cfg.get("guidance_scale"), progress=False,
+                )
+        finally:  # held-out reward models (PickScore's CLIP-H: ~4 GB in fp32) wait on the CPU between evaluations,
+            for reward in self._held_out.values():  # so training keeps the GPU memory it was measured with
+                reward.to("cpu")
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.global_rank != 0:
