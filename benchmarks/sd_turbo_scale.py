@@ -39,6 +39,17 @@ SIZES = {
 }
 
 
+def unet_config(s: dict) -> dict:
+    """The SD 2.1 / SD-Turbo UNet's constructor arguments at sizes ``s`` (also used by ``unet_flops.py``)."""
+    return dict(
+        sample_size=s["latent"], in_channels=4, out_channels=4, block_out_channels=s["unet_channels"],
+        layers_per_block=2, cross_attention_dim=s["cross"], attention_head_dim=s["heads"], use_linear_projection=True,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        norm_num_groups=32 if s["unet_channels"][0] >= 64 else 8,
+    )
+
+
 def build_random_sd_turbo(folder: Path, s: dict) -> None:
     """SD-Turbo's architecture with random weights, saved in diffusers layout (fp16 files, like the hub's)."""
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
@@ -56,13 +67,7 @@ def build_random_sd_turbo(folder: Path, s: dict) -> None:
         max_position_embeddings=77, hidden_act="gelu", projection_dim=s["text_hidden"],
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )).half().save_pretrained(folder / "text_encoder")
-    UNet2DConditionModel(
-        sample_size=s["latent"], in_channels=4, out_channels=4, block_out_channels=s["unet_channels"],
-        layers_per_block=2, cross_attention_dim=s["cross"], attention_head_dim=s["heads"], use_linear_projection=True,
-        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-        norm_num_groups=32 if s["unet_channels"][0] >= 64 else 8,
-    ).half().save_pretrained(folder / "unet")
+    UNet2DConditionModel(**unet_config(s)).half().save_pretrained(folder / "unet")
     AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=4, block_out_channels=s["vae_channels"], layers_per_block=2,
         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,

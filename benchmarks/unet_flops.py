@@ -26,18 +26,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 def sd_turbo_unet_on_meta(lora_rank: int):
     """The SD 2.1 / SD-Turbo UNet of ``sd_turbo_scale.py`` (866 M parameters) on the meta device, with LoRA."""
     from diffusers import UNet2DConditionModel
-    from sd_turbo_scale import SIZES
+    from sd_turbo_scale import SIZES, unet_config
 
     from sdpo.policy.lora import make_trainable
 
     s = SIZES["full"]
     with torch.device("meta"):
-        unet = UNet2DConditionModel(
-            sample_size=s["latent"], in_channels=4, out_channels=4, block_out_channels=s["unet_channels"],
-            layers_per_block=2, cross_attention_dim=s["cross"], attention_head_dim=s["heads"],
-            use_linear_projection=True, down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-        )
+        unet = UNet2DConditionModel(**unet_config(s))
     make_trainable(unet, True, rank=lora_rank)
     return unet, s
 

@@ -35,19 +35,13 @@ from sdpo.policy.lora import make_trainable
 from sdpo.policy.rollout import PairTrajectories, sample_pairs, transition_log_prob
 from sdpo.policy.steps import make_policy_scheduler, timestep_schedule
 from sdpo.rewards import build_reward
-from sdpo.scoring import PairRewards, score_pairs
+from sdpo.scoring import PairRewards, score_pairs, synchronize
 
 # Independent random streams per (seed, epoch, global index): derived, never stored, so resume is exact by
 # construction and the result does not depend on how the global batch is split over processes.
 NOISE_STREAM, QUERY_STREAM, SHUFFLE_STREAM = 11, 12, 13
 # Diagnostics reduced over ranks with max (the others with mean).
 _MAX_STATS = ("log_ratio_abs_max", "first_update_log_ratio_abs_max")
-
-
-def _synchronize(device: torch.device) -> None:
-    """Wait for queued GPU work so that phase timings measure the phase, not the launch."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _plain(cfg: Any) -> dict:
@@ -340,7 +334,7 @@ class SDPOModule(L.LightningModule):
 
     def _lap(self, timings: dict[str, float], name: str | None, tic: float) -> float:
         """Record the seconds since ``tic`` as phase ``name`` (GPU work included) and restart the clock."""
-        _synchronize(self.device)
+        synchronize(self.device)
         now = time.perf_counter()
         if name is not None:
             timings[name] = now - tic

@@ -33,7 +33,7 @@ class PairRewards:
     components: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)
 
 
-def _synchronize(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
     """Wait for queued GPU work, so a phase's wall time is its own (only when timings are asked for)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -87,11 +87,11 @@ def score_pairs(
     latents = x0[query_rows, query_steps]  # [Q, C, H, W]
     prompts = [traj.prompts[r // 2] for r, _ in queried]
     if timings is not None:
-        _synchronize(x0.device)
+        synchronize(x0.device)
         tic = time.perf_counter()
     images = decode_latents(vae, latents, latent_scale, batch_size)  # [Q, 3, H, W]
     if timings is not None:
-        _synchronize(x0.device)
+        synchronize(x0.device)
         timings["decode"] = time.perf_counter() - tic
         tic = time.perf_counter()
     chunks, parts = [], []
@@ -100,7 +100,7 @@ def score_pairs(
         parts.append(dict(getattr(reward_fn, "last_components", None) or {}))
     scores = torch.cat(chunks).float()  # [Q]
     if timings is not None:
-        _synchronize(scores.device)
+        synchronize(scores.device)
         timings["reward"] = time.perf_counter() - tic
 
     index = torch.tensor([[keys[key(r, s)] for s in steps] for r, steps in enumerate(plan_rows)])  # [N, K]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import os
 from pathlib import Path
 
@@ -65,22 +66,22 @@ def tiny_reward_assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Pa
     return {"clip": clip, "head": head}
 
 
-def compose(overrides: list[str], output_dir: Path, cache_dir: Path, config_name: str = "train", *defaults: str):
+def compose(overrides: list[str], output_dir: Path, cache_dir: Path, config_name: str = "train"):
     """The config exactly as ``python -m sdpo.<config_name> <overrides>`` composes it (``train`` or ``evaluate``),
-    writing into ``output_dir``; ``defaults`` go before ``overrides``."""
+    writing into ``output_dir``."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         return hydra_compose(
             config_name,
-            overrides=[f"paths.output_dir={output_dir}", f"paths.cache_dir={cache_dir}", *defaults, *overrides],
+            overrides=[f"paths.output_dir={output_dir}", f"paths.cache_dir={cache_dir}", *overrides],
         )
 
 
 def compose_eval(overrides: list[str], output_dir: Path, cache_dir: Path):
     """The evaluation config exactly as ``python -m sdpo.evaluate <overrides>`` composes it (no progress bar)."""
-    return compose(overrides, output_dir, cache_dir, "evaluate", "progress=false")
+    return compose(["progress=false", *overrides], output_dir, cache_dir, "evaluate")
 
 
 # Small and fast: a few prompts, the default tiny model; progress bars off to keep logs short.
@@ -90,3 +91,14 @@ FAST = [
     "data.prompts_per_batch=4",
     "algo.micro_batch_pairs=2",
 ]
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, float]]:
+    """The CSV logger's rows of a run folder, empty cells dropped."""
+    rows = list(csv.DictReader(open(run_dir / "csv" / "metrics.csv")))
+    return [{k: float(v) for k, v in r.items() if v != ""} for r in rows]
+
+
+def trainable_state(module) -> dict[str, torch.Tensor]:
+    """Copies of a module's trainable weights, by name."""
+    return {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}

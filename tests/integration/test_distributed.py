@@ -25,8 +25,7 @@ import pytest
 import torch
 
 from sdpo.train import LaunchError, launch_overrides, train
-from tests.conftest import REPO, compose
-from tests.integration.test_train import read_metrics
+from tests.conftest import REPO, compose, read_metrics
 
 EPOCHS = 2  # iterations of the 2-process run
 COMMON = [

@@ -31,7 +31,7 @@ from sdpo.evaluation import (
     parse_reward_specs,
 )
 from sdpo.train import train
-from tests.conftest import FAST, REPO, compose, compose_eval
+from tests.conftest import FAST, REPO, compose, compose_eval, read_metrics
 
 PROMPTS = ["cat", "a red dog"]
 
@@ -41,10 +41,6 @@ def model_cfg(name: str, cache_dir: Path) -> dict:
 
     return OmegaConf.to_container(compose_eval([f"model={name}"], Path("unused"), cache_dir).model, resolve=True)
 
-
-def read_metrics(run_dir: Path) -> list[dict[str, float]]:
-    rows = list(csv.DictReader(open(run_dir / "csv" / "metrics.csv")))
-    return [{k: float(v) for k, v in r.items() if v != ""} for r in rows]
 
 
 def stock_pipeline(arch: str, components):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import subprocess
@@ -15,14 +14,10 @@ from lightning.pytorch import Callback
 
 from sdpo.config_checks import ConfigError, validate_config
 from sdpo.train import train
-from tests.conftest import CONFIG_DIR, FAST, REPO, compose
+from tests.conftest import CONFIG_DIR, FAST, REPO, compose, read_metrics, trainable_state
 
 EXPERIMENTS = sorted(p.stem for p in (Path(CONFIG_DIR) / "experiment").glob("*.yaml"))
 
-
-def read_metrics(run_dir: Path) -> list[dict[str, float]]:
-    rows = list(csv.DictReader(open(run_dir / "csv" / "metrics.csv")))
-    return [{k: float(v) for k, v in r.items() if v != ""} for r in rows]
 
 
 def run_cli(args: list[str], cache_dir: Path, timeout: int = 1500) -> subprocess.CompletedProcess:
@@ -30,9 +25,6 @@ def run_cli(args: list[str], cache_dir: Path, timeout: int = 1500) -> subprocess
     return subprocess.run([sys.executable, "-m", "sdpo.train", *args], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=timeout)
 
-
-def trainable_state(module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
 
 
 @pytest.mark.slow

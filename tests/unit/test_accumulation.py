@@ -8,7 +8,7 @@ import torch
 
 from sdpo.algo.shuffle import sharded_update_order, update_groups
 from sdpo.train import train
-from tests.conftest import FAST, compose
+from tests.conftest import FAST, compose, trainable_state
 
 
 def steps_as_sets(groups) -> list[set[tuple[int, int]]]:
@@ -49,9 +49,6 @@ def test_shards_reproduce_the_ranks_micro_batches():
             assert torch.equal(s, torch.cat([per_rank[0][k][j][1], per_rank[1][k][j][1]]))
 
 
-def trainable(trainer) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in trainer.lightning_module.named_parameters() if p.requires_grad}
-
 
 def test_micro_batch_times_accumulation_gives_the_same_update(tmp_path, cache_dir):
     """4 x 1, 2 x 2 and 1 x 4 pairs per optimizer step: the same LoRA weights after an iteration.
@@ -66,7 +63,7 @@ def test_micro_batch_times_accumulation_gives_the_same_update(tmp_path, cache_di
         cfg = compose([*base, f"algo.micro_batch_pairs={micro}", f"algo.gradient_accumulation_steps={accum}"],
                       tmp_path / f"{micro}x{accum}", cache_dir)
         trainer = train(cfg)
-        runs[(micro, accum)] = trainable(trainer)
+        runs[(micro, accum)] = trainable_state(trainer.lightning_module)
         assert float(trainer.callback_metrics["train/optimizer_steps"]) == 4 * 2  # T x (a group of 4, one of 2)
     reference = runs[(4, 1)]
     moved = max(float(w.abs().max()) for n, w in reference.items() if "lora_B" in n)  # B starts at 0
@@ -88,7 +85,8 @@ def test_micro_batch_times_accumulation_gives_the_same_update(tmp_path, cache_di
 
 @pytest.fixture(scope="module")
 def plain_update(tmp_path_factory, cache_dir) -> dict[str, torch.Tensor]:
-    return trainable(train(compose(MEMORY_OPTION_BASE, tmp_path_factory.mktemp("plain"), cache_dir)))
+    trainer = train(compose(MEMORY_OPTION_BASE, tmp_path_factory.mktemp("plain"), cache_dir))
+    return trainable_state(trainer.lightning_module)
 
 
 MEMORY_OPTION_BASE = [*FAST, "model.lora.enabled=true", "optim.lr=0.1", "optim.eps=1.0", "trainer.max_epochs=1",
@@ -104,7 +102,7 @@ def test_speed_and_memory_options_leave_the_update_unchanged(option, plain_updat
         assert unet.is_gradient_checkpointing
     else:
         assert unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
-    weights = trainable(trainer)
+    weights = trainable_state(trainer.lightning_module)
     assert weights.keys() == plain_update.keys()
     assert max(float(v.abs().max()) for n, v in weights.items() if "lora_B" in n) > 1e-2  # B starts at 0: it trained
     for name, value in weights.items():
