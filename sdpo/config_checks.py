@@ -5,6 +5,7 @@ from __future__ import annotations
 from omegaconf import DictConfig
 
 from sdpo.algo.dense import STRATEGIES
+from sdpo.policy.speed import compile_mode
 from sdpo.policy.steps import SPACINGS
 from sdpo.rewards import available_rewards
 
@@ -61,5 +62,9 @@ def validate_config(cfg: DictConfig) -> None:
     need(cfg.optim.lr > 0, f"optim.lr={cfg.optim.lr}: must be > 0")
     need(cfg.data.prompts_per_batch >= 1 and cfg.data.batches_per_epoch >= 1,
          "data.prompts_per_batch and data.batches_per_epoch must be >= 1")
+    try:
+        compile_mode(a.get("compile"))
+    except ValueError as error:
+        problems.append(str(error))
     if problems:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))

@@ -158,11 +158,13 @@ def test_multirun_sweeps_steps_and_anchors(tmp_path, cache_dir):
 
 
 def test_bad_config_fails_before_loading(tmp_path, cache_dir):
-    cfg = compose(["algo.dense.anchor=middle", "algo.eta=0", "model.spacing=odd"], tmp_path, cache_dir)
+    cfg = compose(["algo.dense.anchor=middle", "algo.eta=0", "model.spacing=odd", "algo.compile=fast"], tmp_path,
+                  cache_dir)
     with pytest.raises(ConfigError) as err:
         validate_config(cfg)
     message = str(err.value)
     assert "algo.dense.anchor='middle'" in message and "algo.eta=0" in message and "model.spacing" in message
+    assert "algo.compile='fast'" in message
     result = run_cli(["algo.num_steps=0", f"hydra.run.dir={tmp_path / 'x'}"], cache_dir, timeout=120)
     assert result.returncode != 0 and "algo.num_steps=0" in result.stderr
 

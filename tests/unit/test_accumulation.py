@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from sdpo.algo.shuffle import sharded_update_order, update_groups
+from sdpo.policy.speed import REGIONAL_BLOCKS
 from sdpo.train import train
 from tests.conftest import FAST, compose, trainable_state
 
@@ -93,15 +94,24 @@ MEMORY_OPTION_BASE = [*FAST, "model.lora.enabled=true", "optim.lr=0.1", "optim.e
                       "++callbacks.eval=null"]
 
 
-@pytest.mark.parametrize("option", ["model.gradient_checkpointing=true", "algo.channels_last=true"])
+@pytest.mark.parametrize("option", ["model.gradient_checkpointing=true", "algo.channels_last=true",
+                                    "algo.compile=regional"])
 def test_speed_and_memory_options_leave_the_update_unchanged(option, plain_update, tmp_path, cache_dir):
-    """Recomputing activations in backward, or another memory layout, must train the same weights."""
-    trainer = train(compose([*MEMORY_OPTION_BASE, option], tmp_path, cache_dir))
+    """Recomputing activations in backward, another memory layout, or compiled blocks must train the same weights
+    (and keep the plain UNet's parameter names, which checkpoints and LoRA files use)."""
+    graphs_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    # aot_eager: dynamo's capture and AOT autograd as with inductor, without minutes of C++ kernel builds on CPU
+    extra = ["algo.compile_backend=aot_eager"] if option.startswith("algo.compile") else []
+    trainer = train(compose([*MEMORY_OPTION_BASE, option, *extra], tmp_path, cache_dir))
     unet = trainer.lightning_module.unet
     if option.startswith("model.gradient"):
         assert unet.is_gradient_checkpointing
-    else:
+    elif option.startswith("algo.channels_last"):
         assert unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    else:
+        compiled = {type(m).__name__ for m in unet.modules() if getattr(m, "_compiled_call_impl", None) is not None}
+        assert compiled == set(REGIONAL_BLOCKS)
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > graphs_before  # it really compiled
     weights = trainable_state(trainer.lightning_module)
     assert weights.keys() == plain_update.keys()
     assert max(float(v.abs().max()) for n, v in weights.items() if "lora_B" in n) > 1e-2  # B starts at 0: it trained

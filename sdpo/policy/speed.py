@@ -1,0 +1,51 @@
+"""Speed options for the policy UNet that leave its numbers (to rounding) and parameter names unchanged."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+COMPILE_MODES = ("off", "full", "regional")
+# Regional compilation compiles each instance of the UNet's repeated blocks (the transformer blocks with their
+# LoRA layers, and the GroupNorm-SiLU-conv resnet blocks, where fusing the elementwise work pays most). Identical
+# blocks share compiled code, so it compiles in a fraction of the time of the whole UNet.
+REGIONAL_BLOCKS = ("BasicTransformerBlock", "ResnetBlock2D")
+REGIONAL_RECOMPILE_LIMIT = 64
+
+
+def compile_mode(value: object) -> str:
+    """``algo.compile`` as one of COMPILE_MODES: false/null -> off, true -> full."""
+    if value is None or value is False:
+        return "off"
+    if value is True:
+        return "full"
+    if isinstance(value, str) and value in COMPILE_MODES:
+        return value
+    raise ValueError(f"algo.compile={value!r}: use false, true (the whole UNet) or 'regional' (its repeated blocks)")
+
+
+def apply_speed_options(unet: nn.Module, channels_last: bool, compile: object, backend: str = "inductor") -> int:
+    """Put the UNet's weights in channels_last and/or torch.compile it in place; returns the modules compiled.
+
+    Both act in place (``nn.Module.compile``), so ``state_dict`` keys, LoRA saving and checkpoints are those of the
+    plain UNet. ``backend`` is torch.compile's (``aot_eager`` traces and differentiates the graphs without
+    generating kernels: a quick check that a model compiles).
+    """
+    mode = compile_mode(compile)
+    if channels_last:
+        unet.to(memory_format=torch.channels_last)
+    if mode == "full":
+        unet.compile(backend=backend)
+        return 1
+    if mode == "regional":
+        blocks = [m for m in unet.modules() if type(m).__name__ in REGIONAL_BLOCKS]
+        if not blocks:
+            raise ValueError(f"algo.compile=regional: this UNet has none of {REGIONAL_BLOCKS}; use algo.compile=true")
+        # every instance shares its class's forward, and each distinct shape, stride or grad mode is one more cache
+        # entry of that one code object: an SD UNet's resnet blocks alone exceed dynamo's default limit of 8, past
+        # which it silently runs the rest eagerly
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, REGIONAL_RECOMPILE_LIMIT)
+        for block in blocks:
+            block.compile(backend=backend)
+        return len(blocks)
+    return 0
