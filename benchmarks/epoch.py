@@ -109,9 +109,10 @@ def autocast_for(precision: str, device: torch.device):
 
 
 def flops_of(fn: Callable[[], object]) -> int:
+    """Model FLOPs of one call, counted eagerly: under the counter a compiled UNet would compile again (minutes)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    with FlopCounterMode(display=False) as counter:
+    with torch.compiler.set_stance("force_eager"), FlopCounterMode(display=False) as counter:
         fn()
     return counter.get_total_flops()
 

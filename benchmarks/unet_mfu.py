@@ -1,0 +1,150 @@
+"""MFU of the SD-Turbo UNet's two SDPO calls in isolation, across batch sizes, memory layout and torch.compile.
+
+The calls are those of an SDPO iteration at SD-Turbo sizes (random weights, bf16 frozen weights, LoRA r4 on the
+attention projections, bf16 autocast): the sampling forward (no grad) and the training forward+backward (grads
+reach only the LoRA weights). Each variant builds its own UNet, so compiled and plain ones never share state.
+
+    python benchmarks/unet_mfu.py                                    # GPU: the default sweep
+    python benchmarks/unet_mfu.py train:32:cl:regional sample:16     # chosen variants
+    python benchmarks/unet_mfu.py --scale tiny --device cpu train:4 train:4:regional   # a CPU dry run
+
+A variant is ``kind:rows[:cl][:bm][:regional|:full]``: kind ``sample`` or ``train``; rows = UNet batch rows (a pair
+is 2 rows, so training micro-batch m pairs is 2m rows); ``cl`` = channels_last weights; ``bm`` = cuDNN autotuning
+(``torch.backends.cudnn.benchmark``, Lightning's ``trainer.benchmark=true``); ``regional`` / ``full`` =
+``algo.compile`` (see ``sdpo/policy/speed.py``). Prints one line per variant as soon as it is measured: ms per
+call, TFLOP/s, MFU against ``--peak-flops``, peak memory, and the compile (first-call) time. Not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+DEFAULT_VARIANTS = ("sample:16", "sample:16:cl", "train:4", "train:16", "train:16:cl", "train:32", "train:32:cl",
+                    "sample:16:cl:regional", "train:32:cl:regional", "train:32:cl:full")
+
+
+def parse(variant: str) -> dict:
+    kind, rows, *flags = variant.split(":")
+    if kind not in ("sample", "train") or not rows.isdigit() or set(flags) - {"cl", "bm", "regional", "full"}:
+        raise SystemExit(f"bad variant {variant!r}: use kind:rows[:cl][:bm][:regional|:full], kind sample or train")
+    compile_flag = next((f for f in flags if f in ("regional", "full")), "off")
+    return {"name": variant, "kind": kind, "rows": int(rows), "channels_last": "cl" in flags,
+            "benchmark": "bm" in flags, "compile": compile_flag}
+
+
+def build_unet(scale: str, device: torch.device, dtype: torch.dtype, lora_rank: int):
+    from diffusers import UNet2DConditionModel
+    from sd_turbo_scale import SIZES, unet_config
+
+    from sdpo.policy.lora import make_trainable
+
+    s = SIZES[scale]
+    torch.manual_seed(0)
+    with torch.device(device):
+        unet = UNet2DConditionModel(**unet_config(s))
+    unet.to(dtype)
+    make_trainable(unet, True, rank=lora_rank)
+    return unet, s
+
+
+def make_call(unet, s: dict, v: dict, device: torch.device, dtype: torch.dtype):
+    rows = v["rows"]
+    x = torch.randn(rows, 4, s["latent"], s["latent"], device=device)
+    t = torch.randint(0, 1000, (rows,), device=device)
+    cond = torch.randn(rows, 77, s["cross"], device=device, dtype=dtype)
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
+
+    def call() -> None:
+        if v["kind"] == "sample":
+            with torch.no_grad(), amp:
+                unet(x, t, cond, return_dict=False)
+        else:
+            with amp:
+                out = unet(x, t, cond, return_dict=False)[0]
+            out.float().square().mean().backward()
+
+    return call
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(v: dict, args, device: torch.device, dtype: torch.dtype) -> dict:
+    from sdpo.policy.speed import apply_speed_options
+
+    torch.backends.cudnn.benchmark = v["benchmark"]
+    unet, s = build_unet(args.scale, device, dtype, args.lora_rank)
+    call = make_call(unet, s, v, device, dtype)
+    with FlopCounterMode(display=False) as counter:  # eager, before any compile: the model FLOPs
+        call()
+    flops = counter.get_total_flops()
+    apply_speed_options(unet, v["channels_last"], v["compile"])
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    sync(device)
+    tic = time.perf_counter()
+    call()
+    sync(device)
+    first = time.perf_counter() - tic
+    for _ in range(args.warmup):
+        call()
+    sync(device)
+    tic = time.perf_counter()
+    for _ in range(args.calls):
+        call()
+    sync(device)
+    seconds = (time.perf_counter() - tic) / args.calls
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+    del unet, call
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    torch._dynamo.reset()
+    return {"ms": 1e3 * seconds, "tflops": flops / seconds / 1e12, "mfu": flops / seconds / args.peak_flops,
+            "flop": flops / 1e12, "first_s": first, "peak_gib": peak}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("variants", nargs="*", default=list(DEFAULT_VARIANTS))
+    parser.add_argument("--scale", choices=("full", "tiny"), default="full")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--calls", type=int, default=5, help="timed calls per variant")
+    parser.add_argument("--warmup", type=int, default=2, help="calls after the first, before timing")
+    parser.add_argument("--lora-rank", type=int, default=4)
+    parser.add_argument("--peak-flops", type=float, default=989e12, help="H100/H200 SXM dense bf16")
+    args = parser.parse_args()
+    variants = [parse(v) for v in args.variants]  # all checked before the first (slow) one runs
+    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+                          else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(f"UNet MFU sweep: {args.scale} SD-Turbo UNet, LoRA r{args.lora_rank}, {dtype}, {name}, "
+          f"torch {torch.__version__}, peak {args.peak_flops / 1e12:.0f} TFLOP/s", flush=True)
+    print(f"{'variant':<24} {'TFLOP/call':>10} {'ms/call':>9} {'TFLOP/s':>8} {'MFU':>6} {'peak GiB':>9} "
+          f"{'first call s':>12}", flush=True)
+    for v in variants:
+        try:
+            r = measure(v, args, device, dtype)
+        except Exception as error:  # one failing variant (memory, a compile error) must not lose the others
+            print(f"{v['name']:<24} failed: {type(error).__name__}: {str(error).splitlines()[0][:200]}", flush=True)
+            torch._dynamo.reset()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            continue
+        print(f"{v['name']:<24} {r['flop']:10.2f} {r['ms']:9.1f} {r['tflops']:8.0f} {r['mfu']:6.1%} "
+              f"{r['peak_gib']:9.1f} {r['first_s']:12.1f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
