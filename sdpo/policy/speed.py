@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
+
+log = logging.getLogger(__name__)
 
 COMPILE_MODES = ("off", "full", "regional")
 # Regional compilation compiles each instance of the UNet's repeated blocks (the transformer blocks with their
@@ -36,6 +40,7 @@ def apply_speed_options(unet: nn.Module, channels_last: bool, compile: object, b
         unet.to(memory_format=torch.channels_last)
     if mode == "full":
         unet.compile(backend=backend)
+        log.info("torch.compile (%s): the whole UNet; the first calls of each batch shape compile", backend)
         return 1
     if mode == "regional":
         blocks = [m for m in unet.modules() if type(m).__name__ in REGIONAL_BLOCKS]
@@ -47,5 +52,7 @@ def apply_speed_options(unet: nn.Module, channels_last: bool, compile: object, b
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, REGIONAL_RECOMPILE_LIMIT)
         for block in blocks:
             block.compile(backend=backend)
+        log.info("torch.compile (%s): %d UNet blocks (%s); the first calls of each shape compile", backend,
+                 len(blocks), ", ".join(REGIONAL_BLOCKS))
         return len(blocks)
     return 0

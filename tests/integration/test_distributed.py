@@ -119,6 +119,24 @@ def test_two_processes_equal_one_process(ddp_run, reference):
         assert ranks[0]["total_queries"] == ranks[1]["total_queries"] == ref["total_queries"]
 
 
+def test_compiled_unet_under_ddp_equals_one_eager_process(reference, tmp_path, cache_dir):
+    """A compiled UNet inside Lightning's DDP wrapper still all-reduces its LoRA gradients: 2 processes with
+    compiled blocks train the weights of one eager process (aot_eager: dynamo and AOT autograd, no kernel builds)."""
+    args = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", f"trainer.max_epochs={EPOCHS}",
+            "algo.compile=regional", "algo.compile_backend=aot_eager", *COMMON, *PER_RANK,
+            *probe(tmp_path / "probe"), f"hydra.run.dir={tmp_path / 'run'}"]
+    result = subprocess.run([sys.executable, "-m", "sdpo.train", *args], cwd=tmp_path, env=launch_env(cache_dir),
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for log_file in (tmp_path / "run").glob("*.log"):  # rank 0's and rank 1's Hydra logs
+        assert "torch.compile (aot_eager)" in log_file.read_text(), log_file.name
+    assert len(list((tmp_path / "run").glob("*.log"))) == 2
+    for epoch in range(EPOCHS):
+        ranks = [load(tmp_path / "probe", r, epoch) for r in (0, 1)]
+        assert_weights_close(ranks[0]["weights"], ranks[1]["weights"], atol=0)
+        assert_weights_close(ranks[0]["weights"], load(reference / "probe", 0, epoch)["weights"], atol=1e-5)
+
+
 def test_ranks_draw_distinct_prompts_and_noise_and_share_the_tracker(ddp_run, reference):
     for epoch in range(EPOCHS):
         r0, r1 = load(ddp_run / "probe", 0, epoch), load(ddp_run / "probe", 1, epoch)
