@@ -4,15 +4,14 @@
 # as soon as its step ends, and the least needed step runs last, so a run cut short keeps the rest:
 #   1. the tests that need CUDA;
 #   2. unet_mfu.py, eager: the LoRA training forward+backward at 32 and 64 rows, and cuDNN autotuning ("bm");
-#   3. epoch.py with the reference per-GPU batch (8 x 4 prompt pairs, LoRA r4, bf16) trained in micro-batches of 16
-#      pairs (the same update as the reference's 2 x 8, tested), the whole UNet compiled, NCHW weights, cuDNN
-#      autotuning: per-phase times, overhead ratio and the training phase's MFU (target 30%). Two graphs compile
-#      (sampling and training; about 2 min each on an H100) in the warm-up iteration;
-#   4. unet_mfu.py: regional compilation at 32 rows (its compile time and speed against step 3's).
-# The reference batch at micro-batch 2 (11.9 GiB peak, overhead ratio 1.15) and the eager / channels_last sweep
+#   3. epoch.py at the issue's settings, T = 50 and the reference per-GPU batch (8 x 4 prompt pairs, LoRA r4, bf16),
+#      trained in micro-batches of 16 pairs (the same update as the reference's 2 x 8, tested), the whole UNet
+#      compiled, NCHW weights, cuDNN autotuning: per-phase times, overhead ratio and the training phase's MFU
+#      (target 30%). Two graphs compile (sampling, training; about 2 min each on an H100) in the warm-up iteration,
+#      then two iterations of about 40 s run;
+#   4. unet_mfu.py: regional compilation at 32 rows (its compile time and speed against step 3's), if time is left.
+# The reference micro-batch of 2 (11.9 GiB peak, overhead ratio 1.15 at T = 5) and the eager / channels_last sweep
 # were measured on 2026-11-26 (benchmarks/README.md) and are not repeated.
-# T = 5 instead of 50: the per-call overhead and MFU do not depend on T, and the memory peak depends on it only
-# through the stored trajectory (32 pairs x 51 latents x 64 KiB = 0.2 GiB at T = 50).
 # Packages the machine lacks can be put as wheels in .whl/ (installed with --no-deps into a scratch site dir).
 set -uo pipefail
 out=${OUT:-/tmp}
@@ -29,9 +28,9 @@ timeout 90 python3 -m pytest -q -p no:cacheprovider tests/unit/test_model_reward
   > "$out/pytest_cuda.log" 2>&1; tail -1 "$out/pytest_cuda.log"
 timeout 120 python3 benchmarks/unet_mfu.py train:32 train:32:bm train:64 train:64:bm sample:16:bm 2>&1 | quiet \
   | tee "$out/unet_mfu.log"
-echo "=== epoch.py: micro-batch 16, compile, cuDNN autotuning"
-timeout 420 python3 benchmarks/epoch.py --preset sd_turbo --models "$models" --warmup 1 --iterations 1 --repeats 3 \
-  algo.num_steps=5 algo.micro_batch_pairs=16 algo.gradient_accumulation_steps=1 algo.compile=true \
-  trainer.benchmark=true > "$out/epoch_micro16_compile.log" 2>&1
-grep -v -i warn "$out/epoch_micro16_compile.log" | sed -n '/SDPO iteration benchmark/,$p'
+echo "=== epoch.py: T = 50, micro-batch 16, compile, cuDNN autotuning"
+timeout 480 python3 benchmarks/epoch.py --preset sd_turbo --models "$models" --warmup 1 --iterations 1 --repeats 3 \
+  algo.num_steps=50 algo.micro_batch_pairs=16 algo.gradient_accumulation_steps=1 algo.compile=true \
+  trainer.benchmark=true > "$out/epoch_t50_micro16_compile.log" 2>&1
+grep -v -i warn "$out/epoch_t50_micro16_compile.log" | sed -n '/SDPO iteration benchmark/,$p'
 timeout 150 python3 benchmarks/unet_mfu.py train:32:bm:regional 2>&1 | quiet | tee "$out/unet_mfu_regional.log"
