@@ -310,6 +310,15 @@ def main() -> None:
         print(f"{name:<40} {p['seconds']:8.4f} {p['calls']:6d}   ({'; '.join(p['detail'])})")
     print(f"{'sum of primitives':<40} {total:8.4f}")
     print(f"overhead ratio = iteration / primitives = {iteration / total:.2f}")
+    # where the overhead sits: each phase against the primitives it is made of
+    phase_parts = {
+        "sampling": (phases["sampling"], ["text encoder", "UNet forward (sampling)"]),
+        "rewards": (rewards_phase, ["VAE decode", "reward model"]),
+        "training": (phases["training"], ["UNet forward+backward (training)", "clip + AdamW step"]),
+    }
+    print("phase / its primitives: " + ", ".join(
+        f"{name} {seconds / sum(prims[p]['seconds'] for p in parts):.2f}"
+        for name, (seconds, parts) in phase_parts.items()))
 
     sample_flops = prims["UNet forward (sampling)"]["flops"]
     train_flops = prims["UNet forward+backward (training)"]["flops"]
