@@ -3,7 +3,8 @@
 # timeout near 590 s). Each log goes to ${OUT:-/tmp}
 # as soon as its step ends, and the least needed step runs last, so a run cut short keeps the rest:
 #   1. the tests that need CUDA;
-#   2. unet_mfu.py, eager: the LoRA training forward+backward at 32 and 64 rows, and cuDNN autotuning ("bm");
+#   2. unet_mfu.py, eager: the LoRA training forward+backward at 32 and 64 rows, cuDNN autotuning ("bm"), and
+#      sampling forwards of 32 and 64 rows (algo.sample_batch_size changes no sample: tested);
 #   3. epoch.py at the issue's settings, T = 50 and the reference per-GPU batch (8 x 4 prompt pairs, LoRA r4, bf16),
 #      trained in micro-batches of 16 pairs (the same update as the reference's 2 x 8, tested), the whole UNet
 #      compiled, NCHW weights, cuDNN autotuning: per-phase times, overhead ratio and the training phase's MFU
@@ -26,7 +27,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out
 python3 -c "import torch, diffusers, transformers; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__)" | tee -a "$out/gpu.txt"
 timeout 90 python3 -m pytest -q -p no:cacheprovider tests/unit/test_model_rewards.py tests/unit/test_steps.py \
   > "$out/pytest_cuda.log" 2>&1; tail -1 "$out/pytest_cuda.log"
-timeout 120 python3 benchmarks/unet_mfu.py train:32 train:32:bm train:64 train:64:bm sample:16:bm 2>&1 | quiet \
+timeout 150 python3 benchmarks/unet_mfu.py train:32 train:32:bm train:64 train:64:bm sample:16:bm sample:32 sample:64 2>&1 | quiet \
   | tee "$out/unet_mfu.log"
 echo "=== epoch.py: T = 50, micro-batch 16, compile, cuDNN autotuning"
 timeout 480 python3 benchmarks/epoch.py --preset sd_turbo --models "$models" --warmup 1 --iterations 1 --repeats 3 \
