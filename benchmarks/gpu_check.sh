@@ -6,8 +6,10 @@
 #   2. unet_mfu.py, eager: the LoRA training forward+backward at 32 and 64 rows, cuDNN autotuning ("bm"), and
 #      sampling forwards of 32 and 64 rows (algo.sample_batch_size changes no sample: tested);
 #   3. epoch.py at the issue's settings, T = 50 and the reference per-GPU batch (8 x 4 prompt pairs, LoRA r4, bf16),
-#      trained in micro-batches of 16 pairs (the same update as the reference's 2 x 8, tested), the whole UNet
-#      compiled, NCHW weights, cuDNN autotuning: per-phase times, overhead ratio and the training phase's MFU
+#      trained in micro-batches of 16 pairs (the same update as the reference's 2 x 8, tested) and sampled 16 prompts
+#      per call (no sample changes, tested), so that both UNet calls have 32 rows: torch.compile marks a dimension
+#      dynamic once it sees it change, and one shape keeps both graphs static. The whole UNet compiled, NCHW
+#      weights, cuDNN autotuning: per-phase times, overhead ratio and the training phase's MFU
 #      (target 30%). Two graphs compile (sampling, training; about 2 min each on an H100) in the warm-up iteration,
 #      then two iterations of about 40 s run;
 #   4. unet_mfu.py: regional compilation at 32 rows (its compile time and speed against step 3's), if time is left.
@@ -31,7 +33,7 @@ timeout 150 python3 benchmarks/unet_mfu.py train:32 train:32:bm train:64 train:6
   | tee "$out/unet_mfu.log"
 echo "=== epoch.py: T = 50, micro-batch 16, compile, cuDNN autotuning"
 timeout 480 python3 benchmarks/epoch.py --preset sd_turbo --models "$models" --warmup 1 --iterations 1 --repeats 3 \
-  algo.num_steps=50 algo.micro_batch_pairs=16 algo.gradient_accumulation_steps=1 algo.compile=true \
-  trainer.benchmark=true > "$out/epoch_t50_micro16_compile.log" 2>&1
+  algo.num_steps=50 algo.micro_batch_pairs=16 algo.gradient_accumulation_steps=1 algo.sample_batch_size=16 \
+  algo.compile=true trainer.benchmark=true > "$out/epoch_t50_micro16_compile.log" 2>&1
 grep -v -i warn "$out/epoch_t50_micro16_compile.log" | sed -n '/SDPO iteration benchmark/,$p'
 timeout 150 python3 benchmarks/unet_mfu.py train:32:bm:regional 2>&1 | quiet | tee "$out/unet_mfu_regional.log"
