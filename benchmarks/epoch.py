@@ -44,6 +44,8 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from sdpo.scoring import synchronize  # noqa: E402
+
 PRESETS: dict[str, list[str]] = {
     "tiny": [],  # python -m sdpo.train's default: 16 pairs, T = 4, micro-batch 8 x 2, full fine-tuning
     "small": [  # ~18.9 M-param UNet, 32x32x4 latents -> 64 px, 8 pairs, T = 4, micro-batch 2 x 2
@@ -65,17 +67,11 @@ class IterationTimer(L.Callback):
         self.iterations: list[dict] = []
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if pl_module.device.type == "cuda":
-            torch.cuda.synchronize(pl_module.device)
+        synchronize(pl_module.device)
         self.starts.append(time.perf_counter())
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args) -> None:
         self.iterations.append(dict(pl_module.last_iteration))
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def time_call(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
@@ -83,10 +79,10 @@ def time_call(fn: Callable[[], object], device: torch.device, repeats: int) -> f
     fn()
     times = []
     for _ in range(repeats):
-        sync(device)
+        synchronize(device)
         tic = time.perf_counter()
         fn()
-        sync(device)
+        synchronize(device)
         times.append(time.perf_counter() - tic)
     return statistics.median(times)
 

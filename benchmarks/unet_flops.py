@@ -17,37 +17,14 @@ import sys
 from pathlib import Path
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from epoch import flops_of  # noqa: E402
+from unet_mfu import build_unet, make_call, parse  # noqa: E402
 
-def sd_turbo_unet_on_meta(lora_rank: int):
-    """The SD 2.1 / SD-Turbo UNet of ``sd_turbo_scale.py`` (866 M parameters) on the meta device, with LoRA."""
-    from diffusers import UNet2DConditionModel
-    from sd_turbo_scale import SIZES, unet_config
-
-    from sdpo.policy.lora import make_trainable
-
-    s = SIZES["full"]
-    with torch.device("meta"):
-        unet = UNet2DConditionModel(**unet_config(s))
-    make_trainable(unet, True, rank=lora_rank)
-    return unet, s
-
-
-def flops(unet, s: dict, rows: int, backward: bool) -> int:
-    x = torch.randn(rows, 4, s["latent"], s["latent"], device="meta")
-    t = torch.full((rows,), 999, device="meta")
-    cond = torch.randn(rows, 77, s["cross"], device="meta")
-    with FlopCounterMode(display=False) as counter:
-        if backward:
-            unet(x, t, cond).sample.float().square().mean().backward()
-        else:
-            with torch.no_grad():
-                unet(x, t, cond)
-    return counter.get_total_flops()
+META = torch.device("meta")
 
 
 def main() -> None:
@@ -62,11 +39,11 @@ def main() -> None:
     parser.add_argument("--peak-flops", type=float, default=989e12, help="H100/H200 dense bf16")
     args = parser.parse_args()
 
-    unet, s = sd_turbo_unet_on_meta(args.lora_rank)
+    unet, s = build_unet("full", META, torch.float32, args.lora_rank)  # no memory, no weights: shapes only
     print(f"UNet {sum(p.numel() for p in unet.parameters()) / 1e6:.1f} M params, latents 4x{s['latent']}x{s['latent']}")
     sample_rows, train_rows = 2 * args.sample_batch, 2 * args.micro
-    forward = flops(unet, s, sample_rows, backward=False)
-    train = flops(unet, s, train_rows, backward=True)
+    forward = flops_of(make_call(unet, s, parse(f"sample:{sample_rows}"), META, torch.float32))
+    train = flops_of(make_call(unet, s, parse(f"train:{train_rows}"), META, torch.float32))
     sample_calls = -(-args.pairs // args.sample_batch) * args.steps
     train_calls = -(-args.pairs // args.micro) * args.steps
     print(f"sampling: {sample_calls} forwards of {sample_rows} rows, {forward / 1e12:.2f} TFLOP each")

@@ -20,13 +20,17 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from epoch import flops_of  # noqa: E402
+
+from sdpo.scoring import synchronize  # noqa: E402
 
 DEFAULT_VARIANTS = ("sample:16", "sample:16:cl", "train:4", "train:16", "train:16:cl", "train:32", "train:32:cl",
                     "sample:16:cl:regional", "train:32:cl:regional", "train:32:cl:full")
@@ -61,7 +65,7 @@ def make_call(unet, s: dict, v: dict, device: torch.device, dtype: torch.dtype):
     x = torch.randn(rows, 4, s["latent"], s["latent"], device=device)
     t = torch.randint(0, 1000, (rows,), device=device)
     cond = torch.randn(rows, 77, s["cross"], device=device, dtype=dtype)
-    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
+    amp = torch.autocast(device.type, dtype=torch.bfloat16) if dtype == torch.bfloat16 else nullcontext()
 
     def call() -> None:
         if v["kind"] == "sample":
@@ -75,35 +79,28 @@ def make_call(unet, s: dict, v: dict, device: torch.device, dtype: torch.dtype):
     return call
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def measure(v: dict, args, device: torch.device, dtype: torch.dtype) -> dict:
     from sdpo.policy.speed import apply_speed_options
 
     torch.backends.cudnn.benchmark = v["benchmark"]
     unet, s = build_unet(args.scale, device, dtype, args.lora_rank)
     call = make_call(unet, s, v, device, dtype)
-    with FlopCounterMode(display=False) as counter:  # eager, before any compile: the model FLOPs
-        call()
-    flops = counter.get_total_flops()
+    flops = flops_of(call)  # before any compile: the model FLOPs
     apply_speed_options(unet, v["channels_last"], v["compile"])
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    sync(device)
+    synchronize(device)
     tic = time.perf_counter()
     call()
-    sync(device)
+    synchronize(device)
     first = time.perf_counter() - tic
     for _ in range(args.warmup):
         call()
-    sync(device)
+    synchronize(device)
     tic = time.perf_counter()
     for _ in range(args.calls):
         call()
-    sync(device)
+    synchronize(device)
     seconds = (time.perf_counter() - tic) / args.calls
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
     del unet, call

@@ -28,8 +28,8 @@ def compile_mode(value: object) -> str:
     raise ValueError(f"algo.compile={value!r}: use false, true (the whole UNet) or 'regional' (its repeated blocks)")
 
 
-def apply_speed_options(unet: nn.Module, channels_last: bool, compile: object, backend: str = "inductor") -> int:
-    """Put the UNet's weights in channels_last and/or torch.compile it in place; returns the modules compiled.
+def apply_speed_options(unet: nn.Module, channels_last: bool, compile: object, backend: str = "inductor") -> None:
+    """Put the UNet's weights in channels_last and/or torch.compile it in place.
 
     Both act in place (``nn.Module.compile``), so ``state_dict`` keys, LoRA saving and checkpoints are those of the
     plain UNet. ``backend`` is torch.compile's (``aot_eager`` traces and differentiates the graphs without
@@ -41,8 +41,7 @@ def apply_speed_options(unet: nn.Module, channels_last: bool, compile: object, b
     if mode == "full":
         unet.compile(backend=backend)
         log.info("torch.compile (%s): the whole UNet; the first calls of each batch shape compile", backend)
-        return 1
-    if mode == "regional":
+    elif mode == "regional":
         blocks = [m for m in unet.modules() if type(m).__name__ in REGIONAL_BLOCKS]
         if not blocks:
             raise ValueError(f"algo.compile=regional: this UNet has none of {REGIONAL_BLOCKS}; use algo.compile=true")
@@ -54,5 +53,3 @@ def apply_speed_options(unet: nn.Module, channels_last: bool, compile: object, b
             block.compile(backend=backend)
         log.info("torch.compile (%s): %d UNet blocks (%s); the first calls of each shape compile", backend,
                  len(blocks), ", ".join(REGIONAL_BLOCKS))
-        return len(blocks)
-    return 0
