@@ -1,18 +1,18 @@
 #!/usr/bin/env bash
-# The GPU figures issue 5 still needs, in one run of about 9 minutes on an H100/H200 (give the device call a
-# timeout near 590 s). Each log goes to ${OUT:-/tmp}
-# as soon as its step ends, and the least needed step runs last, so a run cut short keeps the rest:
-#   1. the tests that need CUDA;
-#   2. unet_mfu.py, eager: the LoRA training forward+backward at 32 and 64 rows, cuDNN autotuning ("bm"), and
-#      sampling forwards of 32 and 64 rows (algo.sample_batch_size changes no sample: tested);
-#   3. epoch.py at the issue's settings, T = 50 and the reference per-GPU batch (8 x 4 prompt pairs, LoRA r4, bf16),
+# The GPU figures issue 5 still needs, most needed first (give the device call a timeout near 590 s; steps 3-4
+# need a second call). Each log goes to ${OUT:-/tmp} as soon as its step ends, so a run cut short keeps the rest:
+#   1. the tests that need CUDA, among them the background scorer on a CUDA side stream (algo.overlap_scoring);
+#   2. epoch.py at the issue's settings, T = 50 and the reference per-GPU batch (8 x 4 prompt pairs, LoRA r4, bf16),
 #      trained in micro-batches of 16 pairs (the same update as the reference's 2 x 8, tested) and sampled 16 prompts
 #      per call (no sample changes, tested), so that both UNet calls have 32 rows: torch.compile marks a dimension
 #      dynamic once it sees it change, and one shape keeps both graphs static. The whole UNet compiled, NCHW
-#      weights, cuDNN autotuning: per-phase times, overhead ratio and the training phase's MFU
-#      (target 30%). Two graphs compile (sampling, training; about 2 min each on an H100) in the warm-up iteration,
-#      then two iterations of about 40 s run;
-#   4. unet_mfu.py: regional compilation at 32 rows (its compile time and speed against step 3's), if time is left.
+#      weights, cuDNN autotuning: per-phase times, overhead ratio and the training phase's MFU (target 30%).
+#      When step 1 passed, the first 16 prompts are scored while the next 16 sample (algo.overlap_scoring=true);
+#      "sampling + rewards" against its primitives then says what the overlap hid. Two graphs compile (sampling,
+#      training; about 2 min each on an H100) in the warm-up iteration, then two iterations of about 40 s run;
+#   3. unet_mfu.py, eager: the LoRA training forward+backward at 32 and 64 rows, cuDNN autotuning ("bm"), and
+#      sampling forwards of 32 and 64 rows (algo.sample_batch_size changes no sample: tested);
+#   4. unet_mfu.py: regional compilation at 32 rows (its compile time and speed against step 2's).
 # The reference micro-batch of 2 (11.9 GiB peak, overhead ratio 1.15 at T = 5) and the eager / channels_last sweep
 # were measured on 2026-11-26 (benchmarks/README.md) and are not repeated.
 # Packages the machine lacks can be put as wheels in .whl/ (installed with --no-deps into a scratch site dir).
@@ -28,12 +28,16 @@ quiet() { grep -v -i -E "warn|kept in float32|originates from|is_torch_version|^
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
 python3 -c "import torch, diffusers, transformers; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__)" | tee -a "$out/gpu.txt"
 timeout 90 python3 -m pytest -q -p no:cacheprovider tests/unit/test_model_rewards.py tests/unit/test_steps.py \
-  > "$out/pytest_cuda.log" 2>&1; tail -1 "$out/pytest_cuda.log"
+  "tests/integration/test_overlap.py::test_background_scorer_on_each_device" > "$out/pytest_cuda.log" 2>&1
+tests_rc=$?
+tail -1 "$out/pytest_cuda.log"
+overlap=(algo.overlap_scoring=false)
+if [ "$tests_rc" -eq 0 ]; then overlap=(algo.overlap_scoring=true); fi
+echo "=== epoch.py: T = 50, micro-batch 16, compile, cuDNN autotuning, ${overlap[*]}"
+timeout 470 python3 benchmarks/epoch.py --preset sd_turbo --models "$models" --warmup 1 --iterations 1 --repeats 3 \
+  algo.num_steps=50 algo.micro_batch_pairs=16 algo.gradient_accumulation_steps=1 algo.sample_batch_size=16 \
+  algo.compile=true trainer.benchmark=true "${overlap[@]}" > "$out/epoch_t50_micro16_compile.log" 2>&1
+grep -v -i warn "$out/epoch_t50_micro16_compile.log" | sed -n '/SDPO iteration benchmark/,$p'
 timeout 150 python3 benchmarks/unet_mfu.py train:32 train:32:bm train:64 train:64:bm sample:16:bm sample:32 sample:64 2>&1 | quiet \
   | tee "$out/unet_mfu.log"
-echo "=== epoch.py: T = 50, micro-batch 16, compile, cuDNN autotuning"
-timeout 480 python3 benchmarks/epoch.py --preset sd_turbo --models "$models" --warmup 1 --iterations 1 --repeats 3 \
-  algo.num_steps=50 algo.micro_batch_pairs=16 algo.gradient_accumulation_steps=1 algo.sample_batch_size=16 \
-  algo.compile=true trainer.benchmark=true > "$out/epoch_t50_micro16_compile.log" 2>&1
-grep -v -i warn "$out/epoch_t50_micro16_compile.log" | sed -n '/SDPO iteration benchmark/,$p'
 timeout 150 python3 benchmarks/unet_mfu.py train:32:bm:regional 2>&1 | quiet | tee "$out/unet_mfu_regional.log"

@@ -62,6 +62,13 @@ def validate_config(cfg: DictConfig) -> None:
     need(cfg.optim.lr > 0, f"optim.lr={cfg.optim.lr}: must be > 0")
     need(cfg.data.prompts_per_batch >= 1 and cfg.data.batches_per_epoch >= 1,
          "data.prompts_per_batch and data.batches_per_epoch must be >= 1")
+    overlap = a.get("overlap_scoring", False)
+    need(isinstance(overlap, bool), f"algo.overlap_scoring={overlap!r}: use true or false")
+    need(overlap is not True or a.sample_batch_size < cfg.data.prompts_per_batch,
+         f"algo.overlap_scoring=true overlaps scoring a chunk of algo.sample_batch_size prompts with sampling the "
+         f"next, but algo.sample_batch_size={a.sample_batch_size} covers all data.prompts_per_batch="
+         f"{cfg.data.prompts_per_batch}: set algo.sample_batch_size lower, e.g. "
+         f"{max(1, cfg.data.prompts_per_batch // 2)}, or algo.overlap_scoring=false")
     try:
         compile_mode(a.get("compile"))
     except ValueError as error:

@@ -15,6 +15,7 @@ processes with n pairs each and micro-batch m train exactly like one process wit
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from contextlib import nullcontext
 from typing import Any
 
@@ -28,11 +29,12 @@ from sdpo.algo.advantages import PerStepPromptStatTracker, discounted_returns
 from sdpo.algo.losses import sdpo_loss, temporal_weights
 from sdpo.algo.shuffle import sharded_update_order, update_groups
 from sdpo.data import iteration_seed
+from sdpo.overlap import BackgroundScorer
 from sdpo.policy.checks import deferred_checks, require_not
 from sdpo.policy.conditioning import Conditioning, encode_prompts
 from sdpo.policy.loading import TINY, TinySpec, ensure_tiny_pipeline, load_components
 from sdpo.policy.lora import make_trainable
-from sdpo.policy.rollout import PairTrajectories, sample_pairs, transition_log_prob
+from sdpo.policy.rollout import PairTrajectories, sample_pair_chunks, transition_log_prob
 from sdpo.policy.speed import apply_speed_options
 from sdpo.policy.steps import make_policy_scheduler, timestep_schedule
 from sdpo.rewards import build_reward
@@ -146,10 +148,16 @@ class SDPOModule(L.LightningModule):
 
     # ------------------------------------------------------------------------------------ the phases
     def sample(self, prompts: list[str]) -> PairTrajectories:
-        """Phase 1: roll out one pair per prompt, ``sample_batch_size`` prompts per UNet call.
+        """Phase 1: roll out one pair per prompt, ``sample_batch_size`` prompts per UNet call."""
+        chunks = list(self.sample_chunks(prompts))
+        return chunks[0] if len(chunks) == 1 else PairTrajectories.concat(chunks)
+
+    def sample_chunks(self, prompts: list[str]) -> Iterator[PairTrajectories]:
+        """Phase 1, a chunk of ``sample_batch_size`` prompts at a time, each yielded when all its steps are done.
 
         The noise is one (seed, epoch) stream over the global batch in global pair order; this rank draws and
-        drops the other ranks' rows (``sample_pairs``), so its pairs get the noise they would get in one process.
+        drops the other ranks' rows (``sample_pair_chunks``), so its pairs get the noise they would get in one
+        process, whatever the chunk size.
         """
         a = self.algo_cfg
         rank, world = self._rank_and_world()
@@ -163,22 +171,58 @@ class SDPOModule(L.LightningModule):
                            self.model_cfg.get("guidance_scale"))
             for start in range(0, num_pairs, a["sample_batch_size"])
         ])
-        return sample_pairs(self.unet, self.scheduler, prompts, cond, self.timesteps, self.latent_shape, a["eta"],
-                            generator, step_kind=self.step_kind, unet_batch_size=a["sample_batch_size"],
-                            others=(rank * num_pairs, (world - 1 - rank) * num_pairs))
+        return sample_pair_chunks(self.unet, self.scheduler, prompts, cond, self.timesteps, self.latent_shape,
+                                  a["eta"], generator, step_kind=self.step_kind,
+                                  unet_batch_size=a["sample_batch_size"],
+                                  others=(rank * num_pairs, (world - 1 - rank) * num_pairs))
 
-    def score(self, traj: PairTrajectories, timings: dict[str, float] | None = None) -> PairRewards:
+    def score(self, traj: PairTrajectories, timings: dict[str, float] | None = None,
+              first_pair: int | None = None) -> PairRewards:
         """Phase 2: dense rewards from a few exact reward queries per trajectory (random anchors per global
-        trajectory index)."""
+        trajectory index; ``first_pair``: the global index of ``traj``'s first pair, by default that of this
+        rank's whole batch)."""
         d = self.algo_cfg["dense"]
         generators = None
         if d["anchor"] == "random":
-            first = 2 * self._pair_offset(traj.num_pairs)
+            first = 2 * (self._pair_offset(traj.num_pairs) if first_pair is None else first_pair)
             generators = self._generators(QUERY_STREAM, first, 2 * traj.num_pairs, "cpu")
         return score_pairs(
             traj, self.vae, self.latent_scale, self.reward_fn, d["anchor"], d["num_anchors"],
             d["include_endpoints"], generators, self.algo_cfg["decode_batch_size"], timings=timings,
         )
+
+    def sample_and_score(self, prompts: list[str], timings: dict[str, float]) -> tuple[PairTrajectories,
+                                                                                        PairRewards]:
+        """Phases 1 and 2. With ``algo.overlap_scoring`` each chunk of ``sample_batch_size`` prompts is decoded
+        and scored in the background (``sdpo.overlap``) while the next chunk samples; the results are the same.
+
+        Fills ``timings`` with "sampling" and "rewards" wall seconds (with overlap, "rewards" is only the scoring
+        left after the last chunk sampled) and the decode and reward-model seconds ("decode", "reward_model").
+        """
+        tic = self._lap(timings, None, 0.0)
+        if not self.algo_cfg.get("overlap_scoring", False):
+            traj = self.sample(prompts)
+            tic = self._lap(timings, "sampling", tic)
+            parts: dict[str, float] = {}
+            rewards = self.score(traj, parts)
+            self._lap(timings, "rewards", tic)  # decode + reward model + interpolation
+            timings["decode"], timings["reward_model"] = parts["decode"], parts["reward"]
+            return traj, rewards
+        chunks: list[PairTrajectories] = []
+        first_pair = self._pair_offset(len(prompts))  # global index of the next chunk's first pair
+        with BackgroundScorer(self.score, self.device) as scorer:
+            for chunk in self.sample_chunks(prompts):
+                scorer.submit(chunk, first_pair)
+                first_pair += chunk.num_pairs
+                chunks.append(chunk)
+            # each chunk's NaN check has synced this stream with its sampling: the clock reads sampling alone
+            timings["sampling"] = time.perf_counter() - tic
+            tic = time.perf_counter()
+            traj = chunks[0] if len(chunks) == 1 else PairTrajectories.concat(chunks)
+            rewards = scorer.results()
+        self._lap(timings, "rewards", tic)
+        timings["decode"], timings["reward_model"] = scorer.timings["decode"], scorer.timings["reward"]
+        return traj, rewards
 
     def advantages(self, prompts: list[str], dense: Tensor) -> Tensor:
         """Phase 3: returns-to-go, normalised per (prompt, step) over the batch gathered from all ranks.
@@ -312,14 +356,8 @@ class SDPOModule(L.LightningModule):
     def training_step(self, batch: list[str], batch_idx: int) -> None:
         prompts = list(batch)
         timings: dict[str, float] = {}
+        traj, rewards = self.sample_and_score(prompts, timings)
         tic = self._lap(timings, None, 0.0)
-        traj = self.sample(prompts)
-        tic = self._lap(timings, "sampling", tic)
-
-        parts: dict[str, float] = {}
-        rewards = self.score(traj, parts)
-        tic = self._lap(timings, "rewards", tic)  # decode + reward model + interpolation
-        timings["decode"], timings["reward_model"] = parts["decode"], parts["reward"]
 
         adv = self.advantages(prompts, rewards.dense)
         tic = self._lap(timings, "advantages", tic)

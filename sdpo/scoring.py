@@ -32,11 +32,37 @@ class PairRewards:
     # a multi-reward's unweighted parts: name -> (1-step scores [P], T-step scores [P, 2])
     components: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)
 
+    @staticmethod
+    def concat(parts: list[PairRewards]) -> PairRewards:
+        """Join the rewards of consecutive chunks of pairs (scored one chunk at a time) into one batch."""
+        return PairRewards(
+            dense=torch.cat([part.dense for part in parts]),
+            query_steps=torch.cat([part.query_steps for part in parts]),
+            num_queries=sum(part.num_queries for part in parts),
+            first_images=torch.cat([part.first_images for part in parts]),
+            last_images=torch.cat([part.last_images for part in parts]),
+            components={name: (torch.cat([part.components[name][0] for part in parts]),
+                               torch.cat([part.components[name][1] for part in parts]))
+                        for name in parts[0].components},
+        )
+
+    def tensors(self) -> list[Tensor]:
+        """Every tensor it holds (for handing them from one CUDA stream to another)."""
+        parts = [t for pair in self.components.values() for t in pair]
+        return [self.dense, self.query_steps, self.first_images, self.last_images, *parts]
+
 
 def synchronize(device: torch.device) -> None:
     """Wait for queued GPU work, so a phase's wall time is its own (only when timings are asked for)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def synchronize_stream(device: torch.device) -> None:
+    """Wait for the work queued on the current CUDA stream only: scoring on a side stream times itself without
+    waiting for the sampling that runs beside it (``sdpo.overlap``)."""
+    if device.type == "cuda":
+        torch.cuda.current_stream(device).synchronize()
 
 
 @torch.no_grad()
@@ -87,11 +113,11 @@ def score_pairs(
     latents = x0[query_rows, query_steps]  # [Q, C, H, W]
     prompts = [traj.prompts[r // 2] for r, _ in queried]
     if timings is not None:
-        synchronize(x0.device)
+        synchronize_stream(x0.device)
         tic = time.perf_counter()
     images = decode_latents(vae, latents, latent_scale, batch_size)  # [Q, 3, H, W]
     if timings is not None:
-        synchronize(x0.device)
+        synchronize_stream(x0.device)
         timings["decode"] = time.perf_counter() - tic
         tic = time.perf_counter()
     chunks, parts = [], []
@@ -100,7 +126,7 @@ def score_pairs(
         parts.append(dict(getattr(reward_fn, "last_components", None) or {}))
     scores = torch.cat(chunks).float()  # [Q]
     if timings is not None:
-        synchronize(scores.device)
+        synchronize_stream(scores.device)
         timings["reward"] = time.perf_counter() - tic
 
     index = torch.tensor([[keys[key(r, s)] for s in steps] for r, steps in enumerate(plan_rows)])  # [N, K]

@@ -7,7 +7,7 @@ each check is queued as a device-side flag instead, and the block's end evaluate
 raising the first failure with the same message it would have raised at once. Outside the block (a user calling
 a step function directly), checks run immediately.
 
-The code that defers (``sample_pairs``: one check per rollout; ``SDPOModule``: one per optimizer step) closes the
+The code that defers (``sample_pair_chunks``: one check per chunk; ``SDPOModule``: one per optimizer step) closes the
 block before anything consumes the checked values (the optimizer step, the rewards), so a failure still stops the
 run before it does damage, and names where the NaN arose.
 """

@@ -10,6 +10,7 @@ consistency models, ``scheduler`` an LCMScheduler; x̂0 is then the LCM's denois
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -59,13 +60,50 @@ def predict_model_output(unet: UNet2DConditionModel, latents: Tensor, timesteps:
 
 
 def _drop_rows(generator: torch.Generator, rows: int, shape: tuple[int, ...]) -> None:
-    """Advance ``generator`` past ``rows`` noise rows, one draw per row exactly as the policy step draws them."""
+    """Advance ``generator`` past ``rows`` noise rows, one draw per row exactly as ``draw_rollout_noise`` draws."""
     for _ in range(rows):
         torch.randn(shape, generator=generator, device=generator.device, dtype=torch.float32)
 
 
+@dataclass
+class RolloutNoise:
+    """All the noise of one rollout of P pairs, drawn before the first UNet call."""
+
+    start: Tensor  # [P, C, H, W] x_T of each pair (shared by its trajectories a and b)
+    steps: Tensor  # [T, 2P, C, H, W] z of each step's action; rows (2p, 2p+1) = trajectories a, b of pair p
+
+
+def draw_rollout_noise(
+    generator: torch.Generator,
+    num_pairs: int,
+    num_steps: int,
+    latent_shape: tuple[int, int, int],
+    device: torch.device | str,
+    others: tuple[int, int] = (0, 0),
+) -> RolloutNoise:
+    """The rollout's noise, in the stream's global order: x_T of every pair of the global batch in one draw, then
+    at each step one draw per trajectory row (2 per pair) of the global batch.
+
+    ``others`` = (pairs before, pairs after) these in the global batch: their rows are drawn and dropped, so a
+    pair's noise depends only on its global index. Drawing up front (T x 2P latents, a few hundred MB at SD-Turbo
+    sizes, T = 50) frees the order in which pairs are rolled out: a chunk of pairs can finish all its steps, and be
+    scored, while the next chunk samples, without changing any sample.
+    """
+    before, after = others
+    start = torch.randn((before + num_pairs + after, *latent_shape), generator=generator, device=generator.device,
+                        dtype=torch.float32)[before : before + num_pairs].to(device)
+    steps = []
+    for _ in range(num_steps):
+        _drop_rows(generator, 2 * before, latent_shape)
+        rows = [torch.randn(latent_shape, generator=generator, device=generator.device, dtype=torch.float32)
+                for _ in range(2 * num_pairs)]
+        steps.append(torch.stack(rows).to(device))
+        _drop_rows(generator, 2 * after, latent_shape)
+    return RolloutNoise(start=start, steps=torch.stack(steps))
+
+
 @torch.no_grad()
-def sample_pairs(
+def sample_pair_chunks(
     unet: UNet2DConditionModel,
     scheduler: DDIMScheduler | LCMScheduler,
     prompts: list[str],
@@ -78,42 +116,50 @@ def sample_pairs(
     step_kind: str = "ddim",
     unet_batch_size: int | None = None,
     others: tuple[int, int] = (0, 0),
-) -> PairTrajectories:
-    """Roll out one pair per prompt. Trajectories a and b share x_T and differ only in the per-step noise.
+) -> Iterator[PairTrajectories]:
+    """Roll out one pair per prompt, ``unet_batch_size`` prompts (2 UNet rows each) at a time, and yield each such
+    chunk as soon as it has run all T steps, so its rewards can be computed while the next chunk samples.
 
-    The noise is one stream in global order: x_T of every pair of the global batch in one draw, then at each step
-    one row per trajectory (2 per pair). ``others`` = (pairs before, pairs after) this batch in a global batch
-    whose other pairs other processes sample: their rows are drawn and dropped, so a pair's noise depends only on
-    its global index and W processes equal one process with the whole batch. ``unet_batch_size`` pairs go through
-    each UNet call (the step math runs on all rows at once), so the batch split does not change the noise either.
-    ``eta`` applies to the DDIM step only (the LCM step's noise is set by its schedule).
+    Trajectories a and b of a pair share x_T and differ only in the per-step noise. All noise comes from
+    ``draw_rollout_noise`` (see there for ``others``), so neither the chunk size nor the number of processes
+    changes any sample. ``eta`` applies to the DDIM step only (the LCM step's noise is set by its schedule). The
+    steps' NaN checks are evaluated at the end of each chunk (one host sync), before anyone reads its latents.
     """
     num_prompts = len(prompts)
-    before, after = others
     device = cond.hidden_states.device
-    shared_noise = torch.randn(
-        (before + num_prompts + after, *latent_shape), generator=generator, device=generator.device,
-        dtype=torch.float32,
-    )[before : before + num_prompts].to(device)
-    x = shared_noise.repeat_interleave(2, dim=0)  # [2P, C, H, W], rows (2p, 2p+1) = pair p
+    noise = draw_rollout_noise(generator, num_prompts, len(timesteps), latent_shape, device, others)
+    per_call = unet_batch_size or num_prompts
+    for first in range(0, num_prompts, per_call):
+        last = min(first + per_call, num_prompts)
+        part_cond = cond if last - first == num_prompts else cond.select(torch.arange(first, last))
+        yield _roll_out_chunk(unet, scheduler, prompts[first:last], part_cond, timesteps,
+                              noise.start[first:last], noise.steps[:, 2 * first : 2 * last], eta, latent_dtype,
+                              step_kind)
+
+
+def _roll_out_chunk(
+    unet: UNet2DConditionModel,
+    scheduler: DDIMScheduler | LCMScheduler,
+    prompts: list[str],
+    cond: Conditioning,
+    timesteps: Tensor,
+    start_noise: Tensor,
+    step_noise: Tensor,
+    eta: float,
+    latent_dtype: torch.dtype,
+    step_kind: str,
+) -> PairTrajectories:
+    """All T steps of P pairs in one UNet call per step; ``start_noise`` [P, ...], ``step_noise`` [T, 2P, ...]."""
+    num_prompts = len(prompts)
+    device = cond.hidden_states.device
+    x = start_noise.repeat_interleave(2, dim=0)  # [2P, C, H, W], rows (2p, 2p+1) = pair p
     pair_cond = cond.repeat_pairs()  # [2P, ...]
-    rows, per_call = x.shape[0], 2 * (unet_batch_size or num_prompts)
-    calls = []  # UNet batches: a row slice and its conditioning
-    for start in range(0, rows, per_call):
-        stop = min(start + per_call, rows)
-        part_cond = pair_cond if stop - start == rows else pair_cond.select(torch.arange(start, stop))
-        calls.append((slice(start, stop), part_cond))
-    step_generators = [generator] * rows  # one draw per row, in row order
     latents, x0s, log_probs = [x], [], []
     with deferred_checks():  # the steps' timestep and NaN checks: one host sync at the end, not ~5 per step
-        for t in timesteps:
-            t_batch = t.expand(rows).to(device)
-            outputs = [predict_model_output(unet, x[part].to(latent_dtype), t_batch[part], part_cond)
-                       for part, part_cond in calls]
-            model_output = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
-            _drop_rows(generator, 2 * before, latent_shape)
-            step = policy_step(step_kind, scheduler, model_output, t_batch, x, eta, generator=step_generators)
-            _drop_rows(generator, 2 * after, latent_shape)
+        for i, t in enumerate(timesteps):
+            t_batch = t.expand(x.shape[0]).to(device)
+            model_output = predict_model_output(unet, x.to(latent_dtype), t_batch, pair_cond)
+            step = policy_step(step_kind, scheduler, model_output, t_batch, x, eta, variance_noise=step_noise[i])
             x = step.prev_sample
             latents.append(x)
             x0s.append(step.pred_original_sample)
@@ -130,6 +176,26 @@ def sample_pairs(
         x0_latents=pairs(torch.stack(x0s, dim=1)),
         log_probs=pairs(torch.stack(log_probs, dim=1)),
     )
+
+
+def sample_pairs(
+    unet: UNet2DConditionModel,
+    scheduler: DDIMScheduler | LCMScheduler,
+    prompts: list[str],
+    cond: Conditioning,
+    timesteps: Tensor,
+    latent_shape: tuple[int, int, int],
+    eta: float,
+    generator: torch.Generator,
+    latent_dtype: torch.dtype = torch.float32,
+    step_kind: str = "ddim",
+    unet_batch_size: int | None = None,
+    others: tuple[int, int] = (0, 0),
+) -> PairTrajectories:
+    """Every chunk of ``sample_pair_chunks`` (same arguments), joined into one batch of pairs."""
+    chunks = list(sample_pair_chunks(unet, scheduler, prompts, cond, timesteps, latent_shape, eta, generator,
+                                     latent_dtype, step_kind, unet_batch_size, others))
+    return chunks[0] if len(chunks) == 1 else PairTrajectories.concat(chunks)
 
 
 def transition_log_prob(

@@ -251,6 +251,19 @@ def _draw_noise(
     return torch.stack(per_sample)  # [B, ...]
 
 
+def _noise(
+    sample: Tensor, variance_noise: Tensor | None, generator: torch.Generator | Sequence[torch.Generator] | None
+) -> Tensor:
+    """The z of a sampled action: the caller's ``variance_noise`` (shape-checked), else a fresh draw."""
+    if variance_noise is None:
+        return _draw_noise(sample.shape, sample.device, generator)
+    if variance_noise.shape != sample.shape:
+        raise ValueError(f"variance_noise has shape {tuple(variance_noise.shape)}, the sample {tuple(sample.shape)}")
+    if generator is not None:
+        raise ValueError("pass either variance_noise or generator, not both")
+    return variance_noise.to(device=sample.device, dtype=torch.float32)
+
+
 # -------------------------------------------------------------------------------------------------- step
 
 
@@ -262,10 +275,12 @@ def ddim_step_with_logprob(
     eta: float = 1.0,
     prev_sample: Tensor | None = None,
     generator: torch.Generator | Sequence[torch.Generator] | None = None,
+    variance_noise: Tensor | None = None,
 ) -> StepOutput:
     """One stochastic DDIM step and the log-prob of its action.
 
-    Sampling: leave ``prev_sample`` None and x_{t-1} = mu + sigma * z is drawn. Training: pass the recorded
+    Sampling: leave ``prev_sample`` None and x_{t-1} = mu + sigma * z is drawn (z = ``variance_noise`` when given,
+    as in diffusers, else drawn with ``generator``). Training: pass the recorded
     ``prev_sample`` to get its log-prob under the current ``model_output`` (gradients flow through mu only;
     the action is treated as a constant, as a policy gradient requires).
 
@@ -312,7 +327,7 @@ def ddim_step_with_logprob(
         mean = alpha_prev.sqrt() * x0 + direction  # [B, ...]
 
         if prev_sample is None:
-            prev_sample = mean + std_dev * _draw_noise(sample.shape, device, generator)
+            prev_sample = mean + std_dev * _noise(sample, variance_noise, generator)
         else:
             prev_sample = prev_sample.to(device=device, dtype=torch.float32)
 
@@ -386,6 +401,7 @@ def lcm_step_with_logprob(
     sample: Tensor,
     prev_sample: Tensor | None = None,
     generator: torch.Generator | Sequence[torch.Generator] | None = None,
+    variance_noise: Tensor | None = None,
 ) -> StepOutput:
     """One LCM step as a Gaussian policy (RLCM) and the log-prob of its action.
 
@@ -397,7 +413,8 @@ def lcm_step_with_logprob(
     from ``pred_original_sample`` (= denoised), exactly what diffusers' pipeline outputs.
 
     ``timestep`` may be an int, a 0-d tensor or a [B] tensor (each must be in ``scheduler.timesteps``). Pass the
-    recorded ``prev_sample`` to score it (gradients flow through the mean only). fp32 with autocast off.
+    recorded ``prev_sample`` to score it (gradients flow through the mean only); ``variance_noise`` is the z of a
+    sampled action, as for the DDIM step. fp32 with autocast off.
     """
     config = scheduler.config
     _check_step_inputs(config, "lcm_step_with_logprob", model_output, sample, prev_sample)
@@ -424,7 +441,7 @@ def lcm_step_with_logprob(
         mean = alpha_prev.sqrt() * denoised
         std_dev = (1 - alpha_prev).sqrt()  # [B, 1, ...]
         if prev_sample is None:
-            prev_sample = mean + std_dev * _draw_noise(sample.shape, device, generator)
+            prev_sample = mean + std_dev * _noise(sample, variance_noise, generator)
         else:
             prev_sample = prev_sample.to(device=device, dtype=torch.float32)
         log_prob = gaussian_log_prob(prev_sample.detach(), mean, std_dev)
@@ -450,15 +467,16 @@ def policy_step(
     eta: float = 1.0,
     prev_sample: Tensor | None = None,
     generator: torch.Generator | Sequence[torch.Generator] | None = None,
+    variance_noise: Tensor | None = None,
 ) -> StepOutput:
     """``ddim_step_with_logprob`` (step_kind "ddim", uses ``eta``) or ``lcm_step_with_logprob`` ("lcm", whose
     noise level is fixed by the schedule, so ``eta`` is ignored)."""
     if step_kind == "ddim":
         return ddim_step_with_logprob(scheduler, model_output, timestep, sample, eta=eta,
-                                      prev_sample=prev_sample, generator=generator)
+                                      prev_sample=prev_sample, generator=generator, variance_noise=variance_noise)
     if step_kind == "lcm":
         if not isinstance(scheduler, LCMScheduler):
             raise TypeError(f"the LCM step needs an LCMScheduler, got {type(scheduler).__name__}")
         return lcm_step_with_logprob(scheduler, model_output, timestep, sample, prev_sample=prev_sample,
-                                     generator=generator)
+                                     generator=generator, variance_noise=variance_noise)
     raise ValueError(f"step kind must be one of {list(STEP_KINDS)}, got {step_kind!r}")

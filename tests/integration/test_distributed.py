@@ -7,8 +7,10 @@ callback (``rank_probe.RankProbe``) saves every rank's prompts, images, tracker 
 
 How the 1-process reference sees the same global batch: 2 x 4 prompts per iteration (data.py gives rank r the slice
 r of one global draw), the same sampling and decode batch shapes as one rank (so every pair is computed
-identically), ``algo.shuffle_shards=2`` and a 2x micro-batch (so each micro-batch holds exactly the pairs that the
-two ranks train together; DDP's gradient average is its mean). AdamW runs with ``eps=1``: with the usual 1e-8,
+identically; the reference scores its first 4 pairs in the background while the next 4 sample, and random query
+anchors keyed by global trajectory index make both chunks draw what the two ranks draw), ``algo.shuffle_shards=2``
+and a 2x micro-batch (so each micro-batch holds exactly the pairs that the two ranks train together; DDP's
+gradient average is its mean). AdamW runs with ``eps=1``: with the usual 1e-8,
 Adam's m/sqrt(v) turns rounding noise in near-zero gradients (summed in another order by the all-reduce) into
 full ±lr steps; with eps=1 the update is a smooth function of the gradient and the comparison is tight.
 """
@@ -31,11 +33,13 @@ EPOCHS = 2  # iterations of the 2-process run
 COMMON = [
     "model.lora.enabled=true", "optim.lr=0.1", "optim.eps=1.0", "algo.tracker.min_count=2",
     "algo.tracker.buffer_size=4", "algo.decode_batch_size=4", "algo.gradient_accumulation_steps=2",
+    "algo.dense.anchor=random",
     "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "++callbacks.eval=null",
 ]
 PER_RANK = ["data.prompts_per_batch=4", "algo.micro_batch_pairs=1"]  # 4 pairs, optimizer steps of 2 x 1 pairs
 ONE_PROCESS = ["data.prompts_per_batch=8", "algo.sample_batch_size=4", "algo.micro_batch_pairs=2",
-               "algo.shuffle_shards=2"]  # the same global batch and micro-batches in one process
+               "algo.shuffle_shards=2",  # the same global batch and micro-batches in one process
+               "algo.overlap_scoring=true"]  # each rank's 4 pairs scored while the next 4 sample: the same pairs
 
 
 def probe(dirpath: Path) -> list[str]:

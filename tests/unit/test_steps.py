@@ -72,6 +72,10 @@ def test_matches_diffusers_ddim_step(prediction_type: str, spacing: str, num_ste
             got.pred_original_sample, expected.pred_original_sample, atol=1e-5 * max(scale0, 1), rtol=1e-5
         )
 
+        # the rollout's path: the same z handed over as diffusers' variance_noise gives diffusers' action
+        given = ddim_step_with_logprob(ours, out, t, x, eta=eta, variance_noise=z)
+        torch.testing.assert_close(given.prev_sample, expected.prev_sample, atol=1e-5 * max(scale, 1), rtol=1e-5)
+
         # scoring path: diffusers' action must get the log-prob that its noise z implies
         scored = ddim_step_with_logprob(ours, out, t, x, eta=eta, prev_sample=expected.prev_sample)
         # diffusers' own variance; a negative prev uses final_alpha_cumprod = ᾱ_0 (set_alpha_to_one=False)
@@ -277,6 +281,12 @@ def test_errors() -> None:
 
     with pytest.raises(ValueError, match="timestep"):
         ddim_step_with_logprob(sched, out, torch.tensor([999, 749]), x)
+
+    with pytest.raises(ValueError, match=r"variance_noise has shape \(3, 4, 4, 4\), the sample \(3, 4, 8, 8\)"):
+        ddim_step_with_logprob(sched, out, timesteps[0], x, variance_noise=randn(3, 4, 4, 4, seed=3))
+    with pytest.raises(ValueError, match="either variance_noise or generator"):
+        ddim_step_with_logprob(sched, out, timesteps[0], x, variance_noise=randn(*SHAPE, seed=3),
+                               generator=torch.Generator())
 
 
 def test_step_output_fields() -> None:
