@@ -64,11 +64,12 @@ def validate_config(cfg: DictConfig) -> None:
          "data.prompts_per_batch and data.batches_per_epoch must be >= 1")
     overlap = a.get("overlap_scoring", False)
     need(isinstance(overlap, bool), f"algo.overlap_scoring={overlap!r}: use true or false")
-    need(overlap is not True or a.sample_batch_size < cfg.data.prompts_per_batch,
+    pairs = cfg.data.prompts_per_batch * cfg.data.batches_per_epoch  # one iteration's pairs per rank
+    need(overlap is not True or a.sample_batch_size < pairs,
          f"algo.overlap_scoring=true overlaps scoring a chunk of algo.sample_batch_size prompts with sampling the "
-         f"next, but algo.sample_batch_size={a.sample_batch_size} covers all data.prompts_per_batch="
-         f"{cfg.data.prompts_per_batch}: set algo.sample_batch_size lower, e.g. "
-         f"{max(1, cfg.data.prompts_per_batch // 2)}, or algo.overlap_scoring=false")
+         f"next, but algo.sample_batch_size={a.sample_batch_size} covers all {pairs} prompts of an iteration "
+         f"(data.prompts_per_batch x data.batches_per_epoch): set algo.sample_batch_size lower, e.g. "
+         f"{max(1, pairs // 2)}, or algo.overlap_scoring=false")
     try:
         compile_mode(a.get("compile"))
     except ValueError as error:

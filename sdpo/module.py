@@ -14,6 +14,7 @@ processes with n pairs each and micro-batch m train exactly like one process wit
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterator
 from contextlib import nullcontext
@@ -39,6 +40,8 @@ from sdpo.policy.speed import apply_speed_options
 from sdpo.policy.steps import make_policy_scheduler, timestep_schedule
 from sdpo.rewards import build_reward
 from sdpo.scoring import PairRewards, score_pairs, synchronize
+
+log = logging.getLogger(__name__)
 
 # Independent random streams per (seed, epoch, global index): derived, never stored, so resume is exact by
 # construction and the result does not depend on how the global batch is split over processes.
@@ -126,6 +129,11 @@ class SDPOModule(L.LightningModule):
         return torch.optim.AdamW(
             params, lr=o["lr"], betas=tuple(o["betas"]), weight_decay=o["weight_decay"], eps=o["eps"]
         )
+
+    def on_fit_start(self) -> None:
+        if self.algo_cfg.get("overlap_scoring") and self.device.type == "cpu" and self.global_rank == 0:
+            log.warning("algo.overlap_scoring on CPU: the scoring thread and sampling share the cores (2 cores, 2 "
+                        "torch threads: sampling ran 1.75x slower, benchmarks/README.md); it is meant for GPUs")
 
     def on_train_epoch_start(self) -> None:
         # Lightning switches every submodule to train mode; the frozen parts must stay deterministic.

@@ -43,7 +43,7 @@ class DecodeProbe(Callback):
         pl_module.vae.decoder.register_forward_pre_hook(record)
 
 
-def test_overlapped_scoring_equals_scoring_after_sampling(tmp_path, cache_dir):
+def test_overlapped_scoring_equals_scoring_after_sampling(tmp_path, cache_dir, caplog):
     runs = {}
     for overlap in (False, True):
         overrides = [*BASE, f"algo.overlap_scoring={str(overlap).lower()}",
@@ -52,6 +52,7 @@ def test_overlapped_scoring_equals_scoring_after_sampling(tmp_path, cache_dir):
         runs[overlap] = (trainable_state(trainer.lightning_module), read_metrics(tmp_path / str(overlap)),
                          DecodeProbe.of(trainer))
     (plain, plain_rows, plain_probe), (overlapped, rows, probe) = runs[False], runs[True]
+    assert caplog.text.count("algo.overlap_scoring on CPU") == 1  # said once, for the overlapped run
     assert probe.calls and {name.startswith("sdpo-scoring") for name, _ in probe.calls} == {True}
     assert {name.startswith("sdpo-scoring") for name, _ in plain_probe.calls} == {False}
     assert all(autocast for _, autocast in probe.calls + plain_probe.calls)  # bf16 on the worker too
@@ -66,10 +67,13 @@ def test_overlapped_scoring_equals_scoring_after_sampling(tmp_path, cache_dir):
 
 def test_overlap_without_a_second_chunk_is_refused(tmp_path):
     cfg = compose(["data.prompts_per_batch=4", "algo.overlap_scoring=true"], tmp_path, tmp_path)
-    with pytest.raises(ConfigError, match=r"algo.sample_batch_size=4 covers all data.prompts_per_batch=4.*e\.g\. 2"):
+    with pytest.raises(ConfigError, match=r"algo.sample_batch_size=4 covers all 4 prompts of an iteration.*e\.g\. 2"):
         validate_config(cfg)
     validate_config(compose(["data.prompts_per_batch=4", "algo.overlap_scoring=true", "algo.sample_batch_size=3"],
                             tmp_path, tmp_path))
+    # the reference experiment: 8 prompts x 4 sampling batches per iteration, so chunks of 16 leave a second one
+    validate_config(compose(["+experiment=sd_turbo_aesthetic", "algo.overlap_scoring=true",
+                             "algo.sample_batch_size=16"], tmp_path, tmp_path))
 
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
