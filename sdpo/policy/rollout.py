@@ -60,46 +60,42 @@ def predict_model_output(unet: UNet2DConditionModel, latents: Tensor, timesteps:
 
 
 def _drop_rows(generator: torch.Generator, rows: int, shape: tuple[int, ...]) -> None:
-    """Advance ``generator`` past ``rows`` noise rows, one draw per row exactly as ``draw_rollout_noise`` draws."""
+    """Advance ``generator`` past ``rows`` noise rows, one draw per row exactly as ``RolloutNoise`` draws them."""
     for _ in range(rows):
         torch.randn(shape, generator=generator, device=generator.device, dtype=torch.float32)
 
 
-@dataclass
 class RolloutNoise:
-    """All the noise of one rollout of P pairs, drawn before the first UNet call."""
-
-    start: Tensor  # [P, C, H, W] x_T of each pair (shared by its trajectories a and b)
-    steps: Tensor  # [T, 2P, C, H, W] z of each step's action; rows (2p, 2p+1) = trajectories a, b of pair p
-
-
-def draw_rollout_noise(
-    generator: torch.Generator,
-    num_pairs: int,
-    num_steps: int,
-    latent_shape: tuple[int, int, int],
-    device: torch.device | str,
-    others: tuple[int, int] = (0, 0),
-) -> RolloutNoise:
-    """The rollout's noise, in the stream's global order: x_T of every pair of the global batch in one draw, then
-    at each step one draw per trajectory row (2 per pair) of the global batch.
+    """All the noise of one rollout of P pairs, in the stream's global order: x_T of every pair of the global batch
+    in one draw, then at each step one draw per trajectory row (2 per pair) of the global batch.
 
     ``others`` = (pairs before, pairs after) these in the global batch: their rows are drawn and dropped, so a
-    pair's noise depends only on its global index. Drawing up front (T x 2P latents, a few hundred MB at SD-Turbo
-    sizes, T = 50) frees the order in which pairs are rolled out: a chunk of pairs can finish all its steps, and be
-    scored, while the next chunk samples, without changing any sample.
+    pair's noise depends only on its global index. Each step's rows are drawn for all P pairs the first time any
+    chunk asks for that step, and kept (T x 2P latents, a few hundred MB at SD-Turbo sizes, T = 50): the first
+    chunk's draws run while its UNet calls keep the GPU busy, as when all pairs were stepped together, and later
+    chunks read what it drew. So a chunk of pairs can finish all its steps, and be scored while the next chunk
+    samples, without changing any sample.
     """
-    before, after = others
-    start = torch.randn((before + num_pairs + after, *latent_shape), generator=generator, device=generator.device,
-                        dtype=torch.float32)[before : before + num_pairs].to(device)
-    steps = []
-    for _ in range(num_steps):
-        _drop_rows(generator, 2 * before, latent_shape)
-        rows = [torch.randn(latent_shape, generator=generator, device=generator.device, dtype=torch.float32)
-                for _ in range(2 * num_pairs)]
-        steps.append(torch.stack(rows).to(device))
-        _drop_rows(generator, 2 * after, latent_shape)
-    return RolloutNoise(start=start, steps=torch.stack(steps))
+
+    def __init__(self, generator: torch.Generator, num_pairs: int, latent_shape: tuple[int, int, int],
+                 device: torch.device | str, others: tuple[int, int] = (0, 0)) -> None:
+        self.generator, self.num_pairs, self.latent_shape, self.device = generator, num_pairs, latent_shape, device
+        self.before, self.after = others
+        self.start = torch.randn(  # [P, C, H, W] x_T of each pair (shared by its trajectories a and b)
+            (self.before + num_pairs + self.after, *latent_shape), generator=generator, device=generator.device,
+            dtype=torch.float32,
+        )[self.before : self.before + num_pairs].to(device)
+        self._steps: list[Tensor] = []  # [2P, C, H, W] per step drawn so far; rows (2p, 2p+1) = pair p
+
+    def step(self, index: int) -> Tensor:
+        """z of every action of step ``index``, [2P, C, H, W] (drawing the steps up to it if not yet drawn)."""
+        while len(self._steps) <= index:
+            _drop_rows(self.generator, 2 * self.before, self.latent_shape)
+            rows = [torch.randn(self.latent_shape, generator=self.generator, device=self.generator.device,
+                                dtype=torch.float32) for _ in range(2 * self.num_pairs)]
+            self._steps.append(torch.stack(rows).to(self.device))
+            _drop_rows(self.generator, 2 * self.after, self.latent_shape)
+        return self._steps[index]
 
 
 @torch.no_grad()
@@ -121,20 +117,19 @@ def sample_pair_chunks(
     chunk as soon as it has run all T steps, so its rewards can be computed while the next chunk samples.
 
     Trajectories a and b of a pair share x_T and differ only in the per-step noise. All noise comes from
-    ``draw_rollout_noise`` (see there for ``others``), so neither the chunk size nor the number of processes
+    ``RolloutNoise`` (see there for ``others``), so neither the chunk size nor the number of processes
     changes any sample. ``eta`` applies to the DDIM step only (the LCM step's noise is set by its schedule). The
     steps' NaN checks are evaluated at the end of each chunk (one host sync), before anyone reads its latents.
     """
     num_prompts = len(prompts)
     device = cond.hidden_states.device
-    noise = draw_rollout_noise(generator, num_prompts, len(timesteps), latent_shape, device, others)
+    noise = RolloutNoise(generator, num_prompts, latent_shape, device, others)
     per_call = unet_batch_size or num_prompts
     for first in range(0, num_prompts, per_call):
         last = min(first + per_call, num_prompts)
         part_cond = cond if last - first == num_prompts else cond.select(torch.arange(first, last))
-        yield _roll_out_chunk(unet, scheduler, prompts[first:last], part_cond, timesteps,
-                              noise.start[first:last], noise.steps[:, 2 * first : 2 * last], eta, latent_dtype,
-                              step_kind)
+        yield _roll_out_chunk(unet, scheduler, prompts[first:last], part_cond, timesteps, noise, slice(first, last),
+                              eta, latent_dtype, step_kind)
 
 
 def _roll_out_chunk(
@@ -143,23 +138,25 @@ def _roll_out_chunk(
     prompts: list[str],
     cond: Conditioning,
     timesteps: Tensor,
-    start_noise: Tensor,
-    step_noise: Tensor,
+    noise: RolloutNoise,
+    pairs_of_chunk: slice,
     eta: float,
     latent_dtype: torch.dtype,
     step_kind: str,
 ) -> PairTrajectories:
-    """All T steps of P pairs in one UNet call per step; ``start_noise`` [P, ...], ``step_noise`` [T, 2P, ...]."""
+    """All T steps of the pairs ``pairs_of_chunk`` of ``noise``, one UNet call per step."""
     num_prompts = len(prompts)
     device = cond.hidden_states.device
-    x = start_noise.repeat_interleave(2, dim=0)  # [2P, C, H, W], rows (2p, 2p+1) = pair p
+    rows_of_chunk = slice(2 * pairs_of_chunk.start, 2 * pairs_of_chunk.stop)
+    x = noise.start[pairs_of_chunk].repeat_interleave(2, dim=0)  # [2P, C, H, W], rows (2p, 2p+1) = pair p
     pair_cond = cond.repeat_pairs()  # [2P, ...]
     latents, x0s, log_probs = [x], [], []
     with deferred_checks():  # the steps' timestep and NaN checks: one host sync at the end, not ~5 per step
         for i, t in enumerate(timesteps):
             t_batch = t.expand(x.shape[0]).to(device)
             model_output = predict_model_output(unet, x.to(latent_dtype), t_batch, pair_cond)
-            step = policy_step(step_kind, scheduler, model_output, t_batch, x, eta, variance_noise=step_noise[i])
+            z = noise.step(i)[rows_of_chunk]
+            step = policy_step(step_kind, scheduler, model_output, t_batch, x, eta, variance_noise=z)
             x = step.prev_sample
             latents.append(x)
             x0s.append(step.pred_original_sample)

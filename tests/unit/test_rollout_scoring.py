@@ -7,7 +7,7 @@ import torch
 
 from sdpo.policy.conditioning import decode_latents, encode_prompts
 from sdpo.policy.loading import TinySpec, ensure_tiny_pipeline, load_components
-from sdpo.policy.rollout import sample_pairs, transition_log_prob
+from sdpo.policy.rollout import RolloutNoise, sample_pairs, transition_log_prob
 from sdpo.policy.steps import make_scheduler, timestep_schedule
 from sdpo.scoring import score_pairs
 
@@ -55,6 +55,19 @@ def test_unet_batch_size_is_a_speed_knob_only(pipeline):
         torch.testing.assert_close(split.latents, whole.latents, rtol=0, atol=1e-5)
         torch.testing.assert_close(split.log_probs, whole.log_probs, rtol=0, atol=1e-5)
     assert not torch.allclose(rollout(pipeline, seed=6).latents, whole.latents, atol=1e-3)  # the seed does matter
+
+
+def test_a_ranks_noise_is_its_slice_of_the_global_batch():
+    """3 pairs after 2 and before 1 others (a middle rank) get rows 2-4 of the 6-pair global stream: x_T and every
+    step's z, whichever step is asked for first."""
+    shape = (4, 8, 8)
+    whole = RolloutNoise(torch.Generator().manual_seed(4), 6, shape, "cpu")
+    mine = RolloutNoise(torch.Generator().manual_seed(4), 3, shape, "cpu", others=(2, 1))
+    late_first = mine.step(2)  # draws steps 0, 1, 2 in order
+    assert torch.equal(mine.start, whole.start[2:5])
+    for step in range(3):
+        assert torch.equal(mine.step(step), whole.step(step)[4:10])
+    assert torch.equal(late_first, mine.step(2)) and not torch.equal(mine.step(0), mine.step(1))
 
 
 def test_recorded_log_probs_are_reproduced_per_transition(pipeline):
