@@ -39,7 +39,7 @@ from sdpo.policy.rollout import PairTrajectories, sample_pair_chunks, transition
 from sdpo.policy.speed import apply_speed_options
 from sdpo.policy.steps import make_policy_scheduler, timestep_schedule
 from sdpo.rewards import build_reward
-from sdpo.scoring import PairRewards, score_pairs, synchronize
+from sdpo.scoring import PairRewards, score_pairs, synchronize, synchronize_stream
 
 log = logging.getLogger(__name__)
 
@@ -223,7 +223,7 @@ class SDPOModule(L.LightningModule):
                 scorer.submit(chunk, first_pair)
                 first_pair += chunk.num_pairs
                 chunks.append(chunk)
-            # each chunk's NaN check has synced this stream with its sampling: the clock reads sampling alone
+            synchronize_stream(self.device)  # this stream only: the clock reads sampling, not the scoring beside it
             timings["sampling"] = time.perf_counter() - tic
             tic = time.perf_counter()
             traj = chunks[0] if len(chunks) == 1 else PairTrajectories.concat(chunks)
