@@ -157,8 +157,7 @@ class SDPOModule(L.LightningModule):
     # ------------------------------------------------------------------------------------ the phases
     def sample(self, prompts: list[str]) -> PairTrajectories:
         """Phase 1: roll out one pair per prompt, ``sample_batch_size`` prompts per UNet call."""
-        chunks = list(self.sample_chunks(prompts))
-        return chunks[0] if len(chunks) == 1 else PairTrajectories.concat(chunks)
+        return PairTrajectories.concat(self.sample_chunks(prompts))
 
     def sample_chunks(self, prompts: list[str]) -> Iterator[PairTrajectories]:
         """Phase 1, a chunk of ``sample_batch_size`` prompts at a time, each yielded when all its steps are done.
@@ -226,7 +225,7 @@ class SDPOModule(L.LightningModule):
             synchronize_stream(self.device)  # this stream only: the clock reads sampling, not the scoring beside it
             timings["sampling"] = time.perf_counter() - tic
             tic = time.perf_counter()
-            traj = chunks[0] if len(chunks) == 1 else PairTrajectories.concat(chunks)
+            traj = PairTrajectories.concat(chunks)
             rewards = scorer.results()
         self._lap(timings, "rewards", tic)
         timings["decode"], timings["reward_model"] = scorer.timings["decode"], scorer.timings["reward"]

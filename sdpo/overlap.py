@@ -97,4 +97,4 @@ class BackgroundScorer:
                         tensor.record_stream(current)  # made on the side stream, read on this one
             parts.append(rewards)
         self._futures.clear()
-        return parts[0] if len(parts) == 1 else PairRewards.concat(parts)
+        return PairRewards.concat(parts)

@@ -35,6 +35,8 @@ class PairRewards:
     @staticmethod
     def concat(parts: list[PairRewards]) -> PairRewards:
         """Join the rewards of consecutive chunks of pairs (scored one chunk at a time) into one batch."""
+        if len(parts) == 1:
+            return parts[0]
         return PairRewards(
             dense=torch.cat([part.dense for part in parts]),
             query_steps=torch.cat([part.query_steps for part in parts]),

@@ -10,7 +10,7 @@ consistency models, ``scheduler`` an LCMScheduler; x̂0 is then the LCM's denois
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -42,8 +42,11 @@ class PairTrajectories:
         return self.timesteps.shape[0]
 
     @staticmethod
-    def concat(parts: list[PairTrajectories]) -> PairTrajectories:
-        """Join the chunks sampled in several UNet batches into one batch of pairs."""
+    def concat(chunks: Iterable[PairTrajectories]) -> PairTrajectories:
+        """Join the chunks sampled in several UNet batches (e.g. all of ``sample_pair_chunks``) into one batch."""
+        parts = list(chunks)
+        if len(parts) == 1:
+            return parts[0]
         return PairTrajectories(
             prompts=[p for part in parts for p in part.prompts],
             cond=Conditioning.cat([part.cond for part in parts]),
@@ -173,26 +176,6 @@ def _roll_out_chunk(
         x0_latents=pairs(torch.stack(x0s, dim=1)),
         log_probs=pairs(torch.stack(log_probs, dim=1)),
     )
-
-
-def sample_pairs(
-    unet: UNet2DConditionModel,
-    scheduler: DDIMScheduler | LCMScheduler,
-    prompts: list[str],
-    cond: Conditioning,
-    timesteps: Tensor,
-    latent_shape: tuple[int, int, int],
-    eta: float,
-    generator: torch.Generator,
-    latent_dtype: torch.dtype = torch.float32,
-    step_kind: str = "ddim",
-    unet_batch_size: int | None = None,
-    others: tuple[int, int] = (0, 0),
-) -> PairTrajectories:
-    """Every chunk of ``sample_pair_chunks`` (same arguments), joined into one batch of pairs."""
-    chunks = list(sample_pair_chunks(unet, scheduler, prompts, cond, timesteps, latent_shape, eta, generator,
-                                     latent_dtype, step_kind, unet_batch_size, others))
-    return chunks[0] if len(chunks) == 1 else PairTrajectories.concat(chunks)
 
 
 def transition_log_prob(

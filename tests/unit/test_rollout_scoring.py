@@ -7,7 +7,7 @@ import torch
 
 from sdpo.policy.conditioning import decode_latents, encode_prompts
 from sdpo.policy.loading import TinySpec, ensure_tiny_pipeline, load_components
-from sdpo.policy.rollout import RolloutNoise, sample_pairs, transition_log_prob
+from sdpo.policy.rollout import PairTrajectories, RolloutNoise, sample_pair_chunks, transition_log_prob
 from sdpo.policy.steps import make_scheduler, timestep_schedule
 from sdpo.scoring import score_pairs
 
@@ -26,8 +26,9 @@ def rollout(pipeline, num_steps=4, seed=0, unet_batch_size=None):
     parts, scheduler = pipeline
     timesteps = timestep_schedule(scheduler, num_steps)
     embeds = encode_prompts(parts, PROMPTS)
-    return sample_pairs(parts.unet, scheduler, PROMPTS, embeds, timesteps, (4, 8, 8), 1.0,
-                        torch.Generator().manual_seed(seed), unet_batch_size=unet_batch_size)
+    return PairTrajectories.concat(sample_pair_chunks(parts.unet, scheduler, PROMPTS, embeds, timesteps, (4, 8, 8),
+                                                      1.0, torch.Generator().manual_seed(seed),
+                                                      unet_batch_size=unet_batch_size))
 
 
 def test_pairs_share_start_and_differ_after(pipeline):
@@ -134,8 +135,8 @@ def test_a_nan_in_the_rollout_stops_it_and_names_the_first_timestep(pipeline, tm
         with torch.no_grad():
             parts.unet.conv_out.bias[0] = float("nan")
         with pytest.raises(FloatingPointError, match=rf"timestep\(s\) \[{int(timesteps[0])}\]"):
-            sample_pairs(parts.unet, scheduler, PROMPTS, encode_prompts(parts, PROMPTS), timesteps, (4, 8, 8), 1.0,
-                         torch.Generator().manual_seed(0))
+            list(sample_pair_chunks(parts.unet, scheduler, PROMPTS, encode_prompts(parts, PROMPTS), timesteps,
+                                    (4, 8, 8), 1.0, torch.Generator().manual_seed(0)))
     finally:
         with torch.no_grad():
             parts.unet.conv_out.bias.copy_(saved)

@@ -26,7 +26,7 @@ from sdpo.policy.loading import (
     ensure_tiny_pipeline,
     load_components,
 )
-from sdpo.policy.rollout import sample_pairs, transition_log_prob
+from sdpo.policy.rollout import PairTrajectories, sample_pair_chunks, transition_log_prob
 from sdpo.policy.steps import (
     lcm_boundary_scalings,
     lcm_prev_timestep,
@@ -299,8 +299,8 @@ def test_pair_rollout_and_recorded_log_probs(arch, parts):
     scheduler = make_policy_scheduler(c, "trailing")
     timesteps = timestep_schedule(scheduler, 3)
     cond = encode_prompts(c, PROMPTS, image_size=16, guidance_scale=8.0 if arch == "lcm" else None)
-    traj = sample_pairs(c.unet, scheduler, PROMPTS, cond, timesteps, (4, 8, 8), 1.0,
-                        torch.Generator().manual_seed(0), step_kind=c.step_kind)
+    traj = PairTrajectories.concat(sample_pair_chunks(c.unet, scheduler, PROMPTS, cond, timesteps, (4, 8, 8), 1.0,
+                                                      torch.Generator().manual_seed(0), step_kind=c.step_kind))
     assert traj.latents.shape == (3, 2, 4, 4, 8, 8) and traj.x0_latents.shape == (3, 2, 3, 4, 8, 8)
     assert traj.log_probs.shape == (3, 2, 3) and torch.isfinite(traj.log_probs).all()
     assert torch.equal(traj.latents[:, 0, 0], traj.latents[:, 1, 0])  # shared x_T
