@@ -13,6 +13,9 @@ the training rewards: the 1-step image (``train/reward_1step``) and the T-step i
 The x axis is the cumulative number of generated samples (``train/samples``) and/or of reward-model queries
 (``train/reward_queries``) — SDPO's claim is a higher reward at equal queries, at every step count.
 
+Next to the curves it writes ``phase_times.png``: seconds per iteration by phase for each group
+(``sdpo.phase_times``), to compare what speed settings buy.
+
 Only the Agg canvas is used (no pyplot), so importing this module never changes a notebook's backend.
 """
 
@@ -33,6 +36,8 @@ import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from omegaconf import DictConfig, OmegaConf
+
+from sdpo.phase_times import phase_table, plot_phase_times
 
 METRICS_FILE = Path("csv") / "metrics.csv"
 CONFIG_FILES = (Path(".hydra") / "config.yaml", Path("csv") / "hparams.yaml")  # Hydra's, else the CSV logger's
@@ -492,6 +497,13 @@ def main(argv: Sequence[str] | None = None) -> Path:
     with pd.option_context("display.width", 160, "display.max_columns", 20):
         print(f"{len(runs)} run(s) in {len(groups)} group(s); final reward per step count:")
         print(table.drop(columns="metric").to_string(float_format=lambda v: f"{v:.4f}"))
+        times = phase_table(groups)
+        if not times.empty:
+            times_png = out.with_name("phase_times.png")
+            plot_phase_times(times).savefig(times_png, dpi=120)
+            print("\nseconds per iteration by phase (after the first iteration):")
+            print(times.to_string(float_format=lambda v: f"{v:.4g}"))
+            print(times_png)
     print(out)
     return out
 

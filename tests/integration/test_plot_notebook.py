@@ -18,6 +18,7 @@ from omegaconf import OmegaConf
 
 from sdpo import plot
 from sdpo.evaluate import evaluate
+from sdpo.phase_times import PHASES, phase_table, plot_phase_times
 from sdpo.train import train
 from tests.conftest import FAST, REPO, compose, compose_eval
 
@@ -62,6 +63,8 @@ def test_cli_writes_the_png_next_to_the_first_run(runs_root):
     assert out == (runs_root / "seed0" / "reward_curves.png").resolve()
     assert out.read_bytes()[:8] == PNG_MAGIC
     assert "3 run(s) in 2 group(s)" in result.stdout and SEEDS in result.stdout
+    assert (runs_root / "seed0" / "phase_times.png").read_bytes()[:8] == PNG_MAGIC
+    assert "seconds per iteration by phase" in result.stdout
 
     explicit = runs_root / "figs" / "curves.png"
     assert plot.main([str(runs_root / "seed0"), str(runs_root / "seed1"), "--out", str(explicit), "--x",
@@ -122,6 +125,28 @@ def test_step_table_is_the_mean_of_the_last_rows(runs_root):
     assert table.loc[(OTHER, 2), "mean"] == pytest.approx(c["train/reward_2step"], rel=1e-12)
     assert table.loc[(OTHER, 2), "reward_queries"] == c["train/reward_queries"]
     assert np.isnan(table.loc[(OTHER, 1), "std"])
+
+
+def test_phase_times_are_the_logged_means_after_the_first_iteration(runs_root):
+    groups = plot.group_runs(plot.load_runs([runs_root]))
+    table = phase_table(groups)
+    assert list(table.index) == [SEEDS, OTHER]
+    for group, names in ((SEEDS, ("seed0", "seed1")), (OTHER, ("steps2",))):
+        logs = [pd.read_csv(runs_root / name / "csv" / "metrics.csv") for name in names]
+        logs = [log[log["time/sampling"].notna()] for log in logs]
+        assert all(len(log) == 3 for log in logs)  # 3 iterations, the first left out
+        row = table.loc[group]
+        for phase in PHASES:
+            expected = np.mean([log[f"time/{phase}"].iloc[1:].mean() for log in logs])
+            assert row[phase] == pytest.approx(expected, rel=1e-12), phase
+        assert row["sum of phases"] == pytest.approx(sum(row[p] for p in PHASES), rel=1e-12)
+        assert row["samples/s"] == pytest.approx(2 * 4 / row["sum of phases"], rel=1e-12)  # 4 pairs per iteration
+        assert (row["seeds"], row["iterations"]) == (len(names), 2)
+    bars = plot_phase_times(table).axes[0].patches
+    assert len(bars) == len(PHASES) * 2
+    assert bars[-1].get_x() + bars[-1].get_width() == pytest.approx(table.loc[OTHER, "sum of phases"])
+    with pytest.raises(ValueError, match="no run logged phase times"):
+        plot_phase_times(table.iloc[:0])
 
 
 def test_eval_metrics_give_one_panel_per_evaluated_step_count(runs_root, tmp_path):
