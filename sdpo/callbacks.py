@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Mapping, Sequence
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -259,8 +260,11 @@ class EvalDuringTraining(L.Callback):
         size = pl_module.latent_shape[-1] * pl_module.components.vae_scale_factor
         devices = [device.index if device.index is not None else torch.cuda.current_device()] \
             if device.type == "cuda" else []
+        # frozen layers stored in the autocast dtype (algo.low_precision_base) only run under training's autocast
+        low_precision = bool(getattr(pl_module, "algo_cfg", {}).get("low_precision_base"))
+        autocast = pl_module.trainer.precision_plugin.forward_context() if low_precision else nullcontext()
         try:
-            with torch.random.fork_rng(devices=devices):
+            with torch.random.fork_rng(devices=devices), autocast:
                 return evaluate_policy(
                     pl_module.components, pl_module.unet, self.prompts, self.steps,
                     rewards=self.rewards_for(pl_module), images_per_prompt=self.images_per_prompt, seed=self.seed,

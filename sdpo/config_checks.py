@@ -70,6 +70,15 @@ def validate_config(cfg: DictConfig) -> None:
          f"next, but algo.sample_batch_size={a.sample_batch_size} covers all {pairs} prompts of an iteration "
          f"(data.prompts_per_batch x data.batches_per_epoch): set algo.sample_batch_size lower, e.g. "
          f"{max(1, pairs // 2)}, or algo.overlap_scoring=false")
+    low = a.get("low_precision_base", False)
+    need(isinstance(low, bool), f"algo.low_precision_base={low!r}: use true or false")
+    need(low is not True or precision in ("bf16-mixed", "16-mixed"),
+         f"algo.low_precision_base=true stores frozen UNet layers in the autocast dtype, but trainer.precision="
+         f"{precision} has no autocast: use trainer.precision=bf16-mixed (or 16-mixed), or "
+         f"algo.low_precision_base=false")
+    need(low is not True or bool(m.lora.enabled),
+         "algo.low_precision_base=true needs a frozen base (model.lora.enabled=true): a full fine-tune trains every "
+         "UNet weight, which stays fp32")
     try:
         compile_mode(a.get("compile"))
     except ValueError as error:

@@ -36,7 +36,7 @@ from sdpo.policy.conditioning import Conditioning, encode_prompts
 from sdpo.policy.loading import TINY, TinySpec, ensure_tiny_pipeline, load_components
 from sdpo.policy.lora import make_trainable
 from sdpo.policy.rollout import PairTrajectories, sample_pair_chunks, transition_log_prob
-from sdpo.policy.speed import apply_speed_options
+from sdpo.policy.speed import apply_speed_options, cast_frozen_layers
 from sdpo.policy.steps import make_policy_scheduler, timestep_schedule
 from sdpo.rewards import build_reward
 from sdpo.scoring import PairRewards, score_pairs, synchronize, synchronize_stream
@@ -129,6 +129,16 @@ class SDPOModule(L.LightningModule):
         return torch.optim.AdamW(
             params, lr=o["lr"], betas=tuple(o["betas"]), weight_decay=o["weight_decay"], eps=o["eps"]
         )
+
+    def setup(self, stage: str) -> None:
+        """Before the model moves to its device: frozen UNet layers in the autocast dtype, when asked."""
+        if self.algo_cfg.get("low_precision_base") and not getattr(self, "_base_cast", False):
+            precision = str(self.trainer.precision)
+            dtype = torch.bfloat16 if precision.startswith("bf16") else torch.float16
+            layers = cast_frozen_layers(self.unet, dtype)
+            self._base_cast = True
+            log.info("algo.low_precision_base: %d frozen UNet Linear/Conv2d layers stored in %s (trainer.precision=%s)",
+                     layers, str(dtype).removeprefix("torch."), precision)
 
     def on_fit_start(self) -> None:
         if self.algo_cfg.get("overlap_scoring") and self.device.type == "cpu" and self.global_rank == 0:

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from sdpo.algo.shuffle import sharded_update_order, update_groups
+from sdpo.config_checks import ConfigError, validate_config
 from sdpo.policy.speed import REGIONAL_BLOCKS
 from sdpo.train import train
 from tests.conftest import FAST, compose, trainable_state
@@ -118,3 +119,44 @@ def test_speed_and_memory_options_leave_the_update_unchanged(option, plain_updat
     for name, value in weights.items():
         torch.testing.assert_close(value, plain_update[name], rtol=0, atol=1e-5,
                                    msg=lambda m, name=name: f"{option} {name}: {m}")
+
+
+def test_low_precision_base_trains_what_autocast_trains(tmp_path, cache_dir):
+    """Frozen Linear/Conv2d weights stored in bf16 give the update of autocast casting fp32 ones on every call; the
+    held-out evaluation (outside autocast) still runs on the mixed-dtype UNet."""
+    base = [*FAST, "model.lora.enabled=true", "optim.lr=0.1", "optim.eps=1.0", "trainer.max_epochs=2",
+            "trainer.precision=bf16-mixed", "callbacks.eval.every_n_epochs=2", "callbacks.eval.steps=[1,2]"]
+    runs = {}
+    for low in (False, True):
+        trainer = train(compose([*base, f"algo.low_precision_base={str(low).lower()}"], tmp_path / str(low),
+                                cache_dir))
+        runs[low] = trainer
+    unet = runs[True].lightning_module.unet
+    dtypes = {type(m).__name__: {p.dtype for p in m.parameters(recurse=False)} for m in unet.modules()
+              if any(True for _ in m.parameters(recurse=False))}
+    assert dtypes["Conv2d"] == {torch.bfloat16} and dtypes["GroupNorm"] == {torch.float32}
+    lora = [p for n, p in unet.named_parameters() if "lora" in n]
+    assert lora and all(p.dtype == torch.float32 and p.requires_grad for p in lora)
+    frozen_linear = [m.weight for n, m in unet.named_modules() if isinstance(m, torch.nn.Linear) and "lora" not in n]
+    assert frozen_linear and all(w.dtype == torch.bfloat16 for w in frozen_linear)
+    plain, low = (trainable_state(runs[k].lightning_module) for k in (False, True))
+    assert max(float(v.abs().max()) for n, v in plain.items() if "lora_B" in n) > 1e-2  # it trained
+    for name, value in low.items():  # the same roundings: equal, not merely close
+        torch.testing.assert_close(value, plain[name], rtol=0, atol=0, msg=lambda m, name=name: f"{name}: {m}")
+    for key in ("train/reward_1step", "train/reward_last"):
+        assert float(runs[True].callback_metrics[key]) == float(runs[False].callback_metrics[key])
+    evaluated = [k for k in runs[True].callback_metrics if k.startswith("eval/")]
+    assert evaluated
+    for key in evaluated:  # bf16 layers outside autocast against fp32 ones: close, not equal
+        assert float(runs[True].callback_metrics[key]) == pytest.approx(float(runs[False].callback_metrics[key]),
+                                                                         abs=2e-2), key
+
+
+def test_low_precision_base_needs_autocast_and_a_frozen_base(tmp_path):
+    with pytest.raises(ConfigError, match=r"trainer.precision=32-true has no autocast"):
+        validate_config(compose(["algo.low_precision_base=true", "model.lora.enabled=true"], tmp_path, tmp_path))
+    with pytest.raises(ConfigError, match=r"needs a frozen base \(model.lora.enabled=true\)"):
+        validate_config(compose(["algo.low_precision_base=true", "model.lora.enabled=false",
+                                 "trainer.precision=bf16-mixed"], tmp_path, tmp_path))
+    validate_config(compose(["algo.low_precision_base=true", "model.lora.enabled=true", "trainer.precision=16-mixed"],
+                            tmp_path, tmp_path))
