@@ -132,11 +132,10 @@ class SDPOModule(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         """Before the model moves to its device: frozen UNet layers in the autocast dtype, when asked."""
-        if self.algo_cfg.get("low_precision_base") and not getattr(self, "_base_cast", False):
+        if self.algo_cfg.get("low_precision_base"):  # idempotent: a second fit finds them cast already
             precision = str(self.trainer.precision)
             dtype = torch.bfloat16 if precision.startswith("bf16") else torch.float16
             layers = cast_frozen_layers(self.unet, dtype)
-            self._base_cast = True
             log.info("algo.low_precision_base: %d frozen UNet Linear/Conv2d layers stored in %s (trainer.precision=%s)",
                      layers, str(dtype).removeprefix("torch."), precision)
 

@@ -102,3 +102,11 @@ def read_metrics(run_dir: Path) -> list[dict[str, float]]:
 def trainable_state(module) -> dict[str, torch.Tensor]:
     """Copies of a module's trainable weights, by name."""
     return {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
+
+
+def assert_weights_match(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], atol: float,
+                         label: str = "") -> None:
+    """Every weight of ``actual`` within ``atol`` of ``expected``'s (no relative slack), failing with its name."""
+    for name, value in actual.items():
+        where = f"{label} {name}".strip()
+        torch.testing.assert_close(value, expected[name], rtol=0, atol=atol, msg=lambda m, where=where: f"{where}: {m}")

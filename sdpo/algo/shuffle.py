@@ -28,11 +28,6 @@ def shuffled_update_order(num_pairs: int, num_steps: int, generator: torch.Gener
     return pair_order, step_order
 
 
-def micro_batches(pair_order: Tensor, micro_batch_size: int) -> list[Tensor]:
-    """Split the permuted pairs into consecutive micro-batches (the last one may be smaller)."""
-    return list(pair_order.split(micro_batch_size))
-
-
 def sharded_update_order(
     shard_size: int, num_steps: int, generators: list[torch.Generator]
 ) -> tuple[list[Tensor], Tensor]:

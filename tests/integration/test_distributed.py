@@ -27,7 +27,7 @@ import pytest
 import torch
 
 from sdpo.train import LaunchError, launch_overrides, train
-from tests.conftest import REPO, compose, read_metrics
+from tests.conftest import REPO, assert_weights_match, compose, read_metrics
 
 EPOCHS = 2  # iterations of the 2-process run
 COMMON = [
@@ -67,8 +67,7 @@ def load(dirpath: Path, rank: int, epoch: int) -> dict:
 
 def assert_weights_close(a: dict, b: dict, atol: float) -> None:
     assert a.keys() == b.keys() and any("lora" in k for k in a)
-    for name in a:
-        torch.testing.assert_close(a[name], b[name], rtol=0, atol=atol, msg=lambda m, name=name: f"{name}: {m}")
+    assert_weights_match(a, b, atol)
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from sdpo.policy.rollout import PairTrajectories, sample_pair_chunks
 from sdpo.policy.steps import make_scheduler, timestep_schedule
 from sdpo.scoring import PairRewards, score_pairs
 from sdpo.train import train
-from tests.conftest import FAST, compose, read_metrics, trainable_state
+from tests.conftest import FAST, assert_weights_match, compose, read_metrics, trainable_state
 
 # 4 pairs in chunks of 2; random anchors (keyed by global trajectory index, so a chunk must know where it starts);
 # decode batches of 5 = one chunk's 2 x (3 + 3 - 1) queries split evenly, so both runs decode identical batches
@@ -61,8 +61,7 @@ def test_overlapped_scoring_equals_scoring_after_sampling(tmp_path, cache_dir, c
             assert row[key] == pytest.approx(plain_row[key], abs=1e-6), key
         assert row["time/decode"] > 0 and row["time/reward_model"] > 0
     assert max(float(v.abs().max()) for n, v in plain.items() if "lora_B" in n) > 1e-2  # it trained
-    for name, value in overlapped.items():
-        torch.testing.assert_close(value, plain[name], rtol=0, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
+    assert_weights_match(overlapped, plain, atol=1e-6)
 
 
 def test_overlap_without_a_second_chunk_is_refused(tmp_path):

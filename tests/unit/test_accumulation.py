@@ -10,7 +10,7 @@ from sdpo.algo.shuffle import sharded_update_order, update_groups
 from sdpo.config_checks import ConfigError, validate_config
 from sdpo.policy.speed import REGIONAL_BLOCKS
 from sdpo.train import train
-from tests.conftest import FAST, compose, trainable_state
+from tests.conftest import FAST, assert_weights_match, compose, trainable_state
 
 
 def steps_as_sets(groups) -> list[set[tuple[int, int]]]:
@@ -71,10 +71,7 @@ def test_micro_batch_times_accumulation_gives_the_same_update(tmp_path, cache_di
     moved = max(float(w.abs().max()) for n, w in reference.items() if "lora_B" in n)  # B starts at 0
     assert moved > 1e-2
     for split, weights in runs.items():
-        for name, value in weights.items():
-            label = f"{split} {name}"
-            torch.testing.assert_close(value, reference[name], rtol=0, atol=1e-6,
-                                       msg=lambda m, label=label: f"{label}: {m}")
+        assert_weights_match(weights, reference, atol=1e-6, label=str(split))
 
     # frozen parts never hold gradients (nor the UNet's base weights under LoRA)
     module = trainer.lightning_module
@@ -116,9 +113,7 @@ def test_speed_and_memory_options_leave_the_update_unchanged(option, plain_updat
     weights = trainable_state(trainer.lightning_module)
     assert weights.keys() == plain_update.keys()
     assert max(float(v.abs().max()) for n, v in weights.items() if "lora_B" in n) > 1e-2  # B starts at 0: it trained
-    for name, value in weights.items():
-        torch.testing.assert_close(value, plain_update[name], rtol=0, atol=1e-5,
-                                   msg=lambda m, name=name: f"{option} {name}: {m}")
+    assert_weights_match(weights, plain_update, atol=1e-5, label=option)
 
 
 def test_low_precision_base_trains_what_autocast_trains(tmp_path, cache_dir):
@@ -141,8 +136,7 @@ def test_low_precision_base_trains_what_autocast_trains(tmp_path, cache_dir):
     assert frozen_linear and all(w.dtype == torch.bfloat16 for w in frozen_linear)
     plain, low = (trainable_state(runs[k].lightning_module) for k in (False, True))
     assert max(float(v.abs().max()) for n, v in plain.items() if "lora_B" in n) > 1e-2  # it trained
-    for name, value in low.items():  # the same roundings: equal, not merely close
-        torch.testing.assert_close(value, plain[name], rtol=0, atol=0, msg=lambda m, name=name: f"{name}: {m}")
+    assert_weights_match(low, plain, atol=0)  # the same roundings: equal, not merely close
     for key in ("train/reward_1step", "train/reward_last"):
         assert float(runs[True].callback_metrics[key]) == float(runs[False].callback_metrics[key])
     evaluated = [k for k in runs[True].callback_metrics if k.startswith("eval/")]
