@@ -4,11 +4,10 @@
 #   1. the tests that need CUDA, among them the background scorer on a CUDA side stream (algo.overlap_scoring);
 #   2. epoch.py at the settings, T = 50 and the reference per-GPU batch (8 x 4 prompt pairs, LoRA r4, bf16),
 #      trained in micro-batches of 16 pairs (the same update as the reference's 2 x 8, tested) and sampled 16 prompts
-#      per call (no sample changes, tested), so that both UNet calls have 32 rows: torch.compile marks a dimension
-#      dynamic once it sees it change, and one shape keeps both graphs static. The whole UNet compiled, NCHW
-#      weights, cuDNN autotuning, frozen base layers stored in bf16 (algo.low_precision_base: the same update,
-#      tested, without autocast's per-call casts of 866 M weights; the isolated unet_mfu.py call that reached 30.5%
-#      used bf16 weights too): per-phase times, overhead ratio and the training phase's MFU (target 30%).
+#      per call (no sample changes, tested): both UNet calls have 32 rows, each its own static graph. The whole UNet
+#      compiled, NCHW weights, cuDNN autotuning, frozen base layers stored in bf16 (algo.low_precision_base: the
+#      same update, tested, without autocast's per-call casts of 866 M weights; the isolated unet_mfu.py call that
+#      reached 30.5% used bf16 weights too): per-phase times, overhead ratio and the training phase's MFU (target 30%).
 #      When step 1 passed, the first 16 prompts are scored while the next 16 sample (algo.overlap_scoring=true);
 #      "sampling + rewards" against its primitives then says what the overlap hid. Two graphs compile (sampling,
 #      training; about 2 min each on an H100) in the warm-up iteration, then two iterations of about 40 s run;

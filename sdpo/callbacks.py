@@ -190,7 +190,8 @@ class EvalDuringTraining(L.Callback):
     ``time/eval``; with a W&B logger also the full table (std, 95% CI) as a ``wandb.Table`` and a JPEG grid.
 
     Runs on rank 0 with its own generators (``sdpo.evaluation``) inside ``fork_rng``: training's RNG, weights
-    and train/eval mode are left as they were, so a run with this callback trains exactly as one without.
+    and train/eval mode are left as they were, so a run with this callback trains exactly as one without. A
+    compiled UNet runs eagerly here, so evaluation never compiles a graph.
     ``rewards`` are names or ``{name: kwargs}``; the training reward (``reward.name``) reuses the module's own
     instance, and is added when ``include_training_reward`` and not listed.
     """
@@ -263,8 +264,11 @@ class EvalDuringTraining(L.Callback):
         # frozen layers stored in the autocast dtype (algo.low_precision_base) only run under training's autocast
         low_precision = bool(getattr(pl_module, "algo_cfg", {}).get("low_precision_base"))
         autocast = pl_module.trainer.precision_plugin.forward_context() if low_precision else nullcontext()
+        # a compiled UNet runs eagerly here: held-out shapes would each compile another graph (minutes on a GPU for
+        # the whole UNet), and the numbers then match `python -m sdpo.evaluate` on the checkpoint
+        eager = getattr(torch.compiler, "set_stance", None)
         try:
-            with torch.random.fork_rng(devices=devices), autocast:
+            with torch.random.fork_rng(devices=devices), autocast, eager("force_eager") if eager else nullcontext():
                 return evaluate_policy(
                     pl_module.components, pl_module.unet, self.prompts, self.steps,
                     rewards=self.rewards_for(pl_module), images_per_prompt=self.images_per_prompt, seed=self.seed,

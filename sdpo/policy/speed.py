@@ -28,19 +28,29 @@ def compile_mode(value: object) -> str:
     raise ValueError(f"algo.compile={value!r}: use false, true (the whole UNet) or 'regional' (its repeated blocks)")
 
 
-def apply_speed_options(unet: nn.Module, channels_last: bool, compile: object, backend: str = "inductor") -> None:
+def apply_speed_options(unet: nn.Module, channels_last: bool, compile: object, backend: str = "inductor",
+                        dynamic: bool | None = False) -> None:
     """Put the UNet's weights in channels_last and/or torch.compile it in place.
 
     Both act in place (``nn.Module.compile``), so ``state_dict`` keys, LoRA saving and checkpoints are those of the
     plain UNet. ``backend`` is torch.compile's (``aot_eager`` traces and differentiates the graphs without
     generating kernels: a quick check that a model compiles).
+
+    The whole UNet compiles with ``dynamic`` (default False: one static graph per batch shape and grad mode). Left to
+    torch's default (None), a frame that meets a second batch size recompiles with that size symbolic, so whether
+    the training graph came out static depended on whether the sampling batch happened to have the same rows (it
+    did not in the reference setting: 16 sampling rows, 4 training rows). An SDPO run has two or three shapes, each
+    compiled once (tests/integration/test_compile.py). Regional blocks keep torch's default: their shared code meets
+    every resolution of the UNet, so static graphs multiply (tiny UNet, one sampling and one training shape: 34
+    static graphs against 28, 22 of them dynamic).
     """
     mode = compile_mode(compile)
     if channels_last:
         unet.to(memory_format=torch.channels_last)
     if mode == "full":
-        unet.compile(backend=backend)
-        log.info("torch.compile (%s): the whole UNet; the first calls of each batch shape compile", backend)
+        unet.compile(backend=backend, dynamic=dynamic)
+        log.info("torch.compile (%s): the whole UNet, %s; the first calls of each batch shape compile", backend,
+                 {False: "static shapes", True: "dynamic shapes", None: "torch's automatic dynamic shapes"}[dynamic])
     elif mode == "regional":
         blocks = [m for m in unet.modules() if type(m).__name__ in REGIONAL_BLOCKS]
         if not blocks:

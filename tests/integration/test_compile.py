@@ -1,0 +1,45 @@
+"""torch.compile in a real run: the whole UNet compiles one static graph per (grad mode, batch shape) whatever the
+order it meets them in, and the held-out evaluation compiles nothing."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from sdpo.train import train
+from tests.conftest import FAST, compose, read_metrics
+
+# (grad mode, any symbolic size, rows of the latent input) of every graph the backend is handed
+COMPILED: list[tuple[bool, bool, object]] = []
+LATENT = (4, 8, 8)  # the tiny default's latents
+
+
+def _symbolic(value: object) -> bool:
+    return isinstance(value, torch.SymInt)
+
+
+@torch._dynamo.register_backend(name="sdpo_test_recording")
+def recording_backend(graph: torch.fx.GraphModule, example_inputs: list) -> object:
+    """Runs the captured graph as it is (eager), noting what dynamo captured."""
+    tensors = [x for x in example_inputs if isinstance(x, Tensor)]
+    dynamic = any(_symbolic(x) for x in example_inputs) or any(_symbolic(d) for x in tensors for d in x.shape)
+    rows = [x.shape[0] for x in tensors if x.dim() == 4 and tuple(x.shape[1:]) == LATENT]
+    COMPILED.append((torch.is_grad_enabled(), dynamic, rows[0] if rows else None))
+    return graph.forward
+
+
+def test_whole_unet_compiles_static_graphs_and_evaluation_compiles_none(tmp_path, cache_dir):
+    """Sampling meets the UNet first with 8 rows (4 prompts x 2), training then with 4 (2 pairs x 2): torch's
+    default would compile the training graph with a symbolic batch. The held-out evaluation (3 images x 4 prompts
+    = 12 rows, after both epochs) would compile two more graphs; it runs eagerly instead."""
+    torch._dynamo.reset()  # no cache entries or seen sizes left by other tests
+    COMPILED.clear()
+    cfg = compose([*FAST, "algo.num_steps=2", "trainer.max_epochs=2", "algo.compile=true",
+                   "algo.compile_backend=sdpo_test_recording", "callbacks.eval.every_n_epochs=1",
+                   "callbacks.eval.images_per_prompt=3", "callbacks.eval.steps=[1,2]"], tmp_path, cache_dir)
+    train(cfg)
+    torch._dynamo.reset()
+    assert {(grad, rows) for grad, _, rows in COMPILED} == {(False, 8), (True, 4)}, COMPILED
+    assert not any(dynamic for _, dynamic, _ in COMPILED), COMPILED
+    evaluated = [row for row in read_metrics(tmp_path) if "eval/brightness/2step" in row]
+    assert len(evaluated) == 2  # both epochs were evaluated, by the compiled UNet run eagerly
