@@ -10,7 +10,9 @@
 #      reached 30.5% used bf16 weights too): per-phase times, overhead ratio and the training phase's MFU (target 30%).
 #      When step 1 passed, the first 16 prompts are scored while the next 16 sample (algo.overlap_scoring=true);
 #      "sampling + rewards" against its primitives then says what the overlap hid. Two graphs compile (sampling,
-#      training; about 2 min each on an H100) in the warm-up iteration, then two iterations of about 40 s run;
+#      training; about 2 min each on an H100) in the warm-up iteration, then two iterations of about 40 s run.
+#      "training" against its primitives (the compiled call alone, and clip + AdamW) says what the loop adds: the
+#      LoRA loop no longer waits on the GPU once per optimizer step (sdpo/algo/checked_steps.py);
 #   3. unet_mfu.py, eager: the LoRA training forward+backward at 32 and 64 rows, cuDNN autotuning ("bm"), and
 #      sampling forwards of 32 and 64 rows (algo.sample_batch_size changes no sample: tested);
 #   4. unet_mfu.py: regional compilation at 32 rows (its compile time and speed against step 2's).

@@ -12,8 +12,9 @@ A variant is ``kind:rows[:cl][:bm][:dyn][:regional|:full]``: kind ``sample`` or 
 pair is 2 rows, so training micro-batch m pairs is 2m rows); ``cl`` = channels_last weights; ``bm`` = cuDNN
 autotuning (``torch.backends.cudnn.benchmark``, Lightning's ``trainer.benchmark=true``); ``regional`` / ``full`` =
 ``algo.compile`` (see ``sdpo/policy/speed.py``); ``dyn`` = ``full`` compiled with a symbolic batch size (what torch's
-default makes of a graph that meets a second size; ``algo.compile=true`` compiles static ones). Prints one line per variant as soon as it is measured: ms per
-call, TFLOP/s, MFU against ``--peak-flops``, peak memory, and the compile (first-call) time. Not a test.
+default makes of a graph that meets a second size; ``algo.compile=true`` compiles static ones). Prints one line per
+variant as soon as it is measured: ms per call, TFLOP/s, MFU against ``--peak-flops``, peak memory, and the compile
+(first-call) time. Not a test.
 """
 
 from __future__ import annotations

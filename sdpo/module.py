@@ -27,11 +27,12 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
 from sdpo.algo.advantages import PerStepPromptStatTracker, discounted_returns
+from sdpo.algo.checked_steps import CheckedSteps
 from sdpo.algo.losses import sdpo_loss, temporal_weights
 from sdpo.algo.shuffle import sharded_update_order, update_groups
 from sdpo.data import iteration_seed
 from sdpo.overlap import BackgroundScorer
-from sdpo.policy.checks import deferred_checks, require_not
+from sdpo.policy.checks import collected_checks, require_not
 from sdpo.policy.conditioning import Conditioning, encode_prompts
 from sdpo.policy.loading import TINY, TinySpec, ensure_tiny_pipeline, load_components
 from sdpo.policy.lora import make_trainable
@@ -289,6 +290,10 @@ class SDPOModule(L.LightningModule):
         One optimizer step per update group of ``micro_batch_pairs x gradient_accumulation_steps`` pairs: each
         micro-batch's loss is its pairs' summed loss over the group's pair count, so the step is the group's mean
         whatever the split (tests/unit/test_accumulation.py). Only the group's last backward all-reduces.
+
+        A group's checks (finite loss, valid timesteps) never stall the GPU in a LoRA run: they are read one step
+        late and a failed step is undone (``sdpo.algo.checked_steps``), so training stops with the weights of
+        before the bad step. A full fine-tune reads them before its step.
         """
         a = self.algo_cfg
         optimizer = self.optimizers()
@@ -297,48 +302,68 @@ class SDPOModule(L.LightningModule):
         generators = self._generators(SHUFFLE_STREAM, self.global_rank * num_shards, num_shards, "cpu")
         weight_of_step = temporal_weights(torch.arange(num_steps, device=self.device), a["temporal_lambda"],
                                           a["temporal_eta"])  # [T]
-        no_sync = getattr(self.trainer.strategy, "block_backward_sync", nullcontext)
+        steps_guard = CheckedSteps(getattr(optimizer, "optimizer", optimizer), lagged=self._lagged_checks())
         sums: dict[str, Tensor] = {}
         count = 0
         first_ratio = torch.zeros((), device=self.device)
         optimizer_steps = 0
         self._grad_norms = []
-        for _ in range(a["num_inner_epochs"]):
-            for group in self._update_plan(num_pairs, num_steps, generators):
-                group_pairs = sum(idx.shape[0] for idx, _ in group)
-                group_loss = torch.zeros((), device=self.device)
-                with deferred_checks():  # the group's step and loss checks: one host sync, before the weights move
-                    for k, (idx, steps) in enumerate(group):
-                        log_prob = self._micro_batch_log_probs(traj, idx, steps)  # [B, 2]
-                        old = traj.log_probs[idx, :, steps]  # [B, 2]
-                        advs = adv[idx, :, steps]  # [B, 2]
-                        loss, info = sdpo_loss(log_prob[:, 0], log_prob[:, 1], old[:, 0], old[:, 1], advs[:, 0],
-                                               advs[:, 1], weight_of_step[steps], a["clip_range"],
-                                               a["adv_clip_max"])
-                        with no_sync() if k < len(group) - 1 else nullcontext():
-                            self.manual_backward(loss * (idx.shape[0] / group_pairs))
-                        detached = loss.detach()
-                        group_loss = group_loss + detached
-                        if optimizer_steps == 0:
-                            first_ratio = torch.maximum(first_ratio, info["log_ratio_abs_max"])
-                        for key, value in info.items():
-                            sums[key] = sums.get(key, 0.0) + value
-                        sums["loss"] = sums.get("loss", 0.0) + detached
-                        count += 1
-                    require_not(~torch.isfinite(group_loss), lambda group=group: FloatingPointError(
-                        f"non-finite SDPO loss at epoch {self.current_epoch}, steps "
-                        f"{torch.cat([s for _, s in group]).tolist()}; try trainer.precision=32-true or a lower "
-                        f"optim.lr"
-                    ))
-                optimizer.step()  # clips in on_before_optimizer_step, after AMP has unscaled the gradients
-                optimizer.zero_grad(set_to_none=True)
-                optimizer_steps += 1
+        with steps_guard:
+            for _ in range(a["num_inner_epochs"]):
+                for group in self._update_plan(num_pairs, num_steps, generators):
+                    with collected_checks() as checks:  # the group's step checks, and its loss's
+                        ratio = self._group_backward(traj, adv, group, weight_of_step, sums)
+                    count += len(group)
+                    if optimizer_steps == 0:
+                        first_ratio = ratio
+                    steps_guard.step(checks, lambda: self._optimizer_step(optimizer))
+                    optimizer_steps += 1
         stats = {k: v / count for k, v in sums.items()}
         stats["grad_norm"] = torch.stack(self._grad_norms).mean() if self._grad_norms else torch.zeros(())
         stats["first_update_log_ratio_abs_max"] = first_ratio
         stats = self._reduce_stats(stats)
         stats["optimizer_steps"] = float(optimizer_steps)
         return stats
+
+    def _group_backward(self, traj: PairTrajectories, adv: Tensor, group: list[tuple[Tensor, Tensor]],
+                        weight_of_step: Tensor, sums: dict[str, Tensor]) -> Tensor:
+        """Forward and backward of one update group's micro-batches (gradients accumulate, only the last backward
+        all-reduces); adds their diagnostics to ``sums``, queues the check of the group's loss, and returns the
+        group's largest |log ratio|."""
+        a = self.algo_cfg
+        no_sync = getattr(self.trainer.strategy, "block_backward_sync", nullcontext)
+        group_pairs = sum(idx.shape[0] for idx, _ in group)
+        group_loss = torch.zeros((), device=self.device)
+        ratio = torch.zeros((), device=self.device)
+        for k, (idx, steps) in enumerate(group):
+            log_prob = self._micro_batch_log_probs(traj, idx, steps)  # [B, 2]
+            old = traj.log_probs[idx, :, steps]  # [B, 2]
+            advs = adv[idx, :, steps]  # [B, 2]
+            loss, info = sdpo_loss(log_prob[:, 0], log_prob[:, 1], old[:, 0], old[:, 1], advs[:, 0], advs[:, 1],
+                                   weight_of_step[steps], a["clip_range"], a["adv_clip_max"])
+            with no_sync() if k < len(group) - 1 else nullcontext():
+                self.manual_backward(loss * (idx.shape[0] / group_pairs))
+            detached = loss.detach()
+            group_loss = group_loss + detached
+            ratio = torch.maximum(ratio, info["log_ratio_abs_max"])
+            for key, value in info.items():
+                sums[key] = sums.get(key, 0.0) + value
+            sums["loss"] = sums.get("loss", 0.0) + detached
+        require_not(~torch.isfinite(group_loss), lambda: FloatingPointError(
+            f"non-finite SDPO loss at epoch {self.current_epoch}, steps {torch.cat([s for _, s in group]).tolist()}; "
+            f"try trainer.precision=32-true or a lower optim.lr"
+        ))
+        return ratio
+
+    @staticmethod
+    def _optimizer_step(optimizer) -> None:
+        optimizer.step()  # clips in on_before_optimizer_step, after AMP has unscaled the gradients
+        optimizer.zero_grad(set_to_none=True)
+
+    def _lagged_checks(self) -> bool:
+        """Read each step's checks one step late, undoing it if they failed (``sdpo.algo.checked_steps``): LoRA
+        runs, whose snapshot is small. A full fine-tune reads them before its step."""
+        return bool(self.model_cfg["lora"]["enabled"])
 
     def _reduce_stats(self, stats: dict[str, Tensor]) -> dict[str, float]:
         """Diagnostics of all ranks: mean, or max for the ``_MAX_STATS``; one gather, one host sync."""

@@ -219,23 +219,45 @@ def test_checkpoint_every_n_epochs_still_saves_the_final_epoch(tmp_path, cache_d
 
 
 class PoisonTheLoss(Callback):
-    """Makes every SDPO loss NaN (a NaN clip range) while sampling stays finite; keeps the module and its weights
-    at that moment (on the class: Hydra builds the instance inside ``train``)."""
+    """Makes every SDPO loss computed after the run's first ``after_steps`` optimizer steps NaN (a NaN clip range;
+    the samples stay finite) and keeps the module, its initial weights and its weights at that moment (on the
+    class: Hydra builds the instance inside ``train``)."""
 
+    after_steps = 0
     seen: dict = {}
 
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+    def on_train_start(self, trainer, pl_module) -> None:
+        PoisonTheLoss.seen = {"module": pl_module, "initial": trainable_state(pl_module), "steps": 0}
+        if PoisonTheLoss.after_steps == 0:
+            self._poison(pl_module)
+        trainer.optimizers[0].register_step_post_hook(lambda optimizer, args, kwargs: self._count(pl_module))
+
+    def _count(self, pl_module) -> None:
+        PoisonTheLoss.seen["steps"] += 1
+        if PoisonTheLoss.seen["steps"] == PoisonTheLoss.after_steps:
+            self._poison(pl_module)
+
+    @staticmethod
+    def _poison(pl_module) -> None:
         pl_module.algo_cfg["clip_range"] = float("nan")
-        PoisonTheLoss.seen = {"module": pl_module, "weights": trainable_state(pl_module)}
+        PoisonTheLoss.seen["weights"] = trainable_state(pl_module)
 
 
-def test_a_non_finite_loss_stops_training_before_the_weights_move(tmp_path, cache_dir):
-    """The loss check is deferred to the end of each optimizer step's micro-batches (one host sync per step), but
-    still runs before ``optimizer.step()``: the weights keep their last finite values."""
-    poison = [f"+callbacks.poison._target_={__name__}.PoisonTheLoss", "model.lora.enabled=true",
-              "trainer.max_epochs=1", "callbacks.eval=null"]
+@pytest.mark.parametrize(("lora", "after_steps"), [(True, 0), (True, 3), (False, 3)])
+def test_a_non_finite_loss_stops_training_before_the_weights_move(lora, after_steps, tmp_path, cache_dir):
+    """A LoRA run reads each optimizer step's loss checks one step late (no host sync per step) and undoes a bad
+    step; a full fine-tune reads them before the step. Either way training stops with the weights of just before
+    the first step on a non-finite loss: the run's first step, or its fourth (4 prompts in micro-batches of 2: 2
+    steps per step column, 8 per iteration)."""
+    PoisonTheLoss.after_steps = after_steps
+    poison = [f"+callbacks.poison._target_={__name__}.PoisonTheLoss", f"model.lora.enabled={str(lora).lower()}",
+              "trainer.max_epochs=1", "callbacks.eval=null", "algo.gradient_accumulation_steps=1"]
     with pytest.raises(FloatingPointError, match="non-finite SDPO loss at epoch 0, steps"):
         train(compose([*FAST, *poison], tmp_path, cache_dir))
-    before, after = PoisonTheLoss.seen["weights"], trainable_state(PoisonTheLoss.seen["module"])
-    assert before.keys() == after.keys() and any("lora" in n for n in before)
+    seen = PoisonTheLoss.seen
+    before, after = seen["weights"], trainable_state(seen["module"])
+    assert before.keys() == after.keys() and any(("lora" in n) == lora for n in before)
     assert all(torch.equal(before[n], after[n]) for n in before)
+    assert seen["steps"] == after_steps + lora  # LoRA: the bad step was taken, then undone
+    moved = any(not torch.equal(before[n], seen["initial"][n]) for n in before)
+    assert moved == (after_steps > 0)  # the good steps did train

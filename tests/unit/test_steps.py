@@ -322,3 +322,31 @@ def test_deferred_checks_raise_the_same_errors_once_at_the_end() -> None:
     with deferred_checks():  # nothing fails: same numbers as outside the block
         again = ddim_step_with_logprob(sched, out, timesteps[0], x, prev_sample=good.prev_sample)
     torch.testing.assert_close(again.log_prob, good.log_prob, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_a_verdict_read_later_names_the_first_failure(device) -> None:
+    """``collected_checks`` queues without evaluating; a ``Verdict`` (on CUDA: flags copied to pinned memory
+    without a wait) later gives the first queued failure, and None when every check passed. Flags written after
+    the verdict was made do not change it."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    from sdpo.policy.checks import Verdict, collected_checks
+
+    sched = scheduler_for("trailing")
+    timestep_schedule(sched, 4)
+    x, out = randn(*SHAPE, seed=1).to(device), randn(*SHAPE, seed=2).to(device)
+    bad = out.clone()
+    bad[1, 0, 0, 0] = float("nan")
+    with collected_checks() as checks:
+        ddim_step_with_logprob(sched, out, torch.tensor([999, 749, 249], device=device), x)
+        ddim_step_with_logprob(sched, bad, torch.tensor([999, 499, 249], device=device), x)
+        ddim_step_with_logprob(sched, bad, torch.tensor([999, 249, 249], device=device), x)
+    verdict = Verdict(checks)
+    checks[0][0].fill_(True)  # the flags are the verdict's copies: later writes do not reach it
+    error = verdict.first_failure()
+    assert isinstance(error, FloatingPointError) and "[499]" in str(error)
+    with collected_checks() as fine:
+        ddim_step_with_logprob(sched, out, torch.tensor([999, 749, 249], device=device), x)
+    assert len(fine) > 0 and Verdict(fine).first_failure() is None
+    assert Verdict([]).first_failure() is None
