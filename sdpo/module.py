@@ -29,6 +29,7 @@ from torch import Tensor
 from sdpo.algo.advantages import PerStepPromptStatTracker, discounted_returns
 from sdpo.algo.checked_steps import CheckedSteps
 from sdpo.algo.losses import sdpo_loss, temporal_weights
+from sdpo.algo.optimizer import build_adamw, clip_gradients
 from sdpo.algo.shuffle import sharded_update_order, update_groups
 from sdpo.data import iteration_seed
 from sdpo.overlap import BackgroundScorer
@@ -125,11 +126,7 @@ class SDPOModule(L.LightningModule):
         )
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        o = self.optim_cfg
-        params = [p for p in self.unet.parameters() if p.requires_grad]
-        return torch.optim.AdamW(
-            params, lr=o["lr"], betas=tuple(o["betas"]), weight_decay=o["weight_decay"], eps=o["eps"]
-        )
+        return build_adamw((p for p in self.unet.parameters() if p.requires_grad), self.optim_cfg, self.device)
 
     def setup(self, stage: str) -> None:
         """Before the model moves to its device: frozen UNet layers in the autocast dtype, when asked."""
@@ -385,13 +382,14 @@ class SDPOModule(L.LightningModule):
         return log_prob.view(b, 2)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Clip the gradient norm here: Lightning calls this hook after AMP has unscaled the gradients (clipping
-        before ``optimizer.step()`` would clip the loss-scaled ones under 16-mixed). Grads are already averaged
-        over ranks, so every rank clips identically. Keeps the pre-clip norm, without a host sync."""
-        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        if params:
-            norm = torch.nn.utils.clip_grad_norm_(params, self.algo_cfg["max_grad_norm"])
-            self._grad_norms.append(norm.detach())
+        """Clip the gradient norm here: Lightning calls this hook after AMP has unscaled the gradients of a foreach
+        optimizer (clipping before ``optimizer.step()`` would clip the loss-scaled ones under 16-mixed), and
+        ``clip_gradients`` unscales those of a fused one. Grads are already averaged over ranks, so every rank clips
+        identically. Keeps the pre-clip norm, without a host sync."""
+        norm = clip_gradients(optimizer, self.algo_cfg["max_grad_norm"],
+                              getattr(self.trainer.precision_plugin, "scaler", None))
+        if norm is not None:
+            self._grad_norms.append(norm)
 
     # ------------------------------------------------------------------------------------ the iteration
     def training_step(self, batch: list[str], batch_idx: int) -> None:

@@ -93,10 +93,10 @@ MEMORY_OPTION_BASE = [*FAST, "model.lora.enabled=true", "optim.lr=0.1", "optim.e
 
 
 @pytest.mark.parametrize("option", ["model.gradient_checkpointing=true", "algo.channels_last=true",
-                                    "algo.compile=regional"])
+                                    "algo.compile=regional", "optim.fused=true"])
 def test_speed_and_memory_options_leave_the_update_unchanged(option, plain_update, tmp_path, cache_dir):
-    """Recomputing activations in backward, another memory layout, or compiled blocks must train the same weights
-    (and keep the plain UNet's parameter names, which checkpoints and LoRA files use)."""
+    """Recomputing activations in backward, another memory layout, compiled blocks or the fused AdamW must train the
+    same weights (and keep the plain UNet's parameter names, which checkpoints and LoRA files use)."""
     graphs_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     # aot_eager: dynamo's capture and AOT autograd as with inductor, without minutes of C++ kernel builds on CPU
     extra = ["algo.compile_backend=aot_eager"] if option.startswith("algo.compile") else []
@@ -106,6 +106,8 @@ def test_speed_and_memory_options_leave_the_update_unchanged(option, plain_updat
         assert unet.is_gradient_checkpointing
     elif option.startswith("algo.channels_last"):
         assert unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    elif option.startswith("optim.fused"):
+        assert trainer.optimizers[0].defaults["fused"]  # the plain run's, on a CPU: foreach
     else:
         compiled = {type(m).__name__ for m in unet.modules() if getattr(m, "_compiled_call_impl", None) is not None}
         assert compiled == set(REGIONAL_BLOCKS)

@@ -1,0 +1,42 @@
+"""The optimizer and its gradient clipping, arranged so that a step never waits on the GPU.
+
+AdamW runs fused on CUDA by default: one kernel per step instead of a dozen multi-tensor launches, and, more
+important, a step that mixed precision's loss scaler can skip on the device. With the foreach AdamW, Lightning's
+16-mixed asks the scaler whether the gradients overflowed with a host sync before every step; a fused one receives
+that answer as a device tensor. Lightning leaves unscaling to such optimizers, so ``clip_gradients`` unscales
+first: the clip then sees true gradients, whichever AdamW runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+def build_adamw(params: Iterable[torch.nn.Parameter], cfg: dict[str, Any], device: torch.device) -> torch.optim.AdamW:
+    """AdamW from the ``optim`` config; ``optim.fused`` null means fused on CUDA (foreach elsewhere)."""
+    fused = cfg.get("fused")
+    if fused is None:
+        fused = device.type == "cuda"
+    return torch.optim.AdamW(list(params), lr=cfg["lr"], betas=tuple(cfg["betas"]), weight_decay=cfg["weight_decay"],
+                             eps=cfg["eps"], fused=bool(fused))
+
+
+def clip_gradients(optimizer: torch.optim.Optimizer, max_norm: float,
+                   scaler: torch.amp.GradScaler | None = None) -> Tensor | None:
+    """Clip the gradient norm of ``optimizer``'s parameters to ``max_norm`` and return the norm before clipping
+    (a device tensor: no host sync), or None when no parameter has a gradient.
+
+    Call it where Lightning calls ``on_before_optimizer_step``: for a foreach optimizer the loss scaler has
+    unscaled the gradients by then; for one that unscales in its step (fused AdamW), Lightning has not, so this
+    unscales them (once; the scaler then steps without scaling again).
+    """
+    if scaler is not None and scaler.is_enabled() and getattr(optimizer, "_step_supports_amp_scaling", False):
+        scaler.unscale_(optimizer)
+    params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    if not params:
+        return None
+    return torch.nn.utils.clip_grad_norm_(params, max_norm).detach()

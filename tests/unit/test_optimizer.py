@@ -1,0 +1,83 @@
+"""``clip_gradients`` under a loss scaler: a fused AdamW (which Lightning leaves unscaled) clips and steps as a
+foreach AdamW that Lightning unscaled, and both skip a step whose gradients overflowed."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sdpo.algo.optimizer import build_adamw, clip_gradients
+
+CFG = {"lr": 0.1, "betas": [0.9, 0.999], "weight_decay": 0.01, "eps": 1e-8}
+
+
+def scaled_step(fused: bool, grads: list[torch.Tensor], max_norm: float) -> tuple[list[torch.Tensor], float, float]:
+    """One 16-mixed-style step as Lightning runs it: the loss scaler multiplies the gradients, Lightning unscales a
+    foreach optimizer before the clipping hook, the scaler steps and updates. Returns weights, pre-clip norm and
+    the scale after the update."""
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(3))]
+    optimizer = build_adamw(params, {**CFG, "fused": fused}, torch.device("cpu"))
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    loss = sum((p * g).sum() for p, g in zip(params, grads, strict=True))  # d loss / d p = g
+    scaler.scale(loss).backward()
+    if not getattr(optimizer, "_step_supports_amp_scaling", False):
+        scaler.unscale_(optimizer)  # what Lightning's MixedPrecision does before the hook
+    norm = clip_gradients(optimizer, max_norm, scaler)
+    scaler.step(optimizer)
+    scaler.update()
+    return [p.detach().clone() for p in params], float(norm), scaler.get_scale()
+
+
+@pytest.mark.parametrize("max_norm", [100.0, 0.5])  # no clipping, clipping
+def test_fused_adamw_clips_and_steps_like_foreach_under_a_loss_scaler(max_norm):
+    generator = torch.Generator().manual_seed(1)
+    grads = [torch.randn(4, 3, generator=generator), torch.randn(3, generator=generator)]
+    true_norm = float(torch.cat([g.reshape(-1) for g in grads]).norm())
+    (foreach, foreach_norm, _), (fused, fused_norm, _) = scaled_step(False, grads, max_norm), scaled_step(
+        True, grads, max_norm)
+    assert foreach_norm == pytest.approx(true_norm, rel=1e-6) and fused_norm == pytest.approx(true_norm, rel=1e-6)
+    for a, b in zip(foreach, fused, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    torch.manual_seed(0)
+    initial = [torch.randn(4, 3), torch.randn(3)]
+    assert not torch.equal(fused[0], initial[0])  # it stepped
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_an_overflowed_step_is_skipped_and_the_scale_backs_off(fused):
+    grads = [torch.full((4, 3), float("inf")), torch.zeros(3)]
+    weights, _, scale = scaled_step(fused, grads, max_norm=1.0)
+    torch.manual_seed(0)
+    initial = [torch.randn(4, 3), torch.randn(3)]
+    assert all(torch.equal(w, i) for w, i in zip(weights, initial, strict=True))
+    assert scale == 512.0
+
+
+def test_fused_is_the_cuda_default():
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    assert not build_adamw(params, {**CFG, "fused": None}, torch.device("cpu")).defaults["fused"]
+    assert build_adamw(params, {**CFG, "fused": True}, torch.device("cpu")).defaults["fused"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (16-mixed)")
+def test_fused_adamw_under_lightning_16_mixed_trains_what_foreach_trains(tmp_path, cache_dir):
+    """Lightning's 16-mixed leaves a fused optimizer's gradients scaled before the clipping hook; the hook unscales
+    them, so the fused run (the CUDA default) clips, logs its gradient norm and steps as the foreach one."""
+    from sdpo.train import train
+    from tests.conftest import FAST, assert_weights_match, compose, read_metrics, trainable_state
+
+    runs, norms = {}, {}
+    for fused in (False, True):
+        cfg = compose([*FAST, "model.lora.enabled=true", "optim.lr=0.1", "algo.max_grad_norm=0.01",
+                       "trainer.max_epochs=2", "trainer.accelerator=gpu", "trainer.devices=1",
+                       "trainer.precision=16-mixed", "++callbacks.eval=null", f"optim.fused={str(fused).lower()}"],
+                      tmp_path / str(fused), cache_dir)
+        trainer = train(cfg)
+        assert trainer.optimizers[0].defaults["fused"] == fused
+        runs[fused] = trainable_state(trainer.lightning_module)
+        norms[fused] = [row["train/grad_norm"] for row in read_metrics(tmp_path / str(fused))]
+    assert max(float(v.abs().max()) for n, v in runs[True].items() if "lora_B" in n) > 1e-3  # it trained
+    # Adam barely notices a scaled gradient; the clip and the logged norm do: both must see the true one
+    assert norms[True] == pytest.approx(norms[False], rel=1e-3) and len(norms[True]) == 2
+    assert_weights_match(runs[True], runs[False], atol=1e-4, label="fused vs foreach")
