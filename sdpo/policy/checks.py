@@ -26,9 +26,8 @@ from contextvars import ContextVar
 import torch
 from torch import Tensor
 
-_PENDING: ContextVar[list[tuple[Tensor, Callable[[], Exception]]] | None] = ContextVar(
-    "sdpo_pending_checks", default=None
-)
+Pending = list[tuple[Tensor, Callable[[], Exception]]]  # (failed flag on the device, its error), in queued order
+_PENDING: ContextVar[Pending | None] = ContextVar("sdpo_pending_checks", default=None)
 
 
 def require_not(failed: Tensor, error: Callable[[], Exception]) -> None:
@@ -40,9 +39,6 @@ def require_not(failed: Tensor, error: Callable[[], Exception]) -> None:
             raise error()
         return
     pending.append((failed.detach().any(), error))
-
-
-Pending = list[tuple[Tensor, Callable[[], Exception]]]
 
 
 @contextmanager
@@ -71,7 +67,7 @@ def raise_first_failure(pending: Pending) -> None:
 
 class Verdict:
     """The outcome of queued checks. On CUDA the flags are copied to pinned host memory without waiting, and an
-    event marks when they are there: reading them after the GPU has moved on (``failed``) costs no stall."""
+    event marks when they are there: reading them after the GPU has moved on (``first_failure``) costs no stall."""
 
     def __init__(self, pending: Pending, wait: bool = False) -> None:
         self.pending = pending
