@@ -21,8 +21,9 @@ import hydra
 import lightning as L
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
+from sdpo.cluster import restart_checkpoint, slurm_plugins
 from sdpo.config_checks import ConfigError, validate_config
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
@@ -132,14 +133,22 @@ def train(cfg: DictConfig) -> L.Trainer:
 
     from sdpo.module import SDPOModule
 
+    ckpt_path = cfg.get("ckpt_path")
+    restart = restart_checkpoint(cfg, os.environ)
+    if restart is not None:  # the same run folder: continue its metrics.csv rather than start a new one
+        log.info("restarted job (SLURM requeue or torchrun restart): continuing from %s", restart)
+        ckpt_path = restart
+        if (cfg.get("logger") or {}).get("csv") is not None:
+            with open_dict(cfg):
+                cfg.logger.csv.append = True
     datamodule = instantiate(cfg.data)
     module = SDPOModule(model=cfg.model, algo=cfg.algo, reward=cfg.reward, optim=cfg.optim, seed=cfg.seed)
     loggers = [instantiate(c) for c in cfg.get("logger", {}).values() if c is not None]
     callbacks = [instantiate(c) for c in cfg.get("callbacks", {}).values() if c is not None]
-    trainer = instantiate(cfg.trainer, logger=loggers, callbacks=callbacks)
+    trainer = instantiate(cfg.trainer, logger=loggers, callbacks=callbacks, plugins=slurm_plugins() or None)
     for logger in loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     return trainer
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -98,9 +99,12 @@ class CrashAtEpoch(Callback):
             raise RuntimeError(f"simulated crash at epoch {self.epoch}")
 
 
-def test_resume_after_a_crash_equals_uninterrupted(tmp_path, cache_dir):
+@pytest.mark.parametrize("how", ["ckpt_path", "requeued"])
+def test_resume_after_a_crash_equals_uninterrupted(how, tmp_path, cache_dir, monkeypatch):
     """A 4-epoch run killed as epoch 2 starts, resumed from its last.ckpt, == 4 epochs straight: LoRA weights,
-    optimizer, tracker, counters, RNG. Also proves last.ckpt is written during the run, not only at its end."""
+    optimizer, tracker, counters, RNG. Also proves last.ckpt is written during the run, not only at its end.
+    ``ckpt_path``: resumed into a new folder. ``requeued``: the same command run again in the same folder as a
+    requeued SLURM job (``SLURM_RESTART_COUNT``): it finds last.ckpt itself and continues the folder's metrics.csv."""
     base = [*FAST, "model.lora.enabled=true", "optim.lr=1e-2", "algo.tracker.min_count=2", "algo.tracker.buffer_size=4",
             "trainer.max_epochs=4"]
     full = train(compose(base, tmp_path / "full", cache_dir))
@@ -110,7 +114,13 @@ def test_resume_after_a_crash_equals_uninterrupted(tmp_path, cache_dir):
     ckpt = tmp_path / "part" / "checkpoints" / "last.ckpt"
     saved = torch.load(ckpt, weights_only=True)
     assert saved["epoch"] == 1  # the last completed epoch
-    resumed = train(compose([*base, f"ckpt_path={ckpt}"], tmp_path / "resumed", cache_dir))
+    if how == "ckpt_path":
+        resumed = train(compose([*base, f"ckpt_path={ckpt}"], tmp_path / "resumed", cache_dir))
+        run_dir, epochs = tmp_path / "resumed", [2, 3]  # past epochs were not re-sampled
+    else:
+        monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+        resumed = train(compose(base, tmp_path / "part", cache_dir))
+        run_dir, epochs = tmp_path / "part", [0, 1, 2, 3]  # the killed job's rows kept, none repeated
     a, b = trainable_state(full.lightning_module), trainable_state(resumed.lightning_module)
     assert a.keys() == b.keys() and any("lora" in k for k in a)
     assert_weights_match(a, b, atol=1e-6)
@@ -118,9 +128,41 @@ def test_resume_after_a_crash_equals_uninterrupted(tmp_path, cache_dir):
     assert not torch.equal(a[name], saved["state_dict"][name])  # it did train further
     assert full.lightning_module.tracker.state_dict() == resumed.lightning_module.tracker.state_dict()
     assert full.lightning_module.total_queries == resumed.lightning_module.total_queries
-    rows_full, rows_resumed = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "resumed")
-    assert [r["epoch"] for r in rows_resumed] == [2, 3]  # past epochs were not re-sampled
-    assert rows_full[3]["train/reward_1step"] == pytest.approx(rows_resumed[1]["train/reward_1step"], abs=1e-6)
+    rows_full, rows_resumed = read_metrics(tmp_path / "full"), read_metrics(run_dir)
+    assert [r["epoch"] for r in rows_resumed] == epochs
+    assert rows_full[3]["train/reward_1step"] == pytest.approx(rows_resumed[-1]["train/reward_1step"], abs=1e-6)
+
+
+class SignalAtEpoch(Callback):
+    """Sends ``SIGUSR1`` to this process as epoch ``epoch`` starts, as sbatch --signal does before a time limit."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        if trainer.current_epoch == self.epoch:
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+
+def test_the_requeue_signal_requeues_a_slurm_job(tmp_path, cache_dir, monkeypatch):
+    """In a SLURM job, SIGUSR1 makes rank 0 run ``scontrol requeue <job id>`` (a stand-in on PATH records it; a
+    real one would end the job here) and the run goes on; after fit the previous handler is back."""
+    from tests.unit.test_cluster import fake_scontrol
+
+    calls = fake_scontrol(tmp_path)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    unhandled: list[int] = []
+    previous = signal.signal(signal.SIGUSR1, lambda signum, frame: unhandled.append(signum))
+    try:
+        train(compose([*FAST, "trainer.max_epochs=2", "callbacks.eval=null",
+                       f"+callbacks.signal._target_={__name__}.SignalAtEpoch", "+callbacks.signal.epoch=1"],
+                      tmp_path / "run", cache_dir))
+        assert calls.read_text().splitlines() == ["requeue 4242"] and unhandled == []
+        os.kill(os.getpid(), signal.SIGUSR1)  # after fit: the handler that was there before
+        assert unhandled == [signal.SIGUSR1]
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
 
 
 def test_checkpoint_holds_only_trainable_weights_and_tracker(tmp_path, cache_dir):

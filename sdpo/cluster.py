@@ -1,0 +1,127 @@
+"""Preempted and restarted cluster jobs continue their run exactly.
+
+A SLURM job that is requeued (preemption with ``--requeue``, or ``RequeueOnSignal`` before its time limit) and
+torchrun workers restarted after a failure (``--max-restarts``) start again with the same command line, so
+``sdpo.train.launch_overrides`` gives them the same run folder (``slurm-<job id>``, ``torchrun-<rdzv id>``).
+``restart_checkpoint`` then resumes from that folder's ``checkpoints/last.ckpt``: the last completed iteration,
+from which a resumed run equals an uninterrupted one (tests/integration/test_train.py). Without it the restarted
+job would start over from the base model, writing into the same folder.
+
+Lightning's own SLURM requeue handler is switched off (``slurm_plugins``): it saves a checkpoint the moment the
+signal arrives, in the middle of an iteration, and a run resumed from there repeats that iteration's sampling on
+partly updated weights and counts its returns twice in the stat tracker.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal as signals
+import subprocess
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+
+log = logging.getLogger(__name__)
+
+RESTART_COUNTS = ("SLURM_RESTART_COUNT", "TORCHELASTIC_RESTART_COUNT")  # > 0 in a requeued / restarted job
+
+
+def restart_checkpoint(cfg: Any, env: Mapping[str, str]) -> str | None:
+    """The checkpoint a restarted job continues from: its run folder's ``last.ckpt`` when the scheduler says this is
+    a restart and no ``ckpt_path`` was given; None otherwise (a first start trains from the base model)."""
+    restarts = {name: env[name] for name in RESTART_COUNTS if int(env.get(name) or 0) > 0}
+    if cfg.get("ckpt_path") or not restarts:
+        return None
+    checkpoint = (cfg.get("callbacks") or {}).get("checkpoint")
+    if not checkpoint or not checkpoint.get("dirpath"):
+        return None
+    last = Path(checkpoint["dirpath"]) / "last.ckpt"
+    if last.exists():
+        return str(last)
+    log.warning(
+        "this job is a restart (%s) but %s does not exist, so it trains from the base model. A restart finds its "
+        "checkpoint only in the run folder it first ran in: multi-task SLURM jobs and torchrun runs get one from "
+        "their job / rendezvous id, a single-task SLURM job needs hydra.run.dir=outputs/<task>/slurm-$SLURM_JOB_ID "
+        "(or it was stopped before its first iteration ended)",
+        ", ".join(f"{k}={v}" for k, v in restarts.items()), last,
+    )
+    return None
+
+
+def slurm_plugins() -> list:
+    """Inside a SLURM job step: Lightning's SLURM environment without its mid-iteration requeue checkpoint."""
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
+    return [SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else []
+
+
+def slurm_job_id(env: Mapping[str, str]) -> str | None:
+    """The id ``scontrol requeue`` takes: ``<array job>_<task>`` for an array task, else the job id."""
+    if env.get("SLURM_ARRAY_JOB_ID") and env.get("SLURM_ARRAY_TASK_ID"):
+        return f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
+    return env.get("SLURM_JOB_ID") or None
+
+
+class RequeueOnSignal(L.Callback):
+    """In a SLURM job, requeue it when ``signal`` arrives (``sbatch --signal=USR1@120``: two minutes before the
+    time limit): the requeued job continues from the last completed iteration (``restart_checkpoint``).
+
+    Requeueing at once, rather than after the current iteration, keeps the job from ending as a timeout when the
+    iteration outlasts the warning; the partial iteration is redone. Only global rank 0 calls ``scontrol``; the other
+    ranks ignore the signal.
+    """
+
+    def __init__(self, signal: str = "USR1") -> None:
+        name = f"SIG{str(signal).upper().removeprefix('SIG')}"
+        if not isinstance(getattr(signals, name, None), signals.Signals):
+            raise ValueError(f"callbacks.requeue.signal={signal!r}: use a signal name such as USR1 (the one given "
+                             "to sbatch --signal)")
+        self.signum: signals.Signals = getattr(signals, name)
+        self._previous: list[Any] = []  # the handler this one replaced, while registered
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if slurm_job_id(os.environ) is None:
+            return
+        # every task of the job step gets the signal, whose default action would end the process: ranks > 0
+        # ignore it, rank 0 requeues
+        handler = self._requeue if trainer.global_rank == 0 else signals.SIG_IGN
+        self._previous = [signals.signal(self.signum, handler)]
+        if trainer.global_rank == 0:
+            log.info("SLURM job %s: %s requeues it; the requeued job continues from checkpoints/last.ckpt",
+                     slurm_job_id(os.environ), self.signum.name)
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._restore()
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self._restore()
+
+    def _restore(self) -> None:
+        if self._previous:
+            previous = self._previous.pop()
+            signals.signal(self.signum, previous if previous is not None else signals.SIG_DFL)
+
+    def _requeue(self, signum: int, frame: object) -> None:
+        requeue(os.environ)
+
+
+def requeue(env: Mapping[str, str]) -> bool:
+    """``scontrol requeue <job>``; logs (rather than raises) a failure: a signal handler must not end the run."""
+    job = slurm_job_id(env)
+    if job is None:
+        return False
+    try:
+        result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as error:
+        log.error("could not requeue SLURM job %s (%s): resume it with ckpt_path=<run>/checkpoints/last.ckpt",
+                  job, error)
+        return False
+    if result.returncode != 0:
+        log.error("scontrol requeue %s failed (%s): resume it with ckpt_path=<run>/checkpoints/last.ckpt", job,
+                  result.stderr.strip() or result.returncode)
+        return False
+    log.info("requeued SLURM job %s; it will continue from checkpoints/last.ckpt", job)
+    return True

@@ -1,0 +1,64 @@
+"""Restarted cluster jobs: which checkpoint a restart continues from, the job id ``scontrol requeue`` gets, and the
+requeue command itself (a stand-in ``scontrol`` on PATH records what it was asked)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from sdpo.cluster import RequeueOnSignal, requeue, restart_checkpoint, slurm_job_id
+
+
+def fake_scontrol(folder: Path, exit_code: int = 0) -> Path:
+    """An ``scontrol`` that appends its arguments to ``folder/calls`` and exits with ``exit_code``."""
+    script = folder / "scontrol"
+    script.write_text(f'#!/bin/sh\necho "$@" >> "{folder}/calls"\necho "refused" >&2\nexit {exit_code}\n')
+    script.chmod(script.stat().st_mode | stat.S_IEXEC)
+    return folder / "calls"
+
+
+def test_slurm_job_id_names_array_tasks():
+    assert slurm_job_id({"SLURM_JOB_ID": "4242"}) == "4242"
+    assert slurm_job_id({"SLURM_JOB_ID": "4243", "SLURM_ARRAY_JOB_ID": "4200", "SLURM_ARRAY_TASK_ID": "3"}) == "4200_3"
+    assert slurm_job_id({}) is None
+
+
+def test_only_a_restarted_job_continues_and_an_explicit_checkpoint_wins(tmp_path, caplog):
+    checkpoints = tmp_path / "checkpoints"
+    cfg = OmegaConf.create({"ckpt_path": None, "callbacks": {"checkpoint": {"dirpath": str(checkpoints)}}})
+    requeued, restarted = {"SLURM_RESTART_COUNT": "1"}, {"TORCHELASTIC_RESTART_COUNT": "2"}
+    with caplog.at_level(logging.WARNING, logger="sdpo.cluster"):
+        assert restart_checkpoint(cfg, requeued) is None  # nothing saved (or another folder): base model, and why
+    assert "SLURM_RESTART_COUNT=1" in caplog.text and "hydra.run.dir=outputs/<task>/slurm-$SLURM_JOB_ID" in caplog.text
+    checkpoints.mkdir()
+    (checkpoints / "epoch=1-step=8.ckpt").write_bytes(b"")
+    (checkpoints / "last.ckpt").symlink_to("epoch=1-step=8.ckpt")
+    assert restart_checkpoint(cfg, requeued) == restart_checkpoint(cfg, restarted) == str(checkpoints / "last.ckpt")
+    assert restart_checkpoint(cfg, {"SLURM_RESTART_COUNT": "0", "SLURM_JOB_ID": "1"}) is None  # a first start
+    cfg.ckpt_path = "elsewhere.ckpt"
+    assert restart_checkpoint(cfg, requeued) is None  # train.py keeps the explicit one
+
+
+def test_requeue_calls_scontrol_and_reports_failure(tmp_path, monkeypatch, caplog):
+    calls = fake_scontrol(tmp_path)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    assert requeue({"SLURM_ARRAY_JOB_ID": "7", "SLURM_ARRAY_TASK_ID": "1", "SLURM_JOB_ID": "9"})
+    assert calls.read_text().splitlines() == ["requeue 7_1"]
+    fake_scontrol(tmp_path, exit_code=1)
+    with caplog.at_level(logging.ERROR, logger="sdpo.cluster"):
+        assert not requeue({"SLURM_JOB_ID": "9"})
+    assert "scontrol requeue 9 failed (refused)" in caplog.text and "ckpt_path=" in caplog.text
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    assert not requeue({"SLURM_JOB_ID": "9"})  # no scontrol at all: logged, not raised
+    assert not requeue({})
+
+
+def test_a_bad_signal_name_fails_early():
+    assert RequeueOnSignal("SIGUSR2").signum.name == "SIGUSR2"
+    with pytest.raises(ValueError, match="callbacks.requeue.signal='USR9'"):
+        RequeueOnSignal("USR9")
