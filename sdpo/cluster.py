@@ -18,6 +18,7 @@ import logging
 import os
 import signal as signals
 import subprocess
+import threading
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -83,8 +84,8 @@ class RequeueOnSignal(L.Callback):
         self._previous: list[Any] = []  # the handler this one replaced, while registered
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if slurm_job_id(os.environ) is None:
-            return
+        if slurm_job_id(os.environ) is None or threading.current_thread() is not threading.main_thread():
+            return  # (Python lets only the main thread set signal handlers)
         # every task of the job step gets the signal, whose default action would end the process: ranks > 0
         # ignore it, rank 0 requeues
         handler = self._requeue if trainer.global_rank == 0 else signals.SIG_IGN
