@@ -16,6 +16,11 @@ class ConfigError(ValueError):
     """A configuration value that cannot work; the message says which key to change."""
 
 
+def pairs_per_rank(cfg: DictConfig) -> int:
+    """Prompt pairs one rank samples per iteration: data.prompts_per_batch x data.batches_per_epoch."""
+    return cfg.data.prompts_per_batch * cfg.data.batches_per_epoch
+
+
 def validate_config(cfg: DictConfig) -> None:
     problems: list[str] = []
 
@@ -64,7 +69,7 @@ def validate_config(cfg: DictConfig) -> None:
          "data.prompts_per_batch and data.batches_per_epoch must be >= 1")
     overlap = a.get("overlap_scoring", False)
     need(isinstance(overlap, bool), f"algo.overlap_scoring={overlap!r}: use true or false")
-    pairs = cfg.data.prompts_per_batch * cfg.data.batches_per_epoch  # one iteration's pairs per rank
+    pairs = pairs_per_rank(cfg)
     need(overlap is not True or a.sample_batch_size < pairs,
          f"algo.overlap_scoring=true overlaps scoring a chunk of algo.sample_batch_size prompts with sampling the "
          f"next, but algo.sample_batch_size={a.sample_batch_size} covers all {pairs} prompts of an iteration "

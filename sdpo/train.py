@@ -24,7 +24,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from sdpo.cluster import restart_checkpoint, slurm_plugins
-from sdpo.config_checks import ConfigError, validate_config
+from sdpo.config_checks import ConfigError, pairs_per_rank, validate_config
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 log = logging.getLogger(__name__)
@@ -93,7 +93,7 @@ def check_distributed(cfg: DictConfig) -> None:
             "command line. Launch one job per sweep point instead (README.md, 'Multi-GPU and multi-node')"
         )
     shards, micro = cfg.algo.get("shuffle_shards", 1), cfg.algo.micro_batch_pairs
-    pairs = cfg.data.prompts_per_batch * cfg.data.batches_per_epoch
+    pairs = pairs_per_rank(cfg)
     if shards < 1 or pairs % shards or micro % shards:
         raise ConfigError(
             f"algo.shuffle_shards={shards} must be >= 1 and divide the pairs per rank ({pairs} = "

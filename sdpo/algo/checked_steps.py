@@ -17,58 +17,68 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from sdpo.policy.checks import Pending, Verdict
+from sdpo.policy.checks import Pending, Verdict, raise_first_failure
 
 
-def _copy_by_device(targets: list[Tensor], sources: list[Tensor]) -> None:
-    """``targets[i].copy_(sources[i])``, one multi-tensor copy per device: a list that mixes devices (AdamW keeps
-    its step counts on the CPU) would fall back to one copy launch per tensor."""
-    by_device: dict[torch.device, tuple[list[Tensor], list[Tensor]]] = {}
+def _by_device(targets: list[Tensor], sources: list[Tensor]) -> list[tuple[list[Tensor], list[Tensor]]]:
+    """The pairs ``(targets[i], sources[i])`` split by device, one multi-tensor copy each: a list that mixes devices
+    (AdamW keeps its step counts on the CPU) would fall back to one copy launch per tensor."""
+    groups: dict[torch.device, tuple[list[Tensor], list[Tensor]]] = {}
     for target, source in zip(targets, sources, strict=True):
-        pair = by_device.setdefault(source.device, ([], []))
-        pair[0].append(target)
-        pair[1].append(source)
-    for device_targets, device_sources in by_device.values():
-        torch._foreach_copy_(device_targets, device_sources)
+        group = groups.setdefault(source.device, ([], []))
+        group[0].append(target)
+        group[1].append(source)
+    return list(groups.values())
 
 
 class OptimizerSnapshot:
-    """Parameters of ``optimizer`` and its per-parameter state, as of the last ``take()``."""
+    """Parameters of ``optimizer`` and its per-parameter state, as of the last ``take()``.
+
+    ``take()`` runs before every optimizer step, so what to copy where is planned once and re-planned only when
+    parameters gain state (the first step); the optimizer must update its state tensors in place, as torch's do.
+    """
 
     def __init__(self, optimizer: torch.optim.Optimizer) -> None:
         self.optimizer = optimizer
         self.params: list[Tensor] = [p for group in optimizer.param_groups for p in group["params"]]
         self._weights: list[Tensor] = [torch.empty_like(p) for p in self.params]
         self._state: dict[int, dict[str, object]] = {}  # param index -> state entry copy (absent: had no state)
+        self._copies: list[tuple[list[Tensor], list[Tensor]]] = []  # (buffers, live tensors) per device
+        self._planned_for = -1  # how many parameters had state when the copies were planned
         self.taken = False
 
-    @torch.no_grad()
-    def take(self) -> None:
-        """Copy the current weights and state (queued on the device; the buffers are reused)."""
-        _copy_by_device(self._weights, [p.detach() for p in self.params])
-        kept: dict[int, dict[str, object]] = {}
-        sources: list[Tensor] = []
-        buffers: list[Tensor] = []
+    def _plan(self) -> None:
+        """Buffers for the weights and every state tensor, and the copies that fill them."""
+        buffers, sources = list(self._weights), [p.detach() for p in self.params]
+        self._state = {}
         for i, p in enumerate(self.params):
             state = self.optimizer.state.get(p)
             if not state:
                 continue
-            previous = self._state.get(i, {})
             entry: dict[str, object] = {}
             for key, value in state.items():
                 if isinstance(value, Tensor):
-                    buffer = previous.get(key)
-                    if not (isinstance(buffer, Tensor) and buffer.shape == value.shape and buffer.dtype == value.dtype
-                            and buffer.device == value.device):
-                        buffer = torch.empty_like(value)
+                    entry[key] = torch.empty_like(value)
+                    buffers.append(entry[key])
                     sources.append(value.detach())
-                    buffers.append(buffer)
-                    entry[key] = buffer
                 else:
-                    entry[key] = value
-            kept[i] = entry
-        _copy_by_device(buffers, sources)
-        self._state = kept
+                    entry[key] = value  # re-read at every take()
+            self._state[i] = entry
+        self._copies = _by_device(buffers, sources)
+        self._planned_for = len(self.optimizer.state)
+
+    @torch.no_grad()
+    def take(self) -> None:
+        """Copy the current weights and state (queued on the device; the buffers are reused)."""
+        if len(self.optimizer.state) != self._planned_for:
+            self._plan()
+        for buffers, sources in self._copies:
+            torch._foreach_copy_(buffers, sources)
+        for i, entry in self._state.items():
+            state = self.optimizer.state[self.params[i]]
+            for key, value in entry.items():
+                if not isinstance(value, Tensor):
+                    entry[key] = state[key]
         self.taken = True
 
     @torch.no_grad()
@@ -76,7 +86,8 @@ class OptimizerSnapshot:
         """Put back the weights and state of the last ``take()``; state created since then is dropped."""
         if not self.taken:
             raise RuntimeError("OptimizerSnapshot.restore() before any take()")
-        torch._foreach_copy_([p.detach() for p in self.params], self._weights)
+        for weights, params in _by_device([p.detach() for p in self.params], self._weights):
+            torch._foreach_copy_(weights, params)
         for i, p in enumerate(self.params):
             entry = self._state.get(i)
             if entry is None:
@@ -109,7 +120,7 @@ class CheckedSteps:
     def step(self, checks: Pending, do_step: Callable[[], None]) -> None:
         """``do_step()`` (the optimizer step) unless ``checks`` (or, lagged, the previous step's) failed."""
         if self.snapshot is None:
-            Verdict(checks, wait=True).raise_if_failed()  # before the weights move
+            raise_first_failure(checks)  # before the weights move
             do_step()
             return
         verdict = Verdict(checks)  # flags on their way to the host, no wait
