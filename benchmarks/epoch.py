@@ -64,7 +64,10 @@ PHASES = ("sampling", "decode", "reward_model", "advantages", "training")
 
 
 class IterationTimer(L.Callback):
-    """Wall time between consecutive epoch starts (everything one iteration costs) and the module's phase times."""
+    """Wall time between consecutive epoch starts (everything one iteration costs) and the module's phase times.
+
+    The last iteration ends when training ends: its checkpoint counts, as does the final export of the trained
+    weights (milliseconds for a LoRA), and no extra iteration runs only to close the timing (a minute at T = 50)."""
 
     def __init__(self) -> None:
         self.starts: list[float] = []
@@ -73,6 +76,10 @@ class IterationTimer(L.Callback):
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         synchronize(pl_module.device)
         self.starts.append(time.perf_counter())
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        synchronize(pl_module.device)
+        self.starts.append(time.perf_counter())  # closes the last iteration without running another
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args) -> None:
         self.iterations.append(dict(pl_module.last_iteration))
@@ -100,14 +107,6 @@ def chunk_sizes(total: int, size: int) -> dict[int, int]:
     return sizes
 
 
-def autocast_for(precision: str, device: torch.device):
-    if precision.startswith("bf16"):
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    if precision.startswith("16"):
-        return torch.autocast(device.type, dtype=torch.float16)
-    return torch.autocast(device.type, enabled=False)
-
-
 def flops_of(fn: Callable[[], object]) -> int:
     """Model FLOPs of one call, counted eagerly: under the counter a compiled UNet would compile again (minutes)."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -117,16 +116,22 @@ def flops_of(fn: Callable[[], object]) -> int:
     return counter.get_total_flops()
 
 
-def primitives(module, cfg, counts: dict, device: torch.device, repeats: int) -> dict[str, dict]:
-    """Each primitive of one iteration timed alone: seconds per call, calls per iteration, FLOPs of one call."""
+def primitives(trainer: L.Trainer, cfg, counts: dict, device: torch.device, repeats: int) -> dict[str, dict]:
+    """Each primitive of one iteration timed alone: seconds per call, calls per iteration, FLOPs of one call.
+
+    The UNet calls run under the trainer's own autocast (``forward_context``): a compiled UNet guards on autocast's
+    settings, and any other autocast (``torch.autocast``'s default caches casts, Lightning's does not) would make
+    it compile again, minutes per graph on a GPU."""
+    from sdpo.algo.optimizer import build_adamw, clip_gradients
     from sdpo.policy.conditioning import decode_latents, encode_prompts
     from sdpo.policy.rollout import predict_model_output
 
+    module = trainer.lightning_module
     a = module.algo_cfg
     prompts = list(cfg.data.source) if not isinstance(cfg.data.source, str) else ["cat", "dog", "horse"]
     num_pairs, num_steps = counts["num_pairs"], a["num_steps"]
     image_size = module.latent_shape[-1] * module.components.vae_scale_factor
-    amp = autocast_for(str(cfg.trainer.precision), device)
+    amp = trainer.precision_plugin.forward_context
     out: dict[str, dict] = {}
 
     def add(name: str, fn: Callable[[], object], calls: int, key: str, flops: bool = False) -> None:
@@ -151,7 +156,7 @@ def primitives(module, cfg, counts: dict, device: torch.device, repeats: int) ->
         t = module.timesteps[0].expand(2 * size)
 
         def unet_forward(x=x, t=t, cond=cond) -> None:
-            with torch.no_grad(), amp:
+            with torch.no_grad(), amp():
                 predict_model_output(module.unet, x, t, cond)
 
         add("UNet forward (sampling)", unet_forward, calls * num_steps, f"{2 * size} rows", flops=True)
@@ -178,18 +183,18 @@ def primitives(module, cfg, counts: dict, device: torch.device, repeats: int) ->
         t = module.timesteps[torch.arange(2 * size, device=device) % num_steps]
 
         def forward_backward(x=x, t=t, cond=cond) -> None:
-            with amp:
+            with amp():
                 output = predict_model_output(module.unet, x, t, cond)
             output.float().square().mean().backward()
 
         add("UNet forward+backward (training)", forward_backward, calls * a["num_inner_epochs"],
             f"{2 * size} rows", flops=True)
-    optimizer = torch.optim.AdamW(params, lr=1e-12)
+    optimizer = build_adamw(params, {**module.optim_cfg, "lr": 1e-12}, device)  # the run's AdamW (fused on CUDA)
     for p in params:
         p.grad = torch.randn_like(p)
 
     def optimizer_step() -> None:
-        torch.nn.utils.clip_grad_norm_(params, a["max_grad_norm"])
+        clip_gradients(optimizer, a["max_grad_norm"])
         optimizer.step()
 
     add("clip + AdamW step", optimizer_step, counts["optimizer_steps"], f"{sum(p.numel() for p in params)} params")
@@ -246,7 +251,7 @@ def main() -> None:
 
     from sdpo.train import CONFIG_DIR, train
 
-    epochs = args.warmup + args.iterations + 1  # the last one only closes the timing of the one before
+    epochs = args.warmup + args.iterations
     out = Path(tempfile.mkdtemp(prefix="sdpo-bench-"))
     preset = PRESETS[args.preset]
     if args.preset in MODEL_PRESETS:
@@ -312,7 +317,10 @@ def main() -> None:
     print(f"\nsamples/s {samples / iteration:.1f}   reward queries/s {counts['num_queries'] * world / iteration:.1f}   "
           f"peak memory {peak}")
 
-    prims = primitives(module, cfg, counts, device, args.repeats)
+    # the primitives must time the graphs the run compiled: a recompile would cost minutes and time another graph
+    stance = "fail_on_recompile" if a.get("compile") else "default"
+    with torch.compiler.set_stance(stance):
+        prims = primitives(trainer, cfg, counts, device, args.repeats)
     total = sum(p["seconds"] for p in prims.values())
     print("\nprimitive (same iteration, in isolation)   s/iter   calls")
     for name, p in prims.items():
