@@ -11,46 +11,13 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import numpy as np
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
-from PIL import Image, ImageDraw
+from PIL import Image
 
-GRID_LABEL_WIDTH = 150  # pixels of the row-caption column on the left of every grid
-GRID_HEADER_HEIGHT = 16  # pixels of the column-title row on top
-
-
-def image_grid(rows: list[list[torch.Tensor]], captions: list[str], header: list[str], scale: int = 4,
-               cell_captions: list[list[str]] | None = None, corner: str = "") -> Image.Image:
-    """A labelled grid: one row per prompt, one column per image kind. Images are [3, H, W] in [0, 1].
-
-    The grid is ``GRID_LABEL_WIDTH + W*scale*columns`` wide and ``GRID_HEADER_HEIGHT + H*scale*rows`` high.
-    ``cell_captions`` (same layout as ``rows``) are printed on a white box in each cell's bottom-left corner;
-    ``corner`` goes above the row captions (e.g. what the cell captions are).
-    """
-    h, w = rows[0][0].shape[-2:]
-    cell_h, cell_w = h * scale, w * scale
-    label_w, head_h = GRID_LABEL_WIDTH, GRID_HEADER_HEIGHT
-    grid = Image.new("RGB", (label_w + cell_w * len(header), head_h + cell_h * len(rows)), "white")
-    draw = ImageDraw.Draw(grid)
-    if corner:
-        draw.text((2, 2), corner, fill="black")
-    for j, title in enumerate(header):
-        draw.text((label_w + j * cell_w + 2, 2), title, fill="black")
-    for i, (row, caption) in enumerate(zip(rows, captions, strict=True)):
-        draw.text((2, head_h + i * cell_h + 2), caption, fill="black")
-        for j, image in enumerate(row):
-            array = (image.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-            tile = Image.fromarray(array).resize((cell_w, cell_h), Image.NEAREST)
-            grid.paste(tile, (label_w + j * cell_w, head_h + i * cell_h))
-            if cell_captions is not None and cell_captions[i][j]:
-                x, y = label_w + j * cell_w + 1, head_h + (i + 1) * cell_h - 12
-                box = draw.textbbox((x, y), cell_captions[i][j])
-                draw.rectangle(box, fill="white")
-                draw.text((x, y), cell_captions[i][j], fill="black")
-    return grid
+from sdpo.grids import fit_to_grid, image_grid
 
 
 class RunCheckpoint(ModelCheckpoint):
@@ -110,13 +77,14 @@ class SampleGrid(L.Callback):
     def make_grid(self, latest: dict[str, Any]) -> Image.Image:
         n = min(self.max_prompts, len(latest["prompts"]))
         t = latest["num_steps"]
+        firsts, scale = fit_to_grid(latest["first_images"][:n])  # [n,3,H,W]
+        lasts, _ = fit_to_grid(latest["last_images"][:n])  # [n,2,3,H,W]
         rows, captions = [], []
         for p in range(n):
-            first, last = latest["first_images"][p], latest["last_images"][p]  # [3,H,W], [2,3,H,W]
-            rows.append([first, last[0], last[1]])
+            rows.append([firsts[p], lasts[p, 0], lasts[p, 1]])
             r1, rl = latest["first_rewards"][p], latest["last_rewards"][p]
             captions.append(f"{latest['prompts'][p][:18]}\n1:{r1:.3f} {t}:{rl[0]:.3f}/{rl[1]:.3f}")
-        return image_grid(rows, captions, ["1-step x0", f"{t}-step a", f"{t}-step b"])
+        return image_grid(rows, captions, ["1-step x0", f"{t}-step a", f"{t}-step b"], scale=scale)
 
 
 class RewardSummary(L.Callback):

@@ -42,6 +42,7 @@ from PIL import Image
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from sdpo.grids import fit_to_grid, image_grid
 from sdpo.policy.conditioning import Conditioning, decode_latents, encode_prompts
 from sdpo.policy.loading import TINY, PolicyComponents
 from sdpo.rewards import RewardModel
@@ -50,7 +51,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_STEPS: tuple[int, ...] = (1, 2, 4, 8)
 NOISE_PURPOSE = 31  # keeps evaluation noise independent of every training stream (sdpo.module uses 11-13)
-GRID_MAX_SIDE = 256  # grid cells of bigger images are downsampled to this side (a 512 px x 16 x 4 grid is huge)
 
 
 # ------------------------------------------------------------------------------------------------ statistics
@@ -228,18 +228,11 @@ class EvalResult:
     def grid(self, reward: str | None = None, max_prompts: int = 16) -> Image.Image:
         """Prompts (rows) x step counts (columns) of each prompt's first image, each captioned with ``reward``
         (default: the first reward)."""
-        from sdpo.callbacks import image_grid
-
         if self.images.shape[2] == 0:
             raise ValueError("no images were kept (keep_images=0): nothing to draw")
         reward = reward or self.reward_names[0]
         n_rows = min(max_prompts, len(self.prompts))
-        images = self.images[:, :n_rows, 0].float() / 255  # [S, R, 3, H, W]
-        side = images.shape[-1]
-        if side > GRID_MAX_SIDE:
-            images = torch.nn.functional.interpolate(images.flatten(0, 1), size=GRID_MAX_SIDE, mode="bilinear",
-                                                     antialias=True).unflatten(0, images.shape[:2])
-        scale = grid_scale(images.shape[-1])
+        images, scale = fit_to_grid(self.images[:, :n_rows, 0].float() / 255)  # [S, R, 3, H, W]
         rows = [[images[s, p] for s in range(len(self.step_counts))] for p in range(n_rows)]
         values = self.scores[reward][:, :n_rows, 0]  # [S, R]
         cells = [[f"{float(values[s, p]):.3f}" for s in range(len(self.step_counts))] for p in range(n_rows)]
@@ -280,11 +273,6 @@ class EvalResult:
         else:
             del paths["grid.png"]
         return paths
-
-
-def grid_scale(side: int) -> int:
-    """Integer upscaling of grid cells: tiny images become >= 64 px so captions fit under them."""
-    return max(1, 64 // max(1, side))
 
 
 def _short(text: str, n: int) -> str:

@@ -18,18 +18,18 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from sdpo.callbacks import GRID_HEADER_HEIGHT, GRID_LABEL_WIDTH, EvalDuringTraining
+from sdpo.callbacks import EvalDuringTraining
 from sdpo.config_checks import ConfigError
 from sdpo.evaluate import evaluate, validate_eval_config
 from sdpo.evaluation import (
     _t_quantile_builtin,
     build_rewards,
     evaluate_policy,
-    grid_scale,
     item_seed,
     load_policy,
     parse_reward_specs,
 )
+from sdpo.grids import GRID_HEADER_HEIGHT, GRID_LABEL_WIDTH, grid_scale
 from sdpo.train import train
 from tests.conftest import FAST, REPO, compose, compose_eval, read_metrics
 

@@ -1,0 +1,66 @@
+"""Labelled image grids (sample grids during training, evaluation grids) at a size that stays small to write.
+
+Cells are the images at a side of at most ``GRID_MAX_SIDE``: tiny test images are scaled up so captions fit, and
+real ones (512-1024 px) are scaled down, because a grid of 8 prompts x 3 images of 512 px drawn 4x larger (what a
+fixed scale gives) has 300 megapixels and takes seconds to write as PNG in every iteration that saves one.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+from torch import Tensor
+
+GRID_LABEL_WIDTH = 150  # pixels of the row-caption column on the left of every grid
+GRID_HEADER_HEIGHT = 16  # pixels of the column-title row on top
+
+
+def image_grid(rows: list[list[torch.Tensor]], captions: list[str], header: list[str], scale: int = 4,
+               cell_captions: list[list[str]] | None = None, corner: str = "") -> Image.Image:
+    """A labelled grid: one row per prompt, one column per image kind. Images are [3, H, W] in [0, 1].
+
+    The grid is ``GRID_LABEL_WIDTH + W*scale*columns`` wide and ``GRID_HEADER_HEIGHT + H*scale*rows`` high.
+    ``cell_captions`` (same layout as ``rows``) are printed on a white box in each cell's bottom-left corner;
+    ``corner`` goes above the row captions (e.g. what the cell captions are).
+    """
+    h, w = rows[0][0].shape[-2:]
+    cell_h, cell_w = h * scale, w * scale
+    label_w, head_h = GRID_LABEL_WIDTH, GRID_HEADER_HEIGHT
+    grid = Image.new("RGB", (label_w + cell_w * len(header), head_h + cell_h * len(rows)), "white")
+    draw = ImageDraw.Draw(grid)
+    if corner:
+        draw.text((2, 2), corner, fill="black")
+    for j, title in enumerate(header):
+        draw.text((label_w + j * cell_w + 2, 2), title, fill="black")
+    for i, (row, caption) in enumerate(zip(rows, captions, strict=True)):
+        draw.text((2, head_h + i * cell_h + 2), caption, fill="black")
+        for j, image in enumerate(row):
+            array = (image.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+            tile = Image.fromarray(array).resize((cell_w, cell_h), Image.NEAREST)
+            grid.paste(tile, (label_w + j * cell_w, head_h + i * cell_h))
+            if cell_captions is not None and cell_captions[i][j]:
+                x, y = label_w + j * cell_w + 1, head_h + (i + 1) * cell_h - 12
+                box = draw.textbbox((x, y), cell_captions[i][j])
+                draw.rectangle(box, fill="white")
+                draw.text((x, y), cell_captions[i][j], fill="black")
+    return grid
+
+
+GRID_MAX_SIDE = 256  # grid cells of bigger images are downsampled to this side
+
+
+def grid_scale(side: int) -> int:
+    """Integer upscaling of grid cells: tiny images become >= 64 px so captions fit under them."""
+    return max(1, 64 // max(1, side))
+
+
+def fit_to_grid(images: Tensor) -> tuple[Tensor, int]:
+    """``images`` [..., 3, H, W] downsampled (antialiased) to ``GRID_MAX_SIDE`` when bigger, and the integer scale
+    that ``image_grid`` should draw them at."""
+    side = images.shape[-1]
+    if side > GRID_MAX_SIDE:
+        flat = images.float().flatten(0, -4)
+        flat = torch.nn.functional.interpolate(flat, size=GRID_MAX_SIDE, mode="bilinear", antialias=True)
+        images = flat.unflatten(0, images.shape[:-3])
+    return images, grid_scale(images.shape[-1])
