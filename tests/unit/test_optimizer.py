@@ -3,6 +3,8 @@ foreach AdamW that Lightning unscaled, and both skip a step whose gradients over
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -63,21 +65,35 @@ def test_fused_is_the_cuda_default():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (16-mixed)")
 def test_fused_adamw_under_lightning_16_mixed_trains_what_foreach_trains(tmp_path, cache_dir):
     """Lightning's 16-mixed leaves a fused optimizer's gradients scaled before the clipping hook; the hook unscales
-    them, so the fused run (the CUDA default) clips, logs its gradient norm and steps as the foreach one."""
+    them, so the fused run (the CUDA default) clips, logs its gradient norm and steps as the foreach one.
+
+    The two AdamW implementations differ in their last bits, and both the training and the comparison have to
+    leave room for that without hiding a scale error (a factor of 2^16, the scaler's initial scale):
+    - the learning rate is small: at 0.1 Adam's sign-like steps turn last-bit differences into weights 0.06 apart
+      (fp32 on CPU); at 1e-3, 3e-7 apart;
+    - fp16 forward passes amplify the differences: on an H100 the second epoch's logged norms were 0.13% apart,
+      hence a 1% tolerance on the norms;
+    - a gradient unscaled twice (divided by 2^16 again) falls below Adam's eps and the LoRA would barely move; the
+      weights are compared as the distance between the two runs' LoRA-B (zero at the start) against its size, which
+      an element whose tiny gradient took another sign in one run cannot swing."""
     from sdpo.train import train
-    from tests.conftest import FAST, assert_weights_match, compose, read_metrics, trainable_state
+    from tests.conftest import FAST, compose, read_metrics, trainable_state
 
     runs, norms = {}, {}
     for fused in (False, True):
-        cfg = compose([*FAST, "model.lora.enabled=true", "optim.lr=0.1", "algo.max_grad_norm=0.01",
+        cfg = compose([*FAST, "model.lora.enabled=true", "optim.lr=1e-3", "algo.max_grad_norm=0.01",
                        "trainer.max_epochs=2", "trainer.accelerator=gpu", "trainer.devices=1",
                        "trainer.precision=16-mixed", "++callbacks.eval=null", f"optim.fused={str(fused).lower()}"],
                       tmp_path / str(fused), cache_dir)
         trainer = train(cfg)
         assert trainer.optimizers[0].defaults["fused"] == fused
-        runs[fused] = trainable_state(trainer.lightning_module)
+        runs[fused] = {n: v.float() for n, v in trainable_state(trainer.lightning_module).items() if "lora_B" in n}
         norms[fused] = [row["train/grad_norm"] for row in read_metrics(tmp_path / str(fused))]
-    assert max(float(v.abs().max()) for n, v in runs[True].items() if "lora_B" in n) > 1e-3  # it trained
-    # Adam barely notices a scaled gradient; the clip and the logged norm do: both must see the true one
-    assert norms[True] == pytest.approx(norms[False], rel=1e-3) and len(norms[True]) == 2
-    assert_weights_match(runs[True], runs[False], atol=1e-4, label="fused vs foreach")
+    # the logged norm is the clip's: it must be the true one in both. An epoch whose first step overflowed at the
+    # scaler's initial scale logs NaN in both runs (the step is skipped in both)
+    assert len(norms[True]) == 2 and any(math.isfinite(n) for n in norms[True])
+    assert norms[True] == pytest.approx(norms[False], rel=1e-2, nan_ok=True)
+    size = math.sqrt(sum(float(v.square().sum()) for v in runs[False].values()))
+    apart = math.sqrt(sum(float((runs[True][n] - v).square().sum()) for n, v in runs[False].items()))
+    assert size > 1e-3, f"the foreach run's LoRA-B barely moved ({size:.2e}): nothing to compare"
+    assert apart < 0.05 * size, f"fused and foreach LoRA-B are {apart:.2e} apart, against a size of {size:.2e}"
