@@ -1,23 +1,18 @@
 #!/usr/bin/env bash
-# The GPU figures issue 5 still needs, most needed first, in one device call of about 9 minutes (timeout near 570 s).
-# Each log goes to ${OUT:-/tmp} as soon as its step ends, so a run cut short keeps the rest:
-#   1. the tests that need CUDA: the background scorer on a CUDA side stream (algo.overlap_scoring), check flags
-#      read late from pinned memory (a LoRA run's training loop), the fused AdamW under Lightning's 16-mixed and the
-#      CLIP rewards moved to CUDA;
-#   2. epoch.py at the issue's settings, T = 50 and the reference per-GPU batch (8 x 4 prompt pairs, LoRA r4, bf16),
-#      trained in micro-batches of 16 pairs (the same update as the reference's 2 x 8, tested) and sampled 16 prompts
-#      per call (no sample changes, tested): both UNet calls have 32 rows, each its own static graph. The whole UNet
-#      compiled, NCHW weights, cuDNN autotuning, frozen base layers stored in bf16 (algo.low_precision_base: the
-#      same update, tested, without autocast's per-call casts of 866 M weights). Two graphs compile in the warm-up
-#      iteration (about 2 min each on an H100), then one timed iteration (about 35 s). Prints per-phase times, the
-#      overhead ratio and the training phase's MFU (target 30%); "training" against its primitives (the compiled
-#      call alone, and clip + AdamW) says what the loop adds. The primitives run under the trainer's autocast and
-#      refuse to recompile (a recompile would take minutes and time another graph);
-#   3. unet_mfu.py: the compiled training call at 64 rows (micro-batch 32 pairs), with cuDNN autotuning: whether a
-#      larger micro-batch lifts the call's MFU above the 30.5% of 32 rows.
-# Left for a later call: the eager 64-row sweep (unet_mfu.py train:64:bm sample:32 sample:64) and regional
-# compilation at 32 rows (train:32:bm:regional). The reference micro-batch of 2 (11.9 GiB peak, overhead ratio 1.15
-# at T = 5) and the eager / channels_last sweep were measured on 2026-11-26 (benchmarks/README.md).
+# The GPU figures issue 5 still needs, most needed first, in one device call (timeout near 570 s). Each log goes to
+# ${OUT:-/tmp} as soon as its step ends, so a run cut short keeps the rest.
+# Measured on an H100 on 2026-11-26 (benchmarks/README.md): a whole T = 50 iteration at the reference batch,
+# micro-batch 16 x 1, compiled, reached 29.1% training MFU against the 30% target, with the training loop adding
+# nothing to its primitives (0.98); the compiled 32-row call ran at 197.6 ms (28.8%) in that run, against 188.6 ms
+# (30.5%) alone in unet_mfu.py on another H100. What is left is the call itself:
+#   1. the tests that need CUDA (the fused-vs-foreach AdamW test under 16-mixed was fixed after that session);
+#   2. unet_mfu.py: the compiled 32-row training call alone on this machine, with torch.compile's default mode and
+#      with max-autotune-no-cudagraphs (kernel choices benchmarked while compiling: minutes more per graph). If the
+#      second is faster, add an algo option for the mode and run step 3 with it;
+#   3. epoch.py at the issue's settings (T = 50, the reference batch, micro-batch 16 x 1, 16 prompts per sampling
+#      call, compiled, cuDNN autotuning, bf16 base): per-phase times, overhead ratio and training MFU, now with
+#      sample grids of at most 256-px cells (the last run's final grid took about 4 s of its 5.9 s of logging).
+#      Two graphs compile in the warm-up iteration (about 2 min each), then one timed iteration (about 35 s).
 # Packages the machine lacks can be put as wheels in .whl/ (installed with --no-deps into a scratch site dir).
 set -uo pipefail
 out=${OUT:-/tmp}
@@ -33,6 +28,9 @@ python3 -c "import torch, diffusers, transformers; print('torch', torch.__versio
 timeout 100 python3 -m pytest -q -rA -p no:cacheprovider -k "cuda or 16_mixed" tests/unit/test_model_rewards.py \
   tests/unit/test_steps.py tests/unit/test_optimizer.py tests/integration/test_overlap.py > "$out/pytest_cuda.log" 2>&1
 grep -E "^(PASSED|FAILED|ERROR|SKIPPED)" "$out/pytest_cuda.log"; tail -1 "$out/pytest_cuda.log"
+echo "=== unet_mfu.py: the compiled 32-row training call, default mode and max-autotune-no-cudagraphs"
+timeout 420 python3 benchmarks/unet_mfu.py train:32:bm:full train:32:bm:full:autotune 2>&1 | quiet \
+  | tee "$out/unet_mfu_32.log"
 echo "=== epoch.py: T = 50, micro-batch 16, sampling batch 16, compile, cuDNN autotuning, bf16 base"
 timeout 440 python3 benchmarks/epoch.py --preset sd_turbo --models "$models" --warmup 1 --iterations 1 --repeats 3 \
   algo.num_steps=50 algo.micro_batch_pairs=16 algo.gradient_accumulation_steps=1 algo.sample_batch_size=16 \
@@ -40,5 +38,3 @@ timeout 440 python3 benchmarks/epoch.py --preset sd_turbo --models "$models" --w
   > "$out/epoch_t50_micro16_compile.log" 2>&1
 grep -v -i warn "$out/epoch_t50_micro16_compile.log" | sed -n '/SDPO iteration benchmark/,$p'
 grep -E "Error|error:" "$out/epoch_t50_micro16_compile.log" | tail -5
-echo "=== unet_mfu.py: compiled training call at 64 rows"
-timeout 200 python3 benchmarks/unet_mfu.py train:64:bm:full 2>&1 | quiet | tee "$out/unet_mfu_64.log"

@@ -8,13 +8,14 @@ reach only the LoRA weights). Each variant builds its own UNet, so compiled and 
     python benchmarks/unet_mfu.py train:32:cl:regional sample:16     # chosen variants
     python benchmarks/unet_mfu.py --scale tiny --device cpu train:4 train:4:regional   # a CPU dry run
 
-A variant is ``kind:rows[:cl][:bm][:dyn][:regional|:full]``: kind ``sample`` or ``train``; rows = UNet batch rows (a
-pair is 2 rows, so training micro-batch m pairs is 2m rows); ``cl`` = channels_last weights; ``bm`` = cuDNN
-autotuning (``torch.backends.cudnn.benchmark``, Lightning's ``trainer.benchmark=true``); ``regional`` / ``full`` =
-``algo.compile`` (see ``sdpo/policy/speed.py``); ``dyn`` = ``full`` compiled with a symbolic batch size (what torch's
-default makes of a graph that meets a second size; ``algo.compile=true`` compiles static ones). Prints one line per
-variant as soon as it is measured: ms per call, TFLOP/s, MFU against ``--peak-flops``, peak memory, and the compile
-(first-call) time. Not a test.
+A variant is ``kind:rows[:cl][:bm][:dyn][:regional|:full][:autotune]``: kind ``sample`` or ``train``; rows = UNet
+batch rows (a pair is 2 rows, so training micro-batch m pairs is 2m rows); ``cl`` = channels_last weights; ``bm`` =
+cuDNN autotuning (``torch.backends.cudnn.benchmark``, Lightning's ``trainer.benchmark=true``); ``regional`` /
+``full`` = ``algo.compile`` (see ``sdpo/policy/speed.py``); ``dyn`` = ``full`` compiled with a symbolic batch size
+(what torch's default makes of a graph that meets a second size; ``algo.compile=true`` compiles static ones);
+``autotune`` = inductor's ``max-autotune-no-cudagraphs`` mode (kernel choices benchmarked while compiling). Prints
+one line per variant as soon as it is measured: ms per call, TFLOP/s, MFU against ``--peak-flops``, peak memory, and
+the compile (first-call) time. Not a test.
 """
 
 from __future__ import annotations
@@ -40,12 +41,15 @@ DEFAULT_VARIANTS = ("sample:16", "sample:16:cl", "train:4", "train:16", "train:1
 
 def parse(variant: str) -> dict:
     kind, rows, *flags = variant.split(":")
-    if kind not in ("sample", "train") or not rows.isdigit() or set(flags) - {"cl", "bm", "dyn", "regional", "full"}:
-        raise SystemExit(f"bad variant {variant!r}: use kind:rows[:cl][:bm][:dyn][:regional|:full], kind sample or "
-                         "train")
+    known = {"cl", "bm", "dyn", "regional", "full", "autotune"}
     compile_flag = next((f for f in flags if f in ("regional", "full")), "off")
+    if (kind not in ("sample", "train") or not rows.isdigit() or set(flags) - known
+            or ("autotune" in flags and compile_flag == "off")):
+        raise SystemExit(f"bad variant {variant!r}: use kind:rows[:cl][:bm][:dyn][:regional|:full][:autotune], kind "
+                         "sample or train (autotune needs regional or full)")
     return {"name": variant, "kind": kind, "rows": int(rows), "channels_last": "cl" in flags,
-            "benchmark": "bm" in flags, "compile": compile_flag, "dynamic": "dyn" in flags}
+            "benchmark": "bm" in flags, "compile": compile_flag, "dynamic": "dyn" in flags,
+            "inductor_mode": "max-autotune-no-cudagraphs" if "autotune" in flags else None}
 
 
 def build_unet(scale: str, device: torch.device, dtype: torch.dtype, lora_rank: int):
@@ -92,7 +96,8 @@ def measure(v: dict, args, device: torch.device, dtype: torch.dtype) -> dict:
     unet, s = build_unet(args.scale, device, dtype, args.lora_rank)
     call = make_call(unet, s, v, device, dtype)
     flops = flops_of(call)  # before any compile: the model FLOPs
-    apply_speed_options(unet, v["channels_last"], v["compile"], dynamic=None if v["dynamic"] else False)
+    apply_speed_options(unet, v["channels_last"], v["compile"], dynamic=None if v["dynamic"] else False,
+                        inductor_mode=v["inductor_mode"])
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     synchronize(device)

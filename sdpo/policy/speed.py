@@ -29,7 +29,7 @@ def compile_mode(value: object) -> str:
 
 
 def apply_speed_options(unet: nn.Module, channels_last: bool, compile: object, backend: str = "inductor",
-                        dynamic: bool | None = False) -> None:
+                        dynamic: bool | None = False, inductor_mode: str | None = None) -> None:
     """Put the UNet's weights in channels_last and/or torch.compile it in place.
 
     Both act in place (``nn.Module.compile``), so ``state_dict`` keys, LoRA saving and checkpoints are those of the
@@ -43,12 +43,15 @@ def apply_speed_options(unet: nn.Module, channels_last: bool, compile: object, b
     compiled once (tests/integration/test_compile.py). Regional blocks keep torch's default: their shared code meets
     every resolution of the UNet, so static graphs multiply (tiny UNet, one sampling and one training shape: 34
     static graphs against 28, 22 of them dynamic).
+
+    ``inductor_mode`` is torch.compile's ``mode`` (inductor only; e.g. ``max-autotune-no-cudagraphs`` benchmarks
+    kernel choices while compiling: a longer compile for a possibly faster call, measured by ``unet_mfu.py``).
     """
     mode = compile_mode(compile)
     if channels_last:
         unet.to(memory_format=torch.channels_last)
     if mode == "full":
-        unet.compile(backend=backend, dynamic=dynamic)
+        unet.compile(backend=backend, dynamic=dynamic, mode=inductor_mode)
         log.info("torch.compile (%s): the whole UNet, %s; the first calls of each batch shape compile", backend,
                  {False: "static shapes", True: "dynamic shapes", None: "torch's automatic dynamic shapes"}[dynamic])
     elif mode == "regional":
@@ -60,7 +63,7 @@ def apply_speed_options(unet: nn.Module, channels_last: bool, compile: object, b
         # which it silently runs the rest eagerly
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, REGIONAL_RECOMPILE_LIMIT)
         for block in blocks:
-            block.compile(backend=backend)
+            block.compile(backend=backend, mode=inductor_mode)
         log.info("torch.compile (%s): %d UNet blocks (%s); the first calls of each shape compile", backend,
                  len(blocks), ", ".join(REGIONAL_BLOCKS))
 
