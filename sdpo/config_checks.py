@@ -5,7 +5,7 @@ from __future__ import annotations
 from omegaconf import DictConfig
 
 from sdpo.algo.dense import STRATEGIES
-from sdpo.policy.speed import compile_mode
+from sdpo.policy.speed import compile_mode, inductor_mode
 from sdpo.policy.steps import SPACINGS
 from sdpo.rewards import available_rewards
 
@@ -86,6 +86,7 @@ def validate_config(cfg: DictConfig) -> None:
          "UNet weight, which stays fp32")
     try:
         compile_mode(a.get("compile"))
+        inductor_mode(a.get("compile_mode"), a.get("compile"), a.get("compile_backend", "inductor"))
     except ValueError as error:
         problems.append(str(error))
     if problems:

@@ -38,7 +38,7 @@ from sdpo.policy.conditioning import Conditioning, encode_prompts
 from sdpo.policy.loading import TINY, TinySpec, ensure_tiny_pipeline, load_components
 from sdpo.policy.lora import make_trainable
 from sdpo.policy.rollout import PairTrajectories, sample_pair_chunks, transition_log_prob
-from sdpo.policy.speed import apply_speed_options, cast_frozen_layers
+from sdpo.policy.speed import apply_speed_options, cast_frozen_layers, inductor_mode
 from sdpo.policy.steps import make_policy_scheduler, timestep_schedule
 from sdpo.rewards import build_reward
 from sdpo.scoring import PairRewards, score_pairs, synchronize, synchronize_stream
@@ -82,8 +82,10 @@ class SDPOModule(L.LightningModule):
             make_trainable(self.unet, lora["enabled"], lora["rank"], lora["alpha"], lora["targets"], lora["init"])
         if self.model_cfg.get("gradient_checkpointing"):
             self.unet.enable_gradient_checkpointing()
-        apply_speed_options(self.unet, bool(self.algo_cfg.get("channels_last")), self.algo_cfg.get("compile"),
-                            self.algo_cfg.get("compile_backend", "inductor"))
+        backend = self.algo_cfg.get("compile_backend", "inductor")
+        apply_speed_options(self.unet, bool(self.algo_cfg.get("channels_last")), self.algo_cfg.get("compile"), backend,
+                            inductor_mode=inductor_mode(self.algo_cfg.get("compile_mode"),
+                                                        self.algo_cfg.get("compile"), backend))
         reward_kwargs = {k: v for k, v in self.reward_cfg.items() if k not in ("name", "_target_")}
         self.reward_fn = build_reward(self.reward_cfg["name"], **reward_kwargs)
 

@@ -28,6 +28,24 @@ def compile_mode(value: object) -> str:
     raise ValueError(f"algo.compile={value!r}: use false, true (the whole UNet) or 'regional' (its repeated blocks)")
 
 
+INDUCTOR_MODES = ("default", "max-autotune-no-cudagraphs")  # algo.compile_mode
+
+
+def inductor_mode(value: object, compile: object, backend: str) -> str | None:
+    """``algo.compile_mode`` as torch.compile's ``mode`` (None for the default), refusing one that would do
+    nothing: a mode needs the UNet compiled, and by inductor."""
+    if value in (None, "default"):
+        return None
+    if value not in INDUCTOR_MODES:
+        raise ValueError(f"algo.compile_mode={value!r}: use one of {', '.join(INDUCTOR_MODES)}")
+    if compile_mode(compile) == "off":
+        raise ValueError(f"algo.compile_mode={value} needs algo.compile=true (or regional): nothing is compiled")
+    if backend != "inductor":
+        raise ValueError(f"algo.compile_mode={value} is inductor's: set algo.compile_backend=inductor (now "
+                         f"{backend}) or algo.compile_mode=default")
+    return str(value)
+
+
 def apply_speed_options(unet: nn.Module, channels_last: bool, compile: object, backend: str = "inductor",
                         dynamic: bool | None = False, inductor_mode: str | None = None) -> None:
     """Put the UNet's weights in channels_last and/or torch.compile it in place.

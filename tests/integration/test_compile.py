@@ -3,6 +3,9 @@ order it meets them in, and the held-out evaluation compiles nothing."""
 
 from __future__ import annotations
 
+import re
+
+import pytest
 import torch
 from torch import Tensor
 
@@ -43,3 +46,45 @@ def test_whole_unet_compiles_static_graphs_and_evaluation_compiles_none(tmp_path
     assert not any(dynamic for _, dynamic, _ in COMPILED), COMPILED
     evaluated = [row for row in read_metrics(tmp_path) if "eval/brightness/2step" in row]
     assert len(evaluated) == 2  # both epochs were evaluated, by the compiled UNet run eagerly
+
+
+class BatchedScores(torch.nn.Module):
+    """Attention's score product alone: a batched matmul, which inductor can autotune on CPU (a Linear it cannot)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.bmm(x, x.transpose(1, 2))
+
+
+def autotuned_choices(mode: str | None) -> int:
+    """How many times inductor benchmarked kernel choices compiling ``BatchedScores`` under ``mode`` (fresh caches)."""
+    from torch._dynamo.utils import counters
+    from torch._inductor.utils import fresh_cache
+
+    from sdpo.policy.speed import apply_speed_options
+
+    torch._dynamo.reset()
+    counters.clear()
+    module = BatchedScores()
+    apply_speed_options(module, channels_last=False, compile=True, inductor_mode=mode)
+    with fresh_cache(), torch.no_grad():
+        module(torch.randn(4, 64, 64))
+    return counters["inductor"]["select_algorithm_autotune"]
+
+
+def test_compile_mode_reaches_inductor():
+    """compile_mode max-autotune-no-cudagraphs makes inductor benchmark its kernel choices; the default does not."""
+    assert autotuned_choices("max-autotune-no-cudagraphs") > 0
+    assert autotuned_choices(None) == 0
+
+
+@pytest.mark.parametrize(("overrides", "expected"), [
+    (["algo.compile_mode=max-autotune"], "algo.compile_mode='max-autotune': use one of default, "),
+    (["algo.compile_mode=max-autotune-no-cudagraphs"], "needs algo.compile=true"),
+    (["algo.compile=true", "algo.compile_backend=aot_eager", "algo.compile_mode=max-autotune-no-cudagraphs"],
+     "set algo.compile_backend=inductor"),
+])
+def test_a_compile_mode_that_would_do_nothing_is_refused(tmp_path, cache_dir, overrides, expected):
+    from sdpo.config_checks import ConfigError, validate_config
+
+    with pytest.raises(ConfigError, match=re.escape(expected)):
+        validate_config(compose([*FAST, *overrides], tmp_path, cache_dir))
