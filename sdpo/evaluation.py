@@ -164,7 +164,8 @@ def sample_native(
         x = out.prev_sample
         denoised = getattr(out, "denoised", None)  # LCM: the consistency output, what its pipeline decodes
         final = x if denoised is None else denoised
-    return decode_latents(components.vae, final.float(), components.latent_scale)
+    with torch.autocast(final.device.type, enabled=False):  # the VAE in its own dtype, as in training
+        return decode_latents(components.vae, final.float(), components.latent_scale)
 
 
 def _device_of(module: torch.nn.Module, default: torch.device) -> torch.device:
@@ -343,7 +344,9 @@ def evaluate_policy(
                                            item_generators(seed, chunk), k, latent_shape)
                     chunk_prompts = [prompts[p] for p, _ in chunk]
                     for name, reward in rewards.items():
-                        values = reward(images.to(_device_of(reward, device)), chunk_prompts)
+                        where = _device_of(reward, device)
+                        with torch.autocast(where.type, enabled=False):  # each reward in its own dtype
+                            values = reward(images.to(where), chunk_prompts)
                         scores[name][s, p_idx, i_idx] = values.detach().float().cpu()
                     if keep:
                         if kept is None:

@@ -9,7 +9,8 @@ What it keeps exact:
 - every chunk is scored by the same function on the same tensors, so the rewards equal the sequential ones up to
   the decode batch boundaries (tests/integration/test_train.py);
 - one worker, so the reward model is never called from two threads at once (a multi-reward keeps per-call state);
-- the worker runs under the caller's autocast settings (they are thread-local and would otherwise be lost);
+- the worker runs under the caller's autocast settings (they are thread-local and would otherwise be lost), so the
+  scoring function sees what it sees in line (it runs the VAE and the reward outside autocast either way);
 - CUDA: the side stream waits for the chunk's sampling (an event), the caller's stream waits for the scoring
   (events) before it reads a reward, and every tensor that crosses streams is marked with ``record_stream`` so the
   caching allocator cannot hand its memory out while the other stream still reads it.

@@ -140,3 +140,38 @@ def test_a_nan_in_the_rollout_stops_it_and_names_the_first_timestep(pipeline, tm
     finally:
         with torch.no_grad():
             parts.unet.conv_out.bias.copy_(saved)
+
+
+class DtypeReward:
+    """Brightness computed by a tiny fp32 layer, recording the dtype that layer's output had."""
+
+    def __init__(self):
+        self.layer = torch.nn.Linear(3, 1)
+        self.dtypes: set[torch.dtype] = set()
+
+    def __call__(self, images, prompts):
+        out = self.layer(images.mean(dim=(2, 3)))
+        self.dtypes.add(out.dtype)
+        return out.squeeze(1).float()
+
+
+def test_scoring_runs_the_frozen_models_in_their_own_dtype_under_autocast(pipeline):
+    """Under the policy's bf16 autocast, the fp32 VAE (a force_upcast VAE under 16-mixed, say) and an fp32 reward
+    still compute in fp32: the same scores as outside autocast, bit for bit."""
+    parts, _ = pipeline
+    traj = rollout(pipeline, num_steps=2)
+    assert next(parts.vae.parameters()).dtype == torch.float32
+    last_conv = [m for m in parts.vae.decoder.modules() if isinstance(m, torch.nn.Conv2d)][-1]
+    vae_dtypes: set[torch.dtype] = set()
+    handle = last_conv.register_forward_hook(lambda m, i, out: vae_dtypes.add(out.dtype))
+    reward = DtypeReward()
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert last_conv(torch.zeros(1, last_conv.in_channels, 4, 4)).dtype == torch.bfloat16  # autocast is on
+            vae_dtypes.clear()
+            mixed = score_pairs(traj, parts.vae, parts.latent_scale, reward, "argmin", 1, False, None, batch_size=8)
+    finally:
+        handle.remove()
+    plain = score_pairs(traj, parts.vae, parts.latent_scale, reward, "argmin", 1, False, None, batch_size=8)
+    assert vae_dtypes == {torch.float32} and reward.dtypes == {torch.float32}
+    assert torch.equal(mixed.dense, plain.dense) and torch.equal(mixed.first_images, plain.first_images)
