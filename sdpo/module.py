@@ -29,7 +29,7 @@ from torch import Tensor
 from sdpo.algo.advantages import PerStepPromptStatTracker, discounted_returns
 from sdpo.algo.checked_steps import CheckedSteps
 from sdpo.algo.losses import sdpo_loss, temporal_weights
-from sdpo.algo.optimizer import build_adamw, clip_gradients
+from sdpo.algo.optimizer import build_adamw, clip_gradients, grad_norm_stats
 from sdpo.algo.shuffle import sharded_update_order, update_groups
 from sdpo.data import iteration_seed
 from sdpo.overlap import BackgroundScorer
@@ -318,7 +318,7 @@ class SDPOModule(L.LightningModule):
                     steps_guard.step(checks, lambda: self._optimizer_step(optimizer))
                     optimizer_steps += 1
         stats = {k: v / count for k, v in sums.items()}
-        stats["grad_norm"] = torch.stack(self._grad_norms).mean() if self._grad_norms else torch.zeros(())
+        stats.update(grad_norm_stats(self._grad_norms))
         stats["first_update_log_ratio_abs_max"] = first_ratio
         stats = self._reduce_stats(stats)
         stats["optimizer_steps"] = float(optimizer_steps)

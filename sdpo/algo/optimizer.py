@@ -40,3 +40,19 @@ def clip_gradients(optimizer: torch.optim.Optimizer, max_norm: float,
     if not params:
         return None
     return torch.nn.utils.clip_grad_norm_(params, max_norm).detach()
+
+
+def grad_norm_stats(norms: list[Tensor]) -> dict[str, Tensor]:
+    """An iteration's pre-clip gradient norms as two device scalars (no host sync): ``grad_norm``, the mean over
+    the steps whose gradients were finite, and ``nonfinite_grad_steps``, how many were not. Under 16-mixed the
+    loss scaler skips those steps, routinely while it lowers its initial scale of 2^16; a plain mean would log NaN
+    for the whole iteration and hide the norms of the steps that were taken."""
+    if not norms:
+        return {"grad_norm": torch.zeros(()), "nonfinite_grad_steps": torch.zeros(())}
+    stacked = torch.stack(norms).float()
+    finite = torch.isfinite(stacked)
+    taken = finite.sum()
+    mean = torch.where(finite, stacked, torch.zeros_like(stacked)).sum() / taken.clamp(min=1)
+    return {"grad_norm": torch.where(taken > 0, mean, torch.full_like(mean, float("nan"))),
+            "nonfinite_grad_steps": (~finite).sum().float()}
+

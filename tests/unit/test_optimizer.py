@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from sdpo.algo.optimizer import build_adamw, clip_gradients
+from sdpo.algo.optimizer import build_adamw, clip_gradients, grad_norm_stats
 
 CFG = {"lr": 0.1, "betas": [0.9, 0.999], "weight_decay": 0.01, "eps": 1e-8}
 
@@ -79,7 +79,7 @@ def test_fused_adamw_under_lightning_16_mixed_trains_what_foreach_trains(tmp_pat
     from sdpo.train import train
     from tests.conftest import FAST, compose, read_metrics, trainable_state
 
-    runs, norms = {}, {}
+    runs, norms, skipped = {}, {}, {}
     for fused in (False, True):
         cfg = compose([*FAST, "model.lora.enabled=true", "optim.lr=1e-3", "algo.max_grad_norm=0.01",
                        "trainer.max_epochs=2", "trainer.accelerator=gpu", "trainer.devices=1",
@@ -88,12 +88,27 @@ def test_fused_adamw_under_lightning_16_mixed_trains_what_foreach_trains(tmp_pat
         trainer = train(cfg)
         assert trainer.optimizers[0].defaults["fused"] == fused
         runs[fused] = {n: v.float() for n, v in trainable_state(trainer.lightning_module).items() if "lora_B" in n}
-        norms[fused] = [row["train/grad_norm"] for row in read_metrics(tmp_path / str(fused))]
-    # the logged norm is the clip's: it must be the true one in both. An epoch whose first step overflowed at the
-    # scaler's initial scale logs NaN in both runs (the step is skipped in both)
+        rows = read_metrics(tmp_path / str(fused))
+        norms[fused] = [row["train/grad_norm"] for row in rows]
+        skipped[fused] = [row["train/nonfinite_grad_steps"] for row in rows]
+    # the logged norm is the clip's: it must be the true one in both. Steps that overflowed at the scaler's
+    # initial scale are skipped in both runs, counted apart and left out of the mean (NaN only if all were)
+    assert skipped[True] == skipped[False]
     assert len(norms[True]) == 2 and any(math.isfinite(n) for n in norms[True])
     assert norms[True] == pytest.approx(norms[False], rel=1e-2, nan_ok=True)
     size = math.sqrt(sum(float(v.square().sum()) for v in runs[False].values()))
     apart = math.sqrt(sum(float((runs[True][n] - v).square().sum()) for n, v in runs[False].items()))
     assert size > 1e-3, f"the foreach run's LoRA-B barely moved ({size:.2e}): nothing to compare"
     assert apart < 0.05 * size, f"fused and foreach LoRA-B are {apart:.2e} apart, against a size of {size:.2e}"
+
+
+def test_grad_norm_stats_average_the_steps_taken_and_count_the_rest():
+    """A step whose gradients overflowed (skipped by the loss scaler) is counted, not averaged into a NaN."""
+    t = torch.tensor
+    stats = grad_norm_stats([t(1.0), t(float("inf")), t(3.0), t(float("nan"))])
+    assert stats["grad_norm"].item() == 2.0 and stats["nonfinite_grad_steps"].item() == 2
+    none_taken = grad_norm_stats([t(float("inf"))])
+    assert math.isnan(none_taken["grad_norm"].item()) and none_taken["nonfinite_grad_steps"].item() == 1
+    assert grad_norm_stats([t(0.5), t(1.5)])["grad_norm"].item() == 1.0
+    assert {k: v.item() for k, v in grad_norm_stats([]).items()} == {"grad_norm": 0.0, "nonfinite_grad_steps": 0.0}
+
