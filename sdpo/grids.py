@@ -16,9 +16,10 @@ GRID_LABEL_WIDTH = 150  # pixels of the row-caption column on the left of every 
 GRID_HEADER_HEIGHT = 16  # pixels of the column-title row on top
 
 
-def image_grid(rows: list[list[torch.Tensor]], captions: list[str], header: list[str], scale: int = 4,
+def image_grid(rows: list[list[torch.Tensor]], captions: list[str], header: list[str], scale: int = 1,
                cell_captions: list[list[str]] | None = None, corner: str = "") -> Image.Image:
-    """A labelled grid: one row per prompt, one column per image kind. Images are [3, H, W] in [0, 1].
+    """A labelled grid: one row per prompt, one column per image kind. Images are [3, H, W] in [0, 1]; pass them
+    and ``scale`` through ``fit_to_grid``.
 
     The grid is ``GRID_LABEL_WIDTH + W*scale*columns`` wide and ``GRID_HEADER_HEIGHT + H*scale*rows`` high.
     ``cell_captions`` (same layout as ``rows``) are printed on a white box in each cell's bottom-left corner;
