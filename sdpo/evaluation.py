@@ -164,8 +164,7 @@ def sample_native(
         x = out.prev_sample
         denoised = getattr(out, "denoised", None)  # LCM: the consistency output, what its pipeline decodes
         final = x if denoised is None else denoised
-    with torch.autocast(final.device.type, enabled=False):  # the VAE in its own dtype, as in training
-        return decode_latents(components.vae, final.float(), components.latent_scale)
+    return decode_latents(components.vae, final.float(), components.latent_scale)
 
 
 def _device_of(module: torch.nn.Module, default: torch.device) -> torch.device:

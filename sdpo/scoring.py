@@ -86,10 +86,9 @@ def score_pairs(
     = trajectory j of pair p), which makes a trajectory's anchors independent of the batch it is scored in.
     ``timings``, when given, receives the seconds spent decoding ("decode") and in the reward model ("reward").
 
-    The VAE and the reward model run in the dtype they are stored in (``model.weight_dtype``, ``reward.dtype``),
-    outside the policy's autocast, as in evaluation: under 16-mixed autocast a VAE kept in fp32 because it
-    overflows in fp16 (``force_upcast``, SDXL's) would run its convolutions in fp16 all the same, and a reward
-    stored in fp32 would be scored in low precision; autocast also adds casts around their norm layers.
+    The VAE (``decode_latents``) and the reward model run in the dtype they are stored in (``model.weight_dtype``,
+    ``reward.dtype``), outside the policy's autocast, as in evaluation: under 16-mixed autocast a reward stored in
+    fp32 would otherwise be scored in low precision.
     """
     num_pairs, num_steps = traj.num_pairs, traj.num_steps
     x0 = traj.x0_latents.flatten(0, 1)  # [N=2P, T, C, H, W]
@@ -122,8 +121,7 @@ def score_pairs(
     if timings is not None:
         synchronize_stream(x0.device)
         tic = time.perf_counter()
-    with torch.autocast(x0.device.type, enabled=False):
-        images = decode_latents(vae, latents, latent_scale, batch_size)  # [Q, 3, H, W]
+    images = decode_latents(vae, latents, latent_scale, batch_size)  # [Q, 3, H, W]
     if timings is not None:
         synchronize_stream(x0.device)
         timings["decode"] = time.perf_counter() - tic

@@ -51,8 +51,5 @@ def grad_norm_stats(norms: list[Tensor]) -> dict[str, Tensor]:
         return {"grad_norm": torch.zeros(()), "nonfinite_grad_steps": torch.zeros(())}
     stacked = torch.stack(norms).float()
     finite = torch.isfinite(stacked)
-    taken = finite.sum()
-    mean = torch.where(finite, stacked, torch.zeros_like(stacked)).sum() / taken.clamp(min=1)
-    return {"grad_norm": torch.where(taken > 0, mean, torch.full_like(mean, float("nan"))),
-            "nonfinite_grad_steps": (~finite).sum().float()}
-
+    mean = torch.where(finite, stacked, 0.0).sum() / finite.sum()  # 0 / 0: NaN when no step was taken
+    return {"grad_norm": mean, "nonfinite_grad_steps": (~finite).sum().float()}

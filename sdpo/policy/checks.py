@@ -12,9 +12,10 @@ checked values (the rewards), so a failure still stops the run before it does da
 
 A LoRA run's training loop avoids even one wait per optimizer step: after each, the GPU would idle while the host
 launches the optimizer step and the next micro-batch (about 5 ms, against a ~190 ms compiled SD-Turbo step; an
-estimate, not yet measured). It collects each step's checks with ``collected_checks()``, copies their flags to the
-host without waiting (``Verdict``), reads them one step later, when the GPU has long computed them, and undoes the
-step if they failed (``sdpo.algo.checked_steps``).
+estimate). It collects each step's checks with ``collected_checks()``, copies their flags to the host without
+waiting (``Verdict``), reads them one step later, when the GPU has long computed them, and undoes the step if they
+failed (``sdpo.algo.checked_steps``). So checked, an H100 run's training phase took 0.98 of its primitives timed
+alone (benchmarks/README.md).
 """
 
 from __future__ import annotations

@@ -158,10 +158,16 @@ def encode_prompts(
 
 @torch.no_grad()
 def decode_latents(vae: torch.nn.Module, latents: Tensor, scaling_factor: float, batch_size: int = 32) -> Tensor:
-    """Latents [K, C, h, w] -> images [K, 3, H, W] in [0, 1], float32, decoded in batches of ``batch_size``."""
+    """Latents [K, C, h, w] -> images [K, 3, H, W] in [0, 1], float32, decoded in batches of ``batch_size``.
+
+    The VAE runs in the dtype it is stored in (``model.weight_dtype``), outside any autocast the caller is under
+    (training's, or evaluation's with ``algo.low_precision_base``): under 16-mixed autocast a VAE kept in fp32
+    because it overflows in fp16 (``force_upcast``, SDXL's) would run its convolutions in fp16 all the same, and
+    autocast adds casts around its norm layers."""
     dtype = next(vae.parameters()).dtype
-    images = [
-        vae.decode((chunk / scaling_factor).to(dtype), return_dict=False)[0]
-        for chunk in latents.split(batch_size)
-    ]
+    with torch.autocast(latents.device.type, enabled=False):
+        images = [
+            vae.decode((chunk / scaling_factor).to(dtype), return_dict=False)[0]
+            for chunk in latents.split(batch_size)
+        ]
     return (torch.cat(images).float() / 2 + 0.5).clamp(0, 1)
