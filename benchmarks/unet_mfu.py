@@ -8,12 +8,14 @@ reach only the LoRA weights). Each variant builds its own UNet, so compiled and 
     python benchmarks/unet_mfu.py train:32:cl:regional sample:16     # chosen variants
     python benchmarks/unet_mfu.py --scale tiny --device cpu train:4 train:4:regional   # a CPU dry run
 
-A variant is ``kind:rows[:cl][:bm][:dyn][:regional|:full][:autotune]``: kind ``sample`` or ``train``; rows = UNet
-batch rows (a pair is 2 rows, so training micro-batch m pairs is 2m rows); ``cl`` = channels_last weights; ``bm`` =
-cuDNN autotuning (``torch.backends.cudnn.benchmark``, Lightning's ``trainer.benchmark=true``); ``regional`` /
-``full`` = ``algo.compile`` (see ``sdpo/policy/speed.py``); ``dyn`` = ``full`` compiled with a symbolic batch size
-(what torch's default makes of a graph that meets a second size; ``algo.compile=true`` compiles static ones);
-``autotune`` = inductor's ``max-autotune-no-cudagraphs`` mode (kernel choices benchmarked while compiling). Prints
+A variant is ``kind:rows[:cl][:bm][:dyn][:regional|:full][:autotune][:flash|:cudnn|:efficient|:math]``: kind
+``sample`` or ``train``; rows = UNet batch rows (a pair is 2 rows, so training micro-batch m pairs is 2m rows);
+``cl`` = channels_last weights; ``bm`` = cuDNN autotuning (``torch.backends.cudnn.benchmark``, Lightning's
+``trainer.benchmark=true``); ``regional`` / ``full`` = ``algo.compile`` (see ``sdpo/policy/speed.py``); ``dyn`` =
+``full`` compiled with a symbolic batch size (what torch's default makes of a graph that meets a second size;
+``algo.compile=true`` compiles static ones); ``autotune`` = inductor's ``max-autotune-no-cudagraphs`` mode (kernel
+choices benchmarked while compiling); ``flash`` / ``cudnn`` / ``efficient`` / ``math`` pin the UNet's attention
+kernel (``algo.attention_backend``; torch chooses otherwise; ``attention_backends.py`` compares them alone). Prints
 one line per variant as soon as it is measured: ms per call, TFLOP/s, MFU against ``--peak-flops``, peak memory, and
 the compile (first-call) time. Not a test.
 """
@@ -33,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from epoch import flops_of  # noqa: E402
 
+from sdpo.policy.attention import ATTENTION_BACKENDS, pin_attention_backend  # noqa: E402
 from sdpo.scoring import synchronize  # noqa: E402
 
 DEFAULT_VARIANTS = ("sample:16", "sample:16:cl", "train:4", "train:16", "train:16:cl", "train:32", "train:32:cl",
@@ -41,15 +44,17 @@ DEFAULT_VARIANTS = ("sample:16", "sample:16:cl", "train:4", "train:16", "train:1
 
 def parse(variant: str) -> dict:
     kind, rows, *flags = variant.split(":")
-    known = {"cl", "bm", "dyn", "regional", "full", "autotune"}
+    kernels = [f for f in flags if f in ATTENTION_BACKENDS and f != "auto"]
+    known = {"cl", "bm", "dyn", "regional", "full", "autotune", *kernels}
     compile_flag = next((f for f in flags if f in ("regional", "full")), "off")
     if (kind not in ("sample", "train") or not rows.isdigit() or set(flags) - known
-            or ("autotune" in flags and compile_flag == "off")):
-        raise SystemExit(f"bad variant {variant!r}: use kind:rows[:cl][:bm][:dyn][:regional|:full][:autotune], kind "
-                         "sample or train (autotune needs regional or full)")
+            or ("autotune" in flags and compile_flag == "off") or len(kernels) > 1):
+        raise SystemExit(f"bad variant {variant!r}: use kind:rows[:cl][:bm][:dyn][:regional|:full][:autotune]"
+                         "[:flash|:cudnn|:efficient|:math], kind sample or train (autotune needs regional or full)")
     return {"name": variant, "kind": kind, "rows": int(rows), "channels_last": "cl" in flags,
             "benchmark": "bm" in flags, "compile": compile_flag, "dynamic": "dyn" in flags,
-            "inductor_mode": "max-autotune-no-cudagraphs" if "autotune" in flags else None}
+            "inductor_mode": "max-autotune-no-cudagraphs" if "autotune" in flags else None,
+            "attention": kernels[0] if kernels else "auto"}
 
 
 def build_unet(scale: str, device: torch.device, dtype: torch.dtype, lora_rank: int):
@@ -95,7 +100,8 @@ def measure(v: dict, args, device: torch.device, dtype: torch.dtype) -> dict:
     torch.backends.cudnn.benchmark = v["benchmark"]
     unet, s = build_unet(args.scale, device, dtype, args.lora_rank)
     call = make_call(unet, s, v, device, dtype)
-    flops = flops_of(call)  # before any compile: the model FLOPs
+    flops = flops_of(call)  # before any compile, and torch's attention choice: the model FLOPs
+    pin_attention_backend(unet, v["attention"])
     apply_speed_options(unet, v["channels_last"], v["compile"], dynamic=None if v["dynamic"] else False,
                         inductor_mode=v["inductor_mode"])
     if device.type == "cuda":

@@ -5,6 +5,7 @@ from __future__ import annotations
 from omegaconf import DictConfig
 
 from sdpo.algo.dense import STRATEGIES
+from sdpo.policy.attention import CUDA_ONLY, attention_backend
 from sdpo.policy.speed import compile_mode, inductor_mode
 from sdpo.policy.steps import SPACINGS
 from sdpo.rewards import available_rewards
@@ -84,7 +85,11 @@ def validate_config(cfg: DictConfig) -> None:
     need(low is not True or bool(m.lora.enabled),
          "algo.low_precision_base=true needs a frozen base (model.lora.enabled=true): a full fine-tune trains every "
          "UNet weight, which stays fp32")
+    attention = a.get("attention_backend", "auto")
+    need(attention not in CUDA_ONLY or cfg.trainer.get("accelerator") != "cpu",
+         f"algo.attention_backend={attention} is a CUDA kernel, but trainer.accelerator=cpu: use auto, flash or math")
     try:
+        attention_backend(attention)
         compile_mode(a.get("compile"))
         inductor_mode(a.get("compile_mode"), a.get("compile"), a.get("compile_backend", "inductor"))
     except ValueError as error:

@@ -33,6 +33,7 @@ from sdpo.algo.optimizer import build_adamw, clip_gradients, grad_norm_stats
 from sdpo.algo.shuffle import sharded_update_order, update_groups
 from sdpo.data import iteration_seed
 from sdpo.overlap import BackgroundScorer
+from sdpo.policy.attention import check_attention_backend, pin_attention_backend
 from sdpo.policy.checks import collected_checks, require_not
 from sdpo.policy.conditioning import Conditioning, encode_prompts
 from sdpo.policy.loading import TINY, TinySpec, ensure_tiny_pipeline, load_components
@@ -82,6 +83,7 @@ class SDPOModule(L.LightningModule):
             make_trainable(self.unet, lora["enabled"], lora["rank"], lora["alpha"], lora["targets"], lora["init"])
         if self.model_cfg.get("gradient_checkpointing"):
             self.unet.enable_gradient_checkpointing()
+        pin_attention_backend(self.unet, self.algo_cfg.get("attention_backend"))  # before compiling: graphs trace it
         backend = self.algo_cfg.get("compile_backend", "inductor")
         apply_speed_options(self.unet, bool(self.algo_cfg.get("channels_last")), self.algo_cfg.get("compile"), backend,
                             inductor_mode=inductor_mode(self.algo_cfg.get("compile_mode"),
@@ -140,6 +142,8 @@ class SDPOModule(L.LightningModule):
                      layers, str(dtype).removeprefix("torch."), precision)
 
     def on_fit_start(self) -> None:
+        # a pinned attention kernel this device cannot run fails here, clearly, before any work
+        check_attention_backend(self.unet, self.device, self.trainer.precision_plugin.forward_context())
         if self.algo_cfg.get("overlap_scoring") and self.device.type == "cpu" and self.global_rank == 0:
             log.warning("algo.overlap_scoring on CPU: the scoring thread and sampling share the cores (2 cores, 2 "
                         "torch threads: sampling ran 1.75x slower, benchmarks/README.md); it is meant for GPUs")

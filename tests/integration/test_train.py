@@ -222,6 +222,23 @@ def test_bf16_autocast_run_keeps_log_probs_fp32(tmp_path, cache_dir):
     assert torch.isfinite(torch.tensor(float(trainer.callback_metrics["train/loss"])))
 
 
+def test_a_pinned_attention_kernel_trains_and_one_the_device_lacks_stops_at_fit_start(tmp_path, cache_dir):
+    from torch.nn.attention import SDPBackend
+
+    from sdpo.policy.attention import pinned_backend
+
+    trainer = train(compose([*FAST, "trainer.max_epochs=1", "algo.attention_backend=math"], tmp_path / "math",
+                            cache_dir))
+    assert pinned_backend(trainer.lightning_module.unet) == SDPBackend.MATH
+    assert torch.isfinite(torch.tensor(float(trainer.callback_metrics["train/loss"])))
+    if torch.cuda.is_available():
+        return  # cuDNN attention may well run here
+    # trainer.accelerator=auto passes the config check (it could mean a GPU); the kernel probe at fit start does not
+    with pytest.raises(ValueError, match=r"algo.attention_backend=cudnn cannot run this UNet's attention .* on cpu"):
+        train(compose([*FAST, "algo.attention_backend=cudnn"], tmp_path / "cudnn", cache_dir))
+    assert not list((tmp_path / "cudnn").rglob("*.ckpt")) and not list((tmp_path / "cudnn").rglob("metrics.csv"))
+
+
 def test_multi_reward_logs_each_component(tmp_path, cache_dir):
     """A weighted sum of rewards trains on the sum and logs every part on its own."""
     components = "{brightness:{weight:1.0},colorfulness:{weight:0.5}}"

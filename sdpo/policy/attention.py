@@ -1,0 +1,118 @@
+"""Which scaled-dot-product-attention kernel the policy UNet's attention runs (``algo.attention_backend``).
+
+Left to torch (``auto``), CUDA attention tries FlashAttention-2, then memory-efficient attention, then math, and
+cuDNN's fused attention last, although on Hopper cuDNN's kernels can be the faster ones. About a quarter of the
+FLOPs of an SD-Turbo training call are attention's (benchmarks/README.md), so the kernel matters to training MFU.
+Pinning one backend is strict on purpose: a backend that cannot run these shapes raises, rather than falling back
+to a slower one unnoticed. The pin applies to the UNet alone; the VAE's single-head attention (head dim 512) and
+the reward model keep torch's choice.
+"""
+
+from __future__ import annotations
+
+import itertools
+import warnings
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+ATTENTION_BACKENDS: dict[str, SDPBackend | None] = {
+    "auto": None,  # torch's own order
+    "flash": SDPBackend.FLASH_ATTENTION,  # FlashAttention-2 on CUDA; torch's flash kernel on CPU
+    "cudnn": SDPBackend.CUDNN_ATTENTION,  # CUDA only
+    "efficient": SDPBackend.EFFICIENT_ATTENTION,  # CUDA only
+    "math": SDPBackend.MATH,  # the reference: plain matmuls and softmax
+}
+CUDA_ONLY = ("cudnn", "efficient")
+
+
+def attention_backend(value: object) -> SDPBackend | None:
+    """``algo.attention_backend`` as the SDPBackend to pin (None: torch chooses)."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or value not in ATTENTION_BACKENDS:
+        raise ValueError(f"algo.attention_backend={value!r}: use one of {', '.join(ATTENTION_BACKENDS)}")
+    return ATTENTION_BACKENDS[value]
+
+
+class PinnedAttnProcessor(AttnProcessor2_0):
+    """diffusers' SDPA processor with the attention kernel fixed to one backend.
+
+    ``sdpa_kernel`` is traced by torch.compile, so a compiled UNet's graphs use the same kernel as the eager one.
+    """
+
+    def __init__(self, backend: SDPBackend) -> None:
+        super().__init__()
+        self.backend = backend
+
+    def __call__(self, attn: Attention, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        with sdpa_kernel([self.backend]):
+            return super().__call__(attn, hidden_states, *args, **kwargs)
+
+
+def pin_attention_backend(unet: nn.Module, name: str | None) -> int:
+    """Make every attention layer of ``unet`` run the backend ``name`` (``auto``/None: leave torch's choice).
+
+    Only diffusers' default SDPA processor is replaced: a UNet carrying other processors (IP-Adapter, custom
+    attention) is refused rather than silently stripped of them. Returns how many layers were pinned.
+    """
+    backend = attention_backend(name)
+    if backend is None:
+        return 0
+    layers = [m for m in unet.modules() if isinstance(m, Attention)]
+    foreign = sorted({type(m.processor).__name__ for m in layers
+                      if not isinstance(m.processor, (AttnProcessor2_0, PinnedAttnProcessor))})
+    if foreign:
+        raise ValueError(f"algo.attention_backend={name}: this UNet's attention uses {', '.join(foreign)}, which a "
+                         f"pinned backend would replace; use algo.attention_backend=auto")
+    for layer in layers:
+        layer.set_processor(PinnedAttnProcessor(backend))
+    return len(layers)
+
+
+def pinned_backend(unet: nn.Module) -> SDPBackend | None:
+    """The backend ``pin_attention_backend`` fixed on ``unet`` (None when torch chooses)."""
+    for module in unet.modules():
+        if isinstance(module, Attention) and isinstance(module.processor, PinnedAttnProcessor):
+            return module.processor.backend
+    return None
+
+
+def head_shapes(unet: nn.Module) -> list[tuple[int, int]]:
+    """The distinct (heads, head dim) of the UNet's attention layers."""
+    return sorted({(m.heads, m.inner_dim // m.heads) for m in unet.modules() if isinstance(m, Attention)})
+
+
+def check_attention_backend(unet: nn.Module, device: torch.device, context: AbstractContextManager | None = None,
+                            backward: bool = True) -> None:
+    """Run the pinned backend once per head shape of the UNet on ``device`` (under ``context``, e.g. the run's
+    autocast, so the dtype is the run's), forward and backward, and raise a clear error if it cannot.
+
+    Called before the first iteration: an unsupported kernel would otherwise fail deep inside sampling with torch's
+    terse "no viable backend"."""
+    backend = pinned_backend(unet)
+    if backend is None:
+        return
+    name = next(k for k, v in ATTENTION_BACKENDS.items() if v == backend)
+    for (heads, head_dim), keys in itertools.product(head_shapes(unet), (16, 77)):  # self-attention, and cross-
+        q = torch.randn(2, heads, 16, head_dim, device=device, requires_grad=backward)  # attention to 77 text tokens
+        kv = torch.randn(2, heads, keys, head_dim, device=device)
+        with warnings.catch_warnings(record=True) as caught, (context or nullcontext()):
+            warnings.simplefilter("always")
+            try:
+                with sdpa_kernel([backend]):
+                    out = F.scaled_dot_product_attention(q, kv, kv)
+                    if backward:
+                        out.float().sum().backward()
+            except RuntimeError as error:
+                reasons = "; ".join(str(w.message).strip() for w in caught) or str(error)
+                raise ValueError(
+                    f"algo.attention_backend={name} cannot run this UNet's attention ({heads} heads of dim {head_dim}) "
+                    f"on {device}: {reasons}. Use algo.attention_backend=auto (torch chooses), or "
+                    f"{'flash or math' if device.type == 'cpu' else 'another backend'}"
+                ) from error
