@@ -32,6 +32,7 @@ from sdpo.algo.losses import sdpo_loss, temporal_weights
 from sdpo.algo.optimizer import build_adamw, clip_gradients, grad_norm_stats
 from sdpo.algo.shuffle import sharded_update_order, update_groups
 from sdpo.data import iteration_seed
+from sdpo.loggers import wandb_run_id
 from sdpo.overlap import BackgroundScorer
 from sdpo.policy.attention import check_attention_backend, pin_attention_backend
 from sdpo.policy.checks import collected_checks, require_not
@@ -479,6 +480,7 @@ class SDPOModule(L.LightningModule):
             "total_queries": self.total_queries,
             "total_samples": self.total_samples,
             "torch_rng": torch.get_rng_state(),
+            "wandb_run_id": wandb_run_id(self.trainer.loggers),  # a resumed run logs into the same W&B run
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from sdpo.cluster import restart_checkpoint, slurm_plugins
 from sdpo.config_checks import ConfigError, pairs_per_rank, validate_config
+from sdpo.loggers import continue_wandb_run
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 log = logging.getLogger(__name__)
@@ -141,6 +142,7 @@ def train(cfg: DictConfig) -> L.Trainer:
         if (cfg.get("logger") or {}).get("csv") is not None:
             with open_dict(cfg):
                 cfg.logger.csv.append = True
+    continue_wandb_run(cfg, ckpt_path)
     datamodule = instantiate(cfg.data)
     module = SDPOModule(model=cfg.model, algo=cfg.algo, reward=cfg.reward, optim=cfg.optim, seed=cfg.seed)
     loggers = [instantiate(c) for c in cfg.get("logger", {}).values() if c is not None]

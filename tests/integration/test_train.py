@@ -133,6 +133,48 @@ def test_resume_after_a_crash_equals_uninterrupted(how, tmp_path, cache_dir, mon
     assert rows_full[3]["train/reward_1step"] == pytest.approx(rows_resumed[-1]["train/reward_1step"], abs=1e-6)
 
 
+def test_a_resumed_run_logs_into_the_w_and_b_run_of_its_checkpoint(tmp_path, cache_dir, monkeypatch):
+    """Real wandb, offline: a requeued job and a ``ckpt_path`` resume continue the W&B run the checkpoint was
+    written under (one id, a folder per process start, as wandb writes a resumed run); ``logger.wandb.id`` chooses
+    another."""
+    import wandb
+
+    from sdpo.loggers import checkpoint_wandb_run
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    base = [*FAST, "trainer.max_epochs=2", "callbacks.eval=null", "callbacks.sample_grid=null", "logger=wandb",
+            "logger.wandb.offline=true"]
+    crash = [f"+callbacks.crash._target_={__name__}.CrashAtEpoch", "+callbacks.crash.epoch=1"]
+
+    def run_ids(folder: Path) -> list[str]:
+        return sorted(run.name.rsplit("-", 1)[1] for run in (folder / "wandb").glob("offline-run-*"))
+
+    def fit(overrides: list[str], folder: Path) -> None:
+        try:
+            train(compose(overrides, folder, cache_dir))
+        finally:
+            wandb.finish()
+
+    with pytest.raises(RuntimeError, match="simulated crash at epoch 1"):
+        fit([*base, *crash], tmp_path / "part")
+    ckpt = tmp_path / "part" / "checkpoints" / "last.ckpt"
+    (first,) = run_ids(tmp_path / "part")
+    assert checkpoint_wandb_run(ckpt) == first
+
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    fit(base, tmp_path / "part")
+    assert run_ids(tmp_path / "part") == [first, first]
+    monkeypatch.delenv("SLURM_RESTART_COUNT")
+
+    fit([*base, f"ckpt_path={ckpt}"], tmp_path / "branch")
+    assert run_ids(tmp_path / "branch") == [first]
+    fit([*base, f"ckpt_path={ckpt}", "logger.wandb.id=fresh01"], tmp_path / "fresh")
+    assert run_ids(tmp_path / "fresh") == ["fresh01"]
+    fit(base, tmp_path / "new")  # no checkpoint: a run of its own
+    (other,) = run_ids(tmp_path / "new")
+    assert other != first
+
+
 class SignalAtEpoch(Callback):
     """Sends ``SIGUSR1`` to this process as epoch ``epoch`` starts, as sbatch --signal does before a time limit."""
 
