@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from unet_mfu import build_unet, make_call, parse  # noqa: E402
 
-from sdpo.policy.attention import ATTENTION_BACKENDS  # noqa: E402
+from sdpo.policy.attention import ATTENTION_BACKENDS, projected_heads  # noqa: E402
 from sdpo.scoring import synchronize  # noqa: E402
 
 Shape = tuple[tuple[int, ...], tuple[int, ...]]  # (query, key) shapes; value has the key's
@@ -73,9 +73,10 @@ def time_backend(backend, shapes: Counter[Shape], device: torch.device, dtype: t
     """Seconds that one UNet call's attention takes under ``backend`` (each distinct shape timed, times its count)."""
     total = 0.0
     for (q_shape, k_shape), count in shapes.items():
-        q = torch.randn(q_shape, device=device, dtype=dtype, requires_grad=train)
-        k = torch.randn(k_shape, device=device, dtype=dtype, requires_grad=train)
-        v = torch.randn(k_shape, device=device, dtype=dtype, requires_grad=train)
+        (b, h, s_q, d), s_k = q_shape, k_shape[2]  # laid out as diffusers' processor passes them (transposed views)
+        q = projected_heads(b, s_q, h, d, device, train, dtype)
+        k = projected_heads(b, s_k, h, d, device, train, dtype)
+        v = projected_heads(b, s_k, h, d, device, train, dtype)
         grad = torch.randn(q_shape, device=device, dtype=dtype)
 
         one_call(backend, q, k, v, grad, train)  # a first call selects and loads kernels

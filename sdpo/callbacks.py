@@ -45,6 +45,10 @@ class SampleGrid(L.Callback):
         self.every_n_epochs = every_n_epochs
         self.max_prompts = max_prompts
 
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if trainer.is_global_zero:  # the module keeps the images of this many pairs (it keeps none by default)
+            pl_module.latest_image_pairs = max(getattr(pl_module, "latest_image_pairs", 0), self.max_prompts)
+
     @rank_zero_only
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         epoch = trainer.current_epoch
@@ -75,7 +79,7 @@ class SampleGrid(L.Callback):
         return f"epoch {epoch} | " + "; ".join(parts)
 
     def make_grid(self, latest: dict[str, Any]) -> Image.Image:
-        n = min(self.max_prompts, len(latest["prompts"]))
+        n = min(self.max_prompts, len(latest["prompts"]), len(latest["first_images"]))
         t = latest["num_steps"]
         firsts, scale = fit_to_grid(latest["first_images"][:n])  # [n,3,H,W]
         lasts, _ = fit_to_grid(latest["last_images"][:n])  # [n,2,3,H,W]

@@ -111,6 +111,9 @@ class SDPOModule(L.LightningModule):
         self._grad_norms: list[Tensor] = []  # pre-clip gradient norms of this iteration's optimizer steps
         self.last_iteration: dict[str, Any] = {}  # phase times and counts of the last iteration (benchmarks)
         self.latest: dict[str, Any] = {}  # last iteration's images and rewards, for callbacks (rank-local, CPU)
+        # pairs whose images ``latest`` keeps: a callback that shows images raises it in its setup. Copying all of
+        # them would move ~300 MB per iteration off the GPU at the reference batch for a grid of 8 prompts
+        self.latest_image_pairs = 0
 
     # ------------------------------------------------------------------------------------------ setup
     @staticmethod
@@ -460,8 +463,8 @@ class SDPOModule(L.LightningModule):
                       on_step=False, on_epoch=True, batch_size=1)
         self.latest = {
             "prompts": prompts,
-            "first_images": rewards.first_images.detach().float().cpu(),
-            "last_images": rewards.last_images.detach().float().cpu(),
+            "first_images": rewards.first_images[:self.latest_image_pairs].detach().float().cpu(),  # [k, 3, H, W]
+            "last_images": rewards.last_images[:self.latest_image_pairs].detach().float().cpu(),  # [k, 2, 3, H, W]
             "first_rewards": dense[:, 0, 0].detach().cpu(),
             "last_rewards": dense[:, :, -1].detach().cpu(),
             "num_steps": num_steps,

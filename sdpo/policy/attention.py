@@ -88,6 +88,14 @@ def head_shapes(unet: nn.Module) -> list[tuple[int, int]]:
     return sorted({(m.heads, m.inner_dim // m.heads) for m in unet.modules() if isinstance(m, Attention)})
 
 
+def projected_heads(batch: int, tokens: int, heads: int, head_dim: int, device: torch.device | str,
+                    requires_grad: bool = False, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A [batch, heads, tokens, head_dim] input laid out as diffusers' processor hands it to SDPA: a projection's
+    output viewed per head and transposed (not contiguous), since a kernel's support can depend on strides."""
+    flat = torch.randn(batch, tokens, heads * head_dim, device=device, dtype=dtype, requires_grad=requires_grad)
+    return flat.view(batch, tokens, heads, head_dim).transpose(1, 2)
+
+
 def check_attention_backend(unet: nn.Module, device: torch.device, context: AbstractContextManager | None = None,
                             backward: bool = True) -> None:
     """Run the pinned backend once per head shape of the UNet on ``device`` (under ``context``, e.g. the run's
@@ -100,11 +108,11 @@ def check_attention_backend(unet: nn.Module, device: torch.device, context: Abst
         return
     name = next(k for k, v in ATTENTION_BACKENDS.items() if v == backend)
     for (heads, head_dim), keys in itertools.product(head_shapes(unet), (16, 77)):  # self-attention, and cross-
-        q = torch.randn(2, heads, 16, head_dim, device=device, requires_grad=backward)  # attention to 77 text tokens
-        kv = torch.randn(2, heads, keys, head_dim, device=device)
-        with warnings.catch_warnings(record=True) as caught, (context or nullcontext()):
+        with warnings.catch_warnings(record=True) as caught, (context or nullcontext()):  # attention to 77 tokens
             warnings.simplefilter("always")
             try:
+                q = projected_heads(2, 16, heads, head_dim, device, backward)
+                kv = projected_heads(2, keys, heads, head_dim, device, False)
                 with sdpa_kernel([backend]):
                     out = F.scaled_dot_product_attention(q, kv, kv)
                     if backward:

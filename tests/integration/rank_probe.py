@@ -17,6 +17,9 @@ class RankProbe(L.Callback):
     def __init__(self, dirpath: str) -> None:
         self.dirpath = Path(dirpath)
 
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        pl_module.latest_image_pairs = 1 << 30  # every pair's images, on every rank
+
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.dirpath.mkdir(parents=True, exist_ok=True)
         latest = pl_module.latest

@@ -207,6 +207,16 @@ def test_the_requeue_signal_requeues_a_slurm_job(tmp_path, cache_dir, monkeypatc
         signal.signal(signal.SIGUSR1, previous)
 
 
+@pytest.mark.parametrize(("grid", "kept"), [(["callbacks.sample_grid.max_prompts=3"], 3),
+                                            (["callbacks.sample_grid=null"], 0)])
+def test_the_module_copies_off_the_device_only_the_images_a_grid_shows(grid, kept, tmp_path, cache_dir):
+    trainer = train(compose([*FAST, "trainer.max_epochs=1", "callbacks.eval=null", *grid], tmp_path, cache_dir))
+    latest = trainer.lightning_module.latest
+    assert len(latest["prompts"]) == 4 and latest["last_rewards"].shape == (4, 2)
+    assert latest["first_images"].shape[0] == latest["last_images"].shape[0] == kept
+    assert len(list((tmp_path / "samples").glob("*.png"))) == (1 if kept else 0)
+
+
 def test_checkpoint_holds_only_trainable_weights_and_tracker(tmp_path, cache_dir):
     train(compose([*FAST, "model.lora.enabled=true", "trainer.max_epochs=1"], tmp_path, cache_dir))
     ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
