@@ -3,6 +3,7 @@
 # to ${OUT:-/tmp} as soon as its step ends, so a run cut short keeps the rest.
 #   bash benchmarks/gpu_check.sh epoch [MODE [ATTN]]  # the target itself, about 7 min: run this one first
 #   bash benchmarks/gpu_check.sh calls                # CUDA tests and the compiled call alone, about 7 min
+#   bash benchmarks/gpu_check.sh overlap [ATTN]       # the iteration with algo.overlap_scoring=true, about 7 min
 #   bash benchmarks/gpu_check.sh autotune [ATTN]      # the compiled call under max-autotune (long compile)
 # Measured on an H100 on 2026-11-26 (benchmarks/README.md): a whole T = 50 iteration at the reference batch,
 # micro-batch 16 x 1, compiled, reached 29.1% training MFU against the 30% target, with the training loop adding
@@ -15,6 +16,8 @@
 #   sampling call, compiled with algo.compile_mode=MODE (default: default), cuDNN autotuning, bf16 base): per-phase
 #   times, overhead ratio and training MFU. Two graphs compile in the warm-up iteration (about 2 min each), then one
 #   timed iteration (about 35 s) and its primitives.
+# Stage "overlap": the same iteration with algo.overlap_scoring=true (decode and reward of one 16-prompt chunk on a
+#   side stream while the next samples): compare its phases and iteration time with stage "epoch".
 # Stage "calls": the tests that need CUDA (the fused-vs-foreach AdamW test under 16-mixed was fixed after the last
 #   GPU session; the attention kernels against math), then unet_mfu.py: the compiled 32-row training call with
 #   torch's attention and with the fastest pinned one.
@@ -37,9 +40,9 @@ stage=${1:-epoch}
 # GPU_CHECK_DRY=1: every stage at toy sizes on CPU (minutes), to check this script before spending device time
 if [[ ${GPU_CHECK_DRY:-0} == 1 ]]; then
   attention_args=(--rows 4 --scale tiny --device cpu --repeats 3); epoch_args=(--preset sd_turbo_dry --device cpu)
-  steps=2; rows=4; mfu_args=(--scale tiny --device cpu --calls 2 --warmup 1)
+  steps=2; rows=4; mfu_args=(--scale tiny --device cpu --calls 2 --warmup 1); more=(trainer.precision=bf16-mixed)
 else
-  attention_args=(--rows 32); epoch_args=(--preset sd_turbo); steps=50; rows=32; mfu_args=()
+  attention_args=(--rows 32); epoch_args=(--preset sd_turbo); steps=50; rows=32; mfu_args=(); more=()
 fi
 pin() { [[ $1 == auto ]] || echo ":$1"; }  # a unet_mfu.py flag pinning attention backend $1 (none for auto)
 fastest_attention() {  # the SDPA backend that trains the UNet's attention fastest here (or $1 when given)
@@ -47,24 +50,26 @@ fastest_attention() {  # the SDPA backend that trains the UNet's attention faste
   timeout 120 python3 benchmarks/attention_backends.py "${attention_args[@]}" 2>&1 | quiet > "$out/attention_backends.log"
   sed -n 's/^fastest for training: \([a-z]*\) .*/\1/p' "$out/attention_backends.log" | grep . || echo auto
 }
-if [[ $stage == epoch ]]; then
-  mode=${2:-default}
-  attn=$(fastest_attention "${3:-}")
+if [[ $stage == epoch || $stage == overlap ]]; then
+  if [[ $stage == overlap ]]; then  # the first chunk of 16 prompts scored on a side stream while the second samples
+    mode=default; attn=$(fastest_attention "${2:-}"); scoring=(algo.overlap_scoring=true algo.sample_batch_size=16)
+  else
+    mode=${2:-default}; attn=$(fastest_attention "${3:-}"); scoring=(algo.overlap_scoring=false algo.sample_batch_size=16)
+  fi
   cat "$out/attention_backends.log" 2>/dev/null
   epoch() {  # $1 = attention backend, $2 = seconds allowed
-    echo "=== epoch.py: T = $steps, micro-batch 16, sampling batch 16, compile ($mode), attention $1, cuDNN autotuning, bf16 base"
+    echo "=== epoch.py: T = $steps, micro-batch 16, ${scoring[*]}, compile ($mode), attention $1, cuDNN autotuning, bf16 base"
     timeout "$2" python3 benchmarks/epoch.py "${epoch_args[@]}" --models "$models" --warmup 1 --iterations 1 \
       --repeats 3 "algo.num_steps=$steps" algo.micro_batch_pairs=16 algo.gradient_accumulation_steps=1 \
-      algo.sample_batch_size=16 algo.compile=true "algo.compile_mode=$mode" "algo.attention_backend=$1" \
-      trainer.benchmark=true algo.low_precision_base=true algo.overlap_scoring=false \
-      > "$out/epoch_t50_micro16_compile_$1.log" 2>&1
-    grep -v -i warn "$out/epoch_t50_micro16_compile_$1.log" | sed -n '/SDPO iteration benchmark/,$p'
-    grep -E "Error|error:" "$out/epoch_t50_micro16_compile_$1.log" | tail -5
+      "${scoring[@]}" algo.compile=true "algo.compile_mode=$mode" "algo.attention_backend=$1" \
+      trainer.benchmark=true algo.low_precision_base=true "${more[@]}" > "$out/${stage}_t50_micro16_$1.log" 2>&1
+    grep -v -i warn "$out/${stage}_t50_micro16_$1.log" | sed -n '/SDPO iteration benchmark/,$p'
+    grep -E "Error|error:" "$out/${stage}_t50_micro16_$1.log" | tail -5 || true
   }
   start=$SECONDS
   epoch "$attn" 480
   # a pinned kernel this GPU cannot run stops the run at fit start, in seconds: then measure with torch's choice
-  if [[ $attn != auto ]] && ! grep -q "^MFU" "$out/epoch_t50_micro16_compile_$attn.log" \
+  if [[ $attn != auto ]] && ! grep -q "^MFU" "$out/${stage}_t50_micro16_$attn.log" \
       && (( SECONDS - start < 120 )); then
     epoch auto $((480 - (SECONDS - start)))
   fi
@@ -84,7 +89,8 @@ elif [[ $stage == autotune ]]; then
   attn=$(fastest_attention "${2:-}")
   echo "=== unet_mfu.py: the compiled 32-row training call under max-autotune-no-cudagraphs, attention $attn"
   timeout 540 python3 benchmarks/unet_mfu.py "${mfu_args[@]}" "train:$rows:bm:full:autotune$(pin "$attn")" 2>&1 | quiet \
-    | tee "$out/unet_mfu_32_autotune.log"
+    > "$out/unet_mfu_32_autotune.log"  # with inductor's AUTOTUNE tables; the result lines:
+  grep -E "^(UNet MFU|variant|train|sample)" "$out/unet_mfu_32_autotune.log"
 else
-  echo "unknown stage $stage: use epoch [MODE [ATTN]], calls [ATTN] or autotune [ATTN]" >&2; exit 2
+  echo "unknown stage $stage: use epoch [MODE [ATTN]], calls [ATTN], overlap [ATTN] or autotune [ATTN]" >&2; exit 2
 fi

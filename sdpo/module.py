@@ -147,7 +147,7 @@ class SDPOModule(L.LightningModule):
 
     def on_fit_start(self) -> None:
         # a pinned attention kernel this device cannot run fails here, clearly, before any work
-        check_attention_backend(self.unet, self.device, self.trainer.precision_plugin.forward_context())
+        check_attention_backend(self.unet, self.device, self.trainer.precision_plugin.forward_context)
         if self.algo_cfg.get("overlap_scoring") and self.device.type == "cpu" and self.global_rank == 0:
             log.warning("algo.overlap_scoring on CPU: the scoring thread and sampling share the cores (2 cores, 2 "
                         "torch threads: sampling ran 1.75x slower, benchmarks/README.md); it is meant for GPUs")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import warnings
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
@@ -96,10 +97,10 @@ def projected_heads(batch: int, tokens: int, heads: int, head_dim: int, device: 
     return flat.view(batch, tokens, heads, head_dim).transpose(1, 2)
 
 
-def check_attention_backend(unet: nn.Module, device: torch.device, context: AbstractContextManager | None = None,
-                            backward: bool = True) -> None:
-    """Run the pinned backend once per head shape of the UNet on ``device`` (under ``context``, e.g. the run's
-    autocast, so the dtype is the run's), forward and backward, and raise a clear error if it cannot.
+def check_attention_backend(unet: nn.Module, device: torch.device,
+                            context: Callable[[], AbstractContextManager] = nullcontext, backward: bool = True) -> None:
+    """Run the pinned backend once per head shape of the UNet on ``device`` (under a fresh ``context()``, e.g. the
+    run's autocast, so the dtype is the run's), forward and backward, and raise a clear error if it cannot.
 
     Called before the first iteration: an unsupported kernel would otherwise fail deep inside sampling with torch's
     terse "no viable backend"."""
@@ -108,7 +109,7 @@ def check_attention_backend(unet: nn.Module, device: torch.device, context: Abst
         return
     name = next(k for k, v in ATTENTION_BACKENDS.items() if v == backend)
     for (heads, head_dim), keys in itertools.product(head_shapes(unet), (16, 77)):  # self-attention, and cross-
-        with warnings.catch_warnings(record=True) as caught, (context or nullcontext()):  # attention to 77 tokens
+        with warnings.catch_warnings(record=True) as caught, context():  # attention to 77 tokens
             warnings.simplefilter("always")
             try:
                 q = projected_heads(2, 16, heads, head_dim, device, backward)

@@ -279,8 +279,9 @@ def test_a_pinned_attention_kernel_trains_and_one_the_device_lacks_stops_at_fit_
 
     from sdpo.policy.attention import pinned_backend
 
-    trainer = train(compose([*FAST, "trainer.max_epochs=1", "algo.attention_backend=math"], tmp_path / "math",
-                            cache_dir))
+    # bf16-mixed: the fit-start probe runs under the precision plugin's autocast, a context made afresh per use
+    trainer = train(compose([*FAST, "trainer.max_epochs=1", "algo.attention_backend=math",
+                             "trainer.precision=bf16-mixed"], tmp_path / "math", cache_dir))
     assert pinned_backend(trainer.lightning_module.unet) == SDPBackend.MATH
     assert torch.isfinite(torch.tensor(float(trainer.callback_metrics["train/loss"])))
     if torch.cuda.is_available():

@@ -115,7 +115,9 @@ def test_other_processors_are_refused_not_replaced(lora_unet):
 
 
 def test_a_kernel_the_device_lacks_fails_before_any_work(lora_unet):
-    bf16 = torch.autocast("cpu", dtype=torch.bfloat16)
+    def bf16():
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+
     pin_attention_backend(lora_unet, "math")
     check_attention_backend(lora_unet, torch.device("cpu"), bf16)  # runs: nothing raised
     for name in ("cudnn", "efficient"):
@@ -144,13 +146,15 @@ def test_cuda_kernels_run_the_unet_and_agree_with_math_under_bf16(lora_unet, nam
     """Each CUDA kernel passes the fit-start probe and gives the math kernel's outputs and LoRA gradients, to bf16
     rounding (the math kernel runs the same bf16 inputs)."""
     unet = lora_unet.cuda()
-    bf16 = torch.autocast("cuda", dtype=torch.bfloat16)
+    def bf16():
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+
     results = {}
     for backend in ("math", name):
         pin_attention_backend(unet, backend)
         check_attention_backend(unet, torch.device("cuda"), bf16)
         unet.zero_grad(set_to_none=True)
-        with bf16:
+        with bf16():
             out = unet(*(x.cuda() for x in unet_inputs(unet))).sample
         out.float().square().mean().backward()
         results[backend] = (out.float(), {n: p.grad.float() for n, p in unet.named_parameters() if p.grad is not None})
