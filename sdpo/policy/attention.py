@@ -1,8 +1,8 @@
 """Which scaled-dot-product-attention kernel the policy UNet's attention runs (``algo.attention_backend``).
 
 Left to torch (``auto``), CUDA attention tries FlashAttention-2, then memory-efficient attention, then math, and
-cuDNN's fused attention last, although on Hopper cuDNN's kernels can be the faster ones. About a quarter of the
-FLOPs of an SD-Turbo training call are attention's (benchmarks/README.md), so the kernel matters to training MFU.
+cuDNN's fused attention last, although on Hopper cuDNN's kernels can be the faster ones. Attention is 17% of the
+FLOPs of an SD-Turbo sampling call and 23% of a training call's (benchmarks/README.md), so the kernel matters to MFU.
 Pinning one backend is strict on purpose: a backend that cannot run these shapes raises, rather than falling back
 to a slower one unnoticed. The pin applies to the UNet alone; the VAE's single-head attention (head dim 512) and
 the reward model keep torch's choice.

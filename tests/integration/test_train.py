@@ -146,8 +146,9 @@ def test_a_resumed_run_logs_into_the_w_and_b_run_of_its_checkpoint(tmp_path, cac
             "logger.wandb.offline=true"]
     crash = [f"+callbacks.crash._target_={__name__}.CrashAtEpoch", "+callbacks.crash.epoch=1"]
 
-    def run_ids(folder: Path) -> list[str]:
-        return sorted(run.name.rsplit("-", 1)[1] for run in (folder / "wandb").glob("offline-run-*"))
+    def run_ids(folder: Path) -> list[str]:  # one offline-run-<time>-<id>[-n] folder per start, holding run-<id>.wandb
+        records = (folder / "wandb").glob("offline-run-*/run-*.wandb")
+        return sorted(record.name.removeprefix("run-").removesuffix(".wandb") for record in records)
 
     def fit(overrides: list[str], folder: Path) -> None:
         try:
