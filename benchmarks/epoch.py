@@ -293,7 +293,8 @@ def main() -> None:
     print(f"UNet {unet_params / 1e6:.1f} M params, latents {list(module.latent_shape)}, T = {a['num_steps']}, "
           f"{counts['num_pairs']} pairs/rank, {world} rank(s), micro-batch {a['micro_batch_pairs']} x "
           f"{a['gradient_accumulation_steps']}, {counts['optimizer_steps']} optimizer steps, "
-          f"precision {cfg.trainer.precision}; run of {epochs} iterations took {wall:.1f} s")
+          f"precision {cfg.trainer.precision}, compile {a.get('compile')} ({a.get('compile_mode', 'default')}), "
+          f"attention {a.get('attention_backend', 'auto')}; run of {epochs} iterations took {wall:.1f} s")
     print(f"iterations timed: {args.iterations} (after {args.warmup} warm-up): "
           + ", ".join(f"{s:.3f}" for s in seconds) + " s")
     overlap = bool(a.get("overlap_scoring"))
