@@ -18,6 +18,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from PIL import Image
 
 from sdpo.grids import fit_to_grid, image_grid
+from sdpo.policy.attention import torch_attention
 
 
 class RunCheckpoint(ModelCheckpoint):
@@ -240,7 +241,8 @@ class EvalDuringTraining(L.Callback):
         # the whole UNet), and the numbers then match `python -m sdpo.evaluate` on the checkpoint
         eager = getattr(torch.compiler, "set_stance", None)
         try:
-            with torch.random.fork_rng(devices=devices), autocast, eager("force_eager") if eager else nullcontext():
+            with (torch.random.fork_rng(devices=devices), autocast, eager("force_eager") if eager else nullcontext(),
+                  torch_attention(pl_module.unet)):  # a kernel pinned for training's autocast may not run here
                 return evaluate_policy(
                     pl_module.components, pl_module.unet, self.prompts, self.steps,
                     rewards=self.rewards_for(pl_module), images_per_prompt=self.images_per_prompt, seed=self.seed,

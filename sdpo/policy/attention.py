@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import itertools
 import warnings
-from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -82,6 +82,25 @@ def pinned_backend(unet: nn.Module) -> SDPBackend | None:
         if isinstance(module, Attention) and isinstance(module.processor, PinnedAttnProcessor):
             return module.processor.backend
     return None
+
+
+@contextmanager
+def torch_attention(unet: nn.Module) -> Iterator[None]:
+    """Inside: the UNet's attention as torch chooses it (diffusers' default processor); after: the same pinned
+    processor objects again (a compiled UNet does not recompile after it: tests/integration/test_compile.py).
+
+    Evaluation runs the UNet outside training's autocast (in fp32 unless ``algo.low_precision_base``), where a
+    kernel pinned for bf16 training (flash, cuDNN) may not run at all; evaluation is not what the pin speeds up,
+    and this way its numbers match ``python -m sdpo.evaluate`` on the checkpoint."""
+    pinned = {m: m.processor for m in unet.modules()
+              if isinstance(m, Attention) and isinstance(m.processor, PinnedAttnProcessor)}
+    try:
+        for layer in pinned:
+            layer.set_processor(AttnProcessor2_0())
+        yield
+    finally:
+        for layer, processor in pinned.items():
+            layer.set_processor(processor)
 
 
 def head_shapes(unet: nn.Module) -> list[tuple[int, int]]:

@@ -31,17 +31,21 @@ def recording_backend(graph: torch.fx.GraphModule, example_inputs: list) -> obje
     return graph.forward
 
 
-def test_whole_unet_compiles_static_graphs_and_evaluation_compiles_none(tmp_path, cache_dir):
+@pytest.mark.parametrize("attention", ["auto", "math"])
+def test_whole_unet_compiles_static_graphs_and_evaluation_compiles_none(attention, tmp_path, cache_dir):
     """Sampling meets the UNet first with 8 rows (4 prompts x 2), training then with 4 (2 pairs x 2): torch's
     default would compile the training graph with a symbolic batch. The held-out evaluation (3 images x 4 prompts
-    = 12 rows, after both epochs) would compile two more graphs; it runs eagerly instead."""
+    = 12 rows, after both epochs) would compile two more graphs; it runs eagerly instead. With a pinned attention
+    kernel, evaluation swaps in torch's processors and back; the graphs' guards still hold: nothing recompiles."""
     torch._dynamo.reset()  # no cache entries or seen sizes left by other tests
     COMPILED.clear()
     cfg = compose([*FAST, "algo.num_steps=2", "trainer.max_epochs=2", "algo.compile=true",
                    "algo.compile_backend=sdpo_test_recording", "callbacks.eval.every_n_epochs=1",
-                   "callbacks.eval.images_per_prompt=3", "callbacks.eval.steps=[1,2]"], tmp_path, cache_dir)
+                   "callbacks.eval.images_per_prompt=3", "callbacks.eval.steps=[1,2]",
+                   f"algo.attention_backend={attention}"], tmp_path, cache_dir)
     train(cfg)
     torch._dynamo.reset()
+    assert len(COMPILED) == 2, COMPILED  # one graph per grad mode, compiled once in the first epoch
     assert {(grad, rows) for grad, _, rows in COMPILED} == {(False, 8), (True, 4)}, COMPILED
     assert not any(dynamic for _, dynamic, _ in COMPILED), COMPILED
     evaluated = [row for row in read_metrics(tmp_path) if "eval/brightness/2step" in row]

@@ -275,15 +275,39 @@ def test_bf16_autocast_run_keeps_log_probs_fp32(tmp_path, cache_dir):
     assert torch.isfinite(torch.tensor(float(trainer.callback_metrics["train/loss"])))
 
 
+class ProcessorsSeen(Callback):
+    """Records which attention processor the UNet's first attention layer ran, in training and in evaluation."""
+
+    def __init__(self) -> None:
+        self.seen: list[str] = []  # processor class names, one per run of a new kind
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        from diffusers.models.attention_processor import Attention
+
+        def note(module, args) -> None:
+            name = type(module.processor).__name__
+            if not self.seen or self.seen[-1] != name:
+                self.seen.append(name)
+
+        next(m for m in pl_module.unet.modules() if isinstance(m, Attention)).register_forward_pre_hook(note)
+
+
 def test_a_pinned_attention_kernel_trains_and_one_the_device_lacks_stops_at_fit_start(tmp_path, cache_dir):
+    """Training runs the pinned kernel, the held-out evaluation torch's choice (it runs outside training's autocast,
+    where a kernel pinned for it may not run), and the pin is back for the next iteration."""
     from torch.nn.attention import SDPBackend
 
     from sdpo.policy.attention import pinned_backend
 
     # bf16-mixed: the fit-start probe runs under the precision plugin's autocast, a context made afresh per use
-    trainer = train(compose([*FAST, "trainer.max_epochs=1", "algo.attention_backend=math",
-                             "trainer.precision=bf16-mixed"], tmp_path / "math", cache_dir))
+    trainer = train(compose([*FAST, "trainer.max_epochs=2", "algo.attention_backend=math",
+                             "trainer.precision=bf16-mixed", "callbacks.eval.every_n_epochs=1",
+                             f"+callbacks.seen._target_={__name__}.ProcessorsSeen"], tmp_path / "math", cache_dir))
     assert pinned_backend(trainer.lightning_module.unet) == SDPBackend.MATH
+    (probe,) = [c for c in trainer.callbacks if isinstance(c, ProcessorsSeen)]
+    pinned, torchs = "PinnedAttnProcessor", "AttnProcessor2_0"
+    assert probe.seen == [pinned, torchs, pinned, torchs]  # epoch 0, its evaluation, epoch 1, the final evaluation
+    assert "eval/brightness/1step" in read_metrics(tmp_path / "math")[0]
     assert torch.isfinite(torch.tensor(float(trainer.callback_metrics["train/loss"])))
     if torch.cuda.is_available():
         return  # cuDNN attention may well run here

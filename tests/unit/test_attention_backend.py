@@ -11,7 +11,7 @@ from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import AttnProcessor
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from sdpo.policy.attention import check_attention_backend, head_shapes, pin_attention_backend
+from sdpo.policy.attention import check_attention_backend, head_shapes, pin_attention_backend, torch_attention
 from sdpo.policy.loading import TinySpec, ensure_tiny_pipeline
 from sdpo.policy.lora import make_trainable
 from tests.conftest import FAST, compose
@@ -102,6 +102,16 @@ def test_compiled_graphs_use_the_pinned_kernel(lora_unet, name, present, absent)
     torch.testing.assert_close(out, eager_out, rtol=1e-5, atol=1e-5)
     for k, grad in grads.items():
         torch.testing.assert_close(grad, eager_grads[k], rtol=1e-4, atol=1e-6)
+
+
+def test_evaluation_runs_torchs_kernel_and_gets_the_pin_back(lora_unet):
+    pin_attention_backend(lora_unet, "math")
+    pinned = [m.processor for m in lora_unet.modules() if type(m).__name__ == "Attention"]
+    with torch_attention(lora_unet), AtenOps() as ops, torch.no_grad():
+        lora_unet(*unet_inputs(lora_unet))
+    assert CPU_FLASH in ops.names and "aten.bmm" not in ops.names  # torch's choice on CPU
+    after = [m.processor for m in lora_unet.modules() if type(m).__name__ == "Attention"]
+    assert all(a is b for a, b in zip(pinned, after, strict=True))  # the very objects compiled graphs were traced with
 
 
 def test_other_processors_are_refused_not_replaced(lora_unet):
