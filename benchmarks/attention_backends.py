@@ -1,7 +1,7 @@
 """The SD-Turbo UNet's attention alone, under each SDPA backend (``algo.attention_backend``): which kernel to pin.
 
 Records every ``scaled_dot_product_attention`` call one UNet call makes (shapes only, on the meta device), then
-times exactly those calls on this device under each backend: forward alone (sampling) and forward+backward
+times exactly those calls on this device under torch's own choice (``auto``) and each backend: forward alone (sampling) and forward+backward
 (training, gradients to q, k and v as LoRA training needs them), in bf16 on a GPU. Prints ms per UNet call and the
 attention's own TFLOP/s, and the backend that is fastest. Takes seconds; compile-free, so it isolates the kernel
 (the whole compiled call is ``unet_mfu.py train:32:bm:full:<backend>``).
@@ -16,6 +16,7 @@ import argparse
 import sys
 import time
 from collections import Counter
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -62,7 +63,7 @@ def attention_flops(q: tuple[int, ...], k: tuple[int, ...]) -> int:
 
 
 def one_call(backend, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad: torch.Tensor, train: bool) -> None:
-    with sdpa_kernel([backend]), torch.set_grad_enabled(train):
+    with sdpa_kernel([backend]) if backend is not None else nullcontext(), torch.set_grad_enabled(train):
         out = F.scaled_dot_product_attention(q, k, v)
         if train:
             torch.autograd.grad(out, (q, k, v), grad)
@@ -108,16 +109,15 @@ def main() -> None:
         print(f"  {n:3d} x q {list(q)} k {list(k)}")
     print(f"{'backend':<10} {'sampling ms':>12} {'TFLOP/s':>8} {'training ms':>12} {'TFLOP/s':>8}")
     results = {}
-    for label, backend in ATTENTION_BACKENDS.items():
-        if backend is None:
-            continue
+    for label, backend in ATTENTION_BACKENDS.items():  # auto first: torch's own choice, the baseline
         try:
             sample = time_backend(backend, shapes, device, dtype, False, args.repeats)
             train = time_backend(backend, shapes, device, dtype, True, args.repeats)
         except RuntimeError as error:  # a backend this device or shape lacks
             print(f"{label:<10} unavailable: {str(error).splitlines()[0][:120]}")
             continue
-        results[label] = train
+        if backend is not None:  # the fastest is chosen among kernels that can be pinned
+            results[label] = train
         print(f"{label:<10} {1e3 * sample:12.2f} {forward / sample / 1e12:8.0f} {1e3 * train:12.2f} "
               f"{3 * forward / train / 1e12:8.0f}")  # model FLOPs: backward = 2x forward, as flop_counter counts
     if results:
