@@ -1,10 +1,10 @@
 """The SD-Turbo UNet's attention alone, under each SDPA backend (``algo.attention_backend``): which kernel to pin.
 
 Records every ``scaled_dot_product_attention`` call one UNet call makes (shapes only, on the meta device), then
-times exactly those calls on this device under torch's own choice (``auto``) and each backend: forward alone (sampling) and forward+backward
-(training, gradients to q, k and v as LoRA training needs them), in bf16 on a GPU. Prints ms per UNet call and the
-attention's own TFLOP/s, and the backend that is fastest. Takes seconds; compile-free, so it isolates the kernel
-(the whole compiled call is ``unet_mfu.py train:32:bm:full:<backend>``).
+times exactly those calls on this device under torch's own choice (``auto``) and under each backend: forward alone
+(sampling) and forward+backward (training, gradients to q, k and v as LoRA training needs them), in bf16 on a GPU.
+Prints ms per UNet call, the attention's own TFLOP/s, and the fastest backend to pin. Takes seconds; compile-free,
+so it isolates the kernel (the whole compiled call is ``unet_mfu.py train:32:bm:full:<backend>``).
 
     python benchmarks/attention_backends.py                       # GPU: 32 rows (micro-batch 16 pairs)
     python benchmarks/attention_backends.py --rows 4 --scale tiny # a CPU dry run
