@@ -138,7 +138,7 @@ def check_attention_backend(unet: nn.Module, device: torch.device,
                     if backward:
                         out.float().sum().backward()
             except RuntimeError as error:
-                reasons = "; ".join(str(w.message).strip() for w in caught) or str(error)
+                reasons = ("; ".join(str(w.message).strip() for w in caught) or str(error)).rstrip(".")
                 raise ValueError(
                     f"algo.attention_backend={name} cannot run this UNet's attention ({heads} heads of dim {head_dim}) "
                     f"on {device}: {reasons}. Use algo.attention_backend=auto (torch chooses), or "
