@@ -38,14 +38,15 @@ from epoch import flops_of  # noqa: E402
 from sdpo.policy.attention import ATTENTION_BACKENDS, pin_attention_backend  # noqa: E402
 from sdpo.scoring import synchronize  # noqa: E402
 
+KERNEL_FLAGS = set(ATTENTION_BACKENDS) - {"auto"}  # flags that pin the attention kernel
 DEFAULT_VARIANTS = ("sample:16", "sample:16:cl", "train:4", "train:16", "train:16:cl", "train:32", "train:32:cl",
                     "sample:16:cl:regional", "train:32:cl:regional", "train:32:cl:full")
 
 
 def parse(variant: str) -> dict:
     kind, rows, *flags = variant.split(":")
-    kernels = [f for f in flags if f in ATTENTION_BACKENDS and f != "auto"]
-    known = {"cl", "bm", "dyn", "regional", "full", "autotune", *kernels}
+    kernels = [f for f in flags if f in KERNEL_FLAGS]
+    known = {"cl", "bm", "dyn", "regional", "full", "autotune", *KERNEL_FLAGS}
     compile_flag = next((f for f in flags if f in ("regional", "full")), "off")
     if (kind not in ("sample", "train") or not rows.isdigit() or set(flags) - known
             or ("autotune" in flags and compile_flag == "off") or len(kernels) > 1):

@@ -343,9 +343,7 @@ def evaluate_policy(
                                            item_generators(seed, chunk), k, latent_shape)
                     chunk_prompts = [prompts[p] for p, _ in chunk]
                     for name, reward in rewards.items():
-                        where = _device_of(reward, device)
-                        with torch.autocast(where.type, enabled=False):  # each reward in its own dtype
-                            values = reward(images.to(where), chunk_prompts)
+                        values = reward(images.to(_device_of(reward, device)), chunk_prompts)
                         scores[name][s, p_idx, i_idx] = values.detach().float().cpu()
                     if keep:
                         if kept is None:

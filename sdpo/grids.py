@@ -14,6 +14,7 @@ from torch import Tensor
 
 GRID_LABEL_WIDTH = 150  # pixels of the row-caption column on the left of every grid
 GRID_HEADER_HEIGHT = 16  # pixels of the column-title row on top
+GRID_MAX_SIDE = 256  # grid cells of bigger images are downsampled to this side
 
 
 def image_grid(rows: list[list[torch.Tensor]], captions: list[str], header: list[str], scale: int = 1,
@@ -46,9 +47,6 @@ def image_grid(rows: list[list[torch.Tensor]], captions: list[str], header: list
                 draw.rectangle(box, fill="white")
                 draw.text((x, y), cell_captions[i][j], fill="black")
     return grid
-
-
-GRID_MAX_SIDE = 256  # grid cells of bigger images are downsampled to this side
 
 
 def grid_scale(side: int) -> int:

@@ -22,6 +22,8 @@ from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 from omegaconf import DictConfig, open_dict
 
+log = logging.getLogger(__name__)
+
 
 class _AppendingWriter(ExperimentWriter):
     """Keeps an existing metrics.csv and starts from its columns, so new rows (and new columns) extend it."""
@@ -47,9 +49,6 @@ class RunCSVLogger(CSVLogger):
             writer = _AppendingWriter if self.append else ExperimentWriter
             self._experiment = writer(log_dir=self.log_dir)
         return self._experiment
-
-
-log = logging.getLogger(__name__)
 
 
 def wandb_run_id(loggers: list[Any]) -> str | None:

@@ -86,9 +86,8 @@ def score_pairs(
     = trajectory j of pair p), which makes a trajectory's anchors independent of the batch it is scored in.
     ``timings``, when given, receives the seconds spent decoding ("decode") and in the reward model ("reward").
 
-    The VAE (``decode_latents``) and the reward model run in the dtype they are stored in (``model.weight_dtype``,
-    ``reward.dtype``), outside the policy's autocast, as in evaluation: under 16-mixed autocast a reward stored in
-    fp32 would otherwise be scored in low precision.
+    The VAE (``decode_latents``) and the reward model (``RewardModel.forward``) run in the dtype they are stored in
+    (``model.weight_dtype``, ``reward.dtype``), outside the policy's autocast, as in evaluation.
     """
     num_pairs, num_steps = traj.num_pairs, traj.num_steps
     x0 = traj.x0_latents.flatten(0, 1)  # [N=2P, T, C, H, W]
@@ -127,10 +126,9 @@ def score_pairs(
         timings["decode"] = time.perf_counter() - tic
         tic = time.perf_counter()
     chunks, parts = [], []
-    with torch.autocast(x0.device.type, enabled=False):
-        for i in range(0, len(queried), batch_size):
-            chunks.append(reward_fn(images[i : i + batch_size], prompts[i : i + batch_size]))
-            parts.append(dict(getattr(reward_fn, "last_components", None) or {}))
+    for i in range(0, len(queried), batch_size):
+        chunks.append(reward_fn(images[i : i + batch_size], prompts[i : i + batch_size]))
+        parts.append(dict(getattr(reward_fn, "last_components", None) or {}))
     scores = torch.cat(chunks).float()  # [Q]
     if timings is not None:
         synchronize_stream(scores.device)

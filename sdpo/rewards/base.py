@@ -34,6 +34,8 @@ class RewardModel(nn.Module, metaclass=_FrozenAfterInit):
     and a list of exactly ``B`` prompts. ``forward`` does the checks once for all rewards, so a
     broken decoder (NaNs) fails loudly with the reward's name instead of silently poisoning the
     advantages. Gradients are never needed; wrapping calls in ``torch.no_grad()`` is the caller's job.
+    ``score`` runs outside any autocast the caller is under (the policy's, in training), so a reward computes in
+    the dtype it is stored in (``reward.dtype``): under 16-mixed an fp32 reward would otherwise score in fp16.
     """
 
     #: Registry name; set by ``register_reward`` unless the class defines it itself.
@@ -48,7 +50,8 @@ class RewardModel(nn.Module, metaclass=_FrozenAfterInit):
     def forward(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
         """Validate the batch, score it, and return float32 ``[B]`` on the images' device."""
         images, prompt_list = self.validate(images, prompts)
-        scores = self.score(images, prompt_list)
+        with torch.autocast(images.device.type, enabled=False):
+            scores = self.score(images, prompt_list)
         batch = images.shape[0]
         if scores.shape != (batch,):
             raise RuntimeError(

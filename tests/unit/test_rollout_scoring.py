@@ -9,6 +9,7 @@ from sdpo.policy.conditioning import decode_latents, encode_prompts
 from sdpo.policy.loading import TinySpec, ensure_tiny_pipeline, load_components
 from sdpo.policy.rollout import PairTrajectories, RolloutNoise, sample_pair_chunks, transition_log_prob
 from sdpo.policy.steps import make_scheduler, timestep_schedule
+from sdpo.rewards import RewardModel
 from sdpo.scoring import score_pairs
 
 PROMPTS = ["cat", "dog", "red cat"]
@@ -142,14 +143,15 @@ def test_a_nan_in_the_rollout_stops_it_and_names_the_first_timestep(pipeline, tm
             parts.unet.conv_out.bias.copy_(saved)
 
 
-class DtypeReward:
+class DtypeReward(RewardModel):
     """Brightness computed by a tiny fp32 layer, recording the dtype that layer's output had."""
 
     def __init__(self):
+        super().__init__()
         self.layer = torch.nn.Linear(3, 1)
         self.dtypes: set[torch.dtype] = set()
 
-    def __call__(self, images, prompts):
+    def score(self, images, prompts):
         out = self.layer(images.mean(dim=(2, 3)))
         self.dtypes.add(out.dtype)
         return out.squeeze(1).float()
