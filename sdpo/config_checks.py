@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
+
 from omegaconf import DictConfig
 
 from sdpo.algo.dense import STRATEGIES
@@ -11,6 +14,7 @@ from sdpo.policy.steps import SPACINGS
 from sdpo.rewards import available_rewards
 
 PRECISIONS = ("32-true", "32", "bf16-mixed", "16-mixed")
+LIGHTNING_CKPT_NAMES = ("last", "best", "hpc", "registry")  # ckpt_path values Lightning resolves itself
 
 
 class ConfigError(ValueError):
@@ -22,6 +26,27 @@ def pairs_per_rank(cfg: DictConfig) -> int:
     return cfg.data.prompts_per_batch * cfg.data.batches_per_epoch
 
 
+# LoRA inits that start the adapter at B = 0 on the stock base weights: the first update is then exactly on-policy,
+# and the exported LoRA loads onto the stock pipeline. peft's others draw B (false) or rewrite the base (pissa, ...)
+LORA_INITS = ("gaussian", True)
+
+
+def check_lora(lora: DictConfig, need: Callable[[bool, str], None]) -> None:
+    """The adapter's settings that would fail (or silently train nothing) only after the models load."""
+    rank, alpha, init = lora.rank, lora.get("alpha"), lora.get("init", "gaussian")
+    need(isinstance(rank, int) and rank >= 1, f"model.lora.rank={rank}: need an integer >= 1 (the reference: 4)")
+    need(alpha is None or alpha > 0,
+         f"model.lora.alpha={alpha}: the adapter's output is scaled by alpha / rank, so alpha <= 0 trains nothing "
+         f"(0) or flips its sign; use a value > 0 (the reference: alpha = rank), or null for alpha = rank")
+    need(init in LORA_INITS,
+         f"model.lora.init={init!r}: use gaussian (A Gaussian, B zero) or true (peft's default: A Kaiming-uniform, "
+         f"B zero). Both start at B = 0, so the first update is on-policy and the exported LoRA loads onto the "
+         f"stock weights; peft's other inits draw B or rewrite the base weights")
+    targets = lora.get("targets")
+    need(bool(targets), f"model.lora.targets={targets}: name at least one module (the reference: "
+                        f"[to_q, to_k, to_v, to_out.0])")
+
+
 def validate_config(cfg: DictConfig) -> None:
     problems: list[str] = []
 
@@ -30,7 +55,11 @@ def validate_config(cfg: DictConfig) -> None:
             problems.append(message)
 
     a, m = cfg.algo, cfg.model
-    need(a.num_steps >= 1, f"algo.num_steps={a.num_steps}: need at least 1 denoising step")
+    need(a.num_steps >= 2,
+         f"algo.num_steps={a.num_steps}: SDPO trains on T >= 2 denoising steps. Both trajectories of a pair start "
+         f"from the same noise, so at T = 1 their only x̂0 (and reward) are the same and every pair's reward "
+         f"difference is 0: nothing to learn. Train at T >= 2 (the paper: 50) and evaluate at 1 step; the dense "
+         f"rewards on x̂0 already supervise 1-step generation")
     need(a.eta > 0, f"algo.eta={a.eta}: the DDIM policy needs eta > 0 to have a log-prob (SDPO uses 1.0)")
     need(a.dense.anchor in STRATEGIES, f"algo.dense.anchor={a.dense.anchor!r}: use one of {list(STRATEGIES)}")
     need(a.dense.anchor == "all" or a.dense.num_anchors >= 1,
@@ -48,8 +77,13 @@ def validate_config(cfg: DictConfig) -> None:
          f"algo.tracker.min_count={a.tracker.min_count} > buffer_size={a.tracker.buffer_size}: "
          "the buffer statistics could never be used")
     need(m.spacing in SPACINGS, f"model.spacing={m.spacing!r}: use one of {list(SPACINGS)}")
-    need(m.spacing != "linspace" or a.num_steps >= 1,
-         "model.spacing=linspace ends at t=0, where the DDIM step is deterministic: use trailing or leading")
+    need(m.spacing != "linspace" or m.get("step_kind", "auto") == "lcm",
+         "model.spacing=linspace ends every schedule at t=0, where the DDIM step is deterministic and has no "
+         "log-prob: use trailing (SD-Turbo's own) or leading with model.steps_offset=1 (an LCM ignores the spacing: "
+         "model.step_kind=lcm)")
+    need(m.spacing != "leading" or m.get("steps_offset") != 0 or m.get("step_kind", "auto") == "lcm",
+         "model.spacing=leading with model.steps_offset=0 ends every schedule at t=0, where the DDIM step is "
+         "deterministic and has no log-prob: use model.steps_offset=1 (the reference's 981..1) or trailing")
     need(m.weight_dtype in ("fp32", "bf16", "fp16", "float32", "bfloat16", "float16"),
          f"model.weight_dtype={m.weight_dtype!r}: use fp32, bf16 or fp16")
     need(m.get("step_kind", "auto") in ("auto", "ddim", "lcm"),
@@ -66,6 +100,20 @@ def validate_config(cfg: DictConfig) -> None:
     if precision == "16-mixed" and cfg.trainer.get("accelerator") == "cpu":
         problems.append("trainer.precision=16-mixed needs a GPU; on CPU use bf16-mixed or 32-true")
     need(cfg.optim.lr > 0, f"optim.lr={cfg.optim.lr}: must be > 0")
+    # SDPO steps its optimizer itself (many updates per iteration), so Lightning's automatic versions do not apply
+    accumulate, clip = cfg.trainer.get("accumulate_grad_batches"), cfg.trainer.get("gradient_clip_val")
+    need(accumulate in (None, 1), f"trainer.accumulate_grad_batches={accumulate}: SDPO steps its optimizer itself, "
+                                  f"many times per iteration; set algo.gradient_accumulation_steps instead")
+    need(clip is None, f"trainer.gradient_clip_val={clip}: SDPO steps its optimizer itself, many times per "
+                       f"iteration; set algo.max_grad_norm instead")
+    ckpt = cfg.get("ckpt_path")
+    need(ckpt is None or str(ckpt) in LIGHTNING_CKPT_NAMES or "://" in str(ckpt) or Path(str(ckpt)).is_file(),
+         f"ckpt_path={ckpt}: no such file (resume from a run's checkpoint, e.g. "
+         f"outputs/train/<run>/checkpoints/last.ckpt)")
+    seed = cfg.get("seed", 0)
+    need(isinstance(seed, int) and 0 <= seed < 2**32, f"seed={seed!r}: use an integer in [0, 2**32)")
+    if m.lora.enabled:
+        check_lora(m.lora, need)
     need(cfg.data.prompts_per_batch >= 1 and cfg.data.batches_per_epoch >= 1,
          "data.prompts_per_batch and data.batches_per_epoch must be >= 1")
     overlap = a.get("overlap_scoring", False)

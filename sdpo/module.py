@@ -41,7 +41,7 @@ from sdpo.policy.loading import TINY, TinySpec, ensure_tiny_pipeline, load_compo
 from sdpo.policy.lora import make_trainable
 from sdpo.policy.rollout import PairTrajectories, sample_pair_chunks, transition_log_prob
 from sdpo.policy.speed import apply_speed_options, cast_frozen_layers, inductor_mode
-from sdpo.policy.steps import make_policy_scheduler, timestep_schedule
+from sdpo.policy.steps import check_training_schedule, make_policy_scheduler, timestep_schedule
 from sdpo.rewards import build_reward
 from sdpo.scoring import PairRewards, score_pairs, synchronize, synchronize_stream
 
@@ -101,6 +101,8 @@ class SDPOModule(L.LightningModule):
         self.register_buffer(
             "timesteps", timestep_schedule(self.scheduler, self.algo_cfg["num_steps"]), persistent=False
         )
+        check_training_schedule(self.timesteps, self.step_kind, self.model_cfg["spacing"],
+                                self.model_cfg.get("steps_offset"))
         size = components.latent_size(self.model_cfg.get("resolution"))
         self.latent_shape = (self.unet.config.in_channels, size, size)
 

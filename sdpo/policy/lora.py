@@ -32,13 +32,31 @@ def make_trainable(
             init_lora_weights=init,
             target_modules=list(targets),
         )
-        unet.add_adapter(config)
+        try:
+            unet.add_adapter(config)
+        except ValueError as error:  # peft: no module matched (its message names neither the key nor the choices)
+            if not any(name.endswith(tuple(targets)) for name, _ in unet.named_modules()):
+                raise ValueError(
+                    f"model.lora.targets={list(targets)} matches no module of this UNet; its Linear/Conv2d "
+                    f"layers end in {adaptable_suffixes(unet)} (the reference: [to_q, to_k, to_v, to_out.0])"
+                ) from error
+            raise
     else:
         unet.requires_grad_(True)
     params = [p for p in unet.parameters() if p.requires_grad]
     if not params:
         raise ValueError(f"no UNet module matched the LoRA targets {list(targets)}; check model.lora.targets")
     return params
+
+
+def adaptable_suffixes(unet: torch.nn.Module) -> list[str]:
+    """The names LoRA targets can use: each Linear/Conv2d layer's last name part (two when it is an index)."""
+    suffixes = set()
+    for name, module in unet.named_modules():
+        if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
+            parts = name.split(".")
+            suffixes.add(".".join(parts[-2:]) if parts[-1].isdigit() and len(parts) > 1 else parts[-1])
+    return sorted(suffixes)
 
 
 def has_lora(unet: UNet2DConditionModel) -> bool:

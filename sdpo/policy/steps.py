@@ -31,6 +31,7 @@ __all__ = [
     "SPACINGS",
     "STEP_KINDS",
     "StepOutput",
+    "check_training_schedule",
     "ddim_step_with_logprob",
     "gaussian_log_prob",
     "lcm_boundary_scalings",
@@ -138,6 +139,23 @@ def timestep_schedule(scheduler: DDIMScheduler | LCMScheduler, num_steps: int) -
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
     scheduler.set_timesteps(num_steps)
     return scheduler.timesteps.clone().long()  # [T], descending
+
+
+def check_training_schedule(timesteps: Tensor, step_kind: str, spacing: str, steps_offset: int | None) -> None:
+    """Refuse a DDIM training schedule that reaches t = 0, before any sampling, naming the keys to change.
+
+    Its last step would be deterministic (sigma = 0), so ``ddim_step_with_logprob`` could not give it a log-prob;
+    without this check the run would fail only after loading the models and sampling a batch. The config check
+    catches the spellings it can see; this one also covers a scheduler whose own ``steps_offset`` is 0.
+    """
+    if step_kind != "ddim" or int(timesteps[-1]) > 0:
+        return
+    shown = timesteps.tolist() if len(timesteps) <= 8 else [*timesteps[:3].tolist(), "...", *timesteps[-2:].tolist()]
+    raise ValueError(
+        f"the DDIM training schedule {shown} (model.spacing={spacing}, model.steps_offset={steps_offset}, "
+        f"{len(timesteps)} steps) ends at t = 0, where the step is deterministic and has no log-prob: use "
+        f"model.spacing=trailing (SD-Turbo's own), or leading with model.steps_offset=1 (the reference's 981..1)"
+    )
 
 
 def prev_timestep(scheduler: DDIMScheduler, timestep: int | Tensor) -> int | Tensor:

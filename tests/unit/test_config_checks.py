@@ -1,0 +1,92 @@
+"""Settings that cannot train fail before any work, with the key to change; sound neighbours still pass."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sdpo.config_checks import ConfigError, validate_config
+from sdpo.policy.lora import make_trainable
+from sdpo.policy.steps import check_training_schedule, make_scheduler, timestep_schedule
+from sdpo.train import train
+from tests.conftest import FAST, compose
+from tests.unit.test_steps import sd_turbo_like
+
+
+def problems(overrides: list[str], tmp_path) -> str:
+    """The config check's message for ``overrides`` ("" when it passes)."""
+    try:
+        validate_config(compose(overrides, tmp_path, tmp_path))
+    except ConfigError as error:
+        return str(error)
+    return ""
+
+
+@pytest.mark.parametrize("overrides,expected", [
+    (["algo.num_steps=1"], "algo.num_steps=1: SDPO trains on T >= 2"),
+    (["model.spacing=linspace"], "model.spacing=linspace ends every schedule at t=0"),
+    (["model.spacing=leading", "model.steps_offset=0"], "use model.steps_offset=1"),
+    (["model.lora.enabled=true", "model.lora.alpha=0"], "model.lora.alpha=0: the adapter's output is scaled"),
+    (["model.lora.enabled=true", "model.lora.rank=0"], "model.lora.rank=0: need an integer >= 1"),
+    (["model.lora.enabled=true", "model.lora.init=pissa"], "model.lora.init='pissa': use gaussian"),
+    (["model.lora.enabled=true", "model.lora.init=false"], "model.lora.init=False: use gaussian"),
+    (["model.lora.enabled=true", "model.lora.targets=[]"], "model.lora.targets=[]: name at least one module"),
+    (["seed=-1"], "seed=-1: use an integer in [0, 2**32)"),
+    (["ckpt_path=/no/such/last.ckpt"], "ckpt_path=/no/such/last.ckpt: no such file"),
+    (["+trainer.accumulate_grad_batches=4"], "set algo.gradient_accumulation_steps instead"),
+    (["+trainer.gradient_clip_val=0.5"], "set algo.max_grad_norm instead"),
+])
+def test_refused_before_loading(overrides: list[str], expected: str, tmp_path) -> None:
+    assert expected in problems(overrides, tmp_path)
+
+
+@pytest.mark.parametrize("overrides", [
+    ["algo.num_steps=2"],
+    ["model.spacing=leading", "model.steps_offset=1"],
+    ["model.spacing=leading"],  # the scheduler's own offset decides: checked once it is loaded (below)
+    ["model.spacing=linspace", "model.step_kind=lcm"],  # the LCM step has no spacing
+    ["model.lora.enabled=true", "model.lora.init=true", "model.lora.alpha=8"],
+    ["model.lora.enabled=false", "model.lora.alpha=0"],  # no adapter: its settings are unused
+    ["seed=4294967295"],
+    ["ckpt_path=last"],  # Lightning finds the run's last checkpoint itself
+    ["+trainer.accumulate_grad_batches=1"],
+])
+def test_sound_neighbours_pass(overrides: list[str], tmp_path) -> None:
+    assert problems(overrides, tmp_path) == ""
+
+
+def test_training_schedule_must_stop_above_zero() -> None:
+    leading = make_scheduler(sd_turbo_like(), "leading", 0)
+    with pytest.raises(ValueError, match=r"\[750, 500, 250, 0\] .*ends at t = 0.*model.steps_offset=1"):
+        check_training_schedule(timestep_schedule(leading, 4), "ddim", "leading", None)
+    with pytest.raises(ValueError, match=r"\[980, 960, 940, '...', 20, 0\]"):  # long schedules are shortened
+        check_training_schedule(timestep_schedule(leading, 50), "ddim", "leading", None)
+    offset = make_scheduler(sd_turbo_like(), "leading", 1)
+    check_training_schedule(timestep_schedule(offset, 50), "ddim", "leading", 1)  # 981..1
+    trailing = make_scheduler(sd_turbo_like(), "trailing")
+    check_training_schedule(timestep_schedule(trailing, 4), "ddim", "trailing", None)
+    check_training_schedule(torch.tensor([999, 0]), "lcm", "trailing", None)  # an LCM's last step does not log-prob
+
+
+def test_scheduler_offset_zero_stops_the_run_before_sampling(tmp_path, cache_dir) -> None:
+    """The tiny SD scheduler has steps_offset 0, so leading spacing ends at t = 0 there; the tiny SDXL one has 1."""
+    cfg = compose([*FAST, "model.spacing=leading", "trainer.max_epochs=1"], tmp_path / "sd", cache_dir)
+    validate_config(cfg)  # the offset is the scheduler's: only the loaded model can tell
+    with pytest.raises(ValueError, match=r"model.spacing=leading, model.steps_offset=None.*ends at t = 0"):
+        train(cfg)
+    assert not (tmp_path / "sd" / "checkpoints").exists() and not (tmp_path / "sd" / "csv").exists()
+    cfg = compose([*FAST, "model=tiny_sdxl", "model.spacing=leading", "trainer.max_epochs=1"], tmp_path / "sdxl",
+                  cache_dir)
+    train(cfg)
+    assert (tmp_path / "sdxl" / "checkpoints" / "last.ckpt").exists()
+
+
+def test_unknown_lora_target_lists_the_choices(cache_dir) -> None:
+    from diffusers import UNet2DConditionModel
+
+    from sdpo.policy.loading import TinySpec, ensure_tiny_pipeline
+
+    folder = ensure_tiny_pipeline(cache_dir, TinySpec()) / "unet"
+    with pytest.raises(ValueError, match=r"model.lora.targets=\['to_qq'\] matches no module .*'to_out.0', 'to_q'"):
+        make_trainable(UNet2DConditionModel.from_pretrained(folder), True, targets=["to_qq"])
+    assert len(make_trainable(UNet2DConditionModel.from_pretrained(folder), True, targets=["to_q"])) > 0
