@@ -26,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from sdpo.cluster import restart_checkpoint, slurm_plugins
 from sdpo.config_checks import ConfigError, pairs_per_rank, validate_config
 from sdpo.loggers import continue_wandb_run
+from sdpo.resume import check_resume
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 log = logging.getLogger(__name__)
@@ -142,6 +143,8 @@ def train(cfg: DictConfig) -> L.Trainer:
         if (cfg.get("logger") or {}).get("csv") is not None:
             with open_dict(cfg):
                 cfg.logger.csv.append = True
+    for difference in check_resume(cfg, ckpt_path):  # raises unless resume_check=false
+        log.warning("resuming %s with a changed setting (resume_check=false): %s", ckpt_path, difference)
     continue_wandb_run(cfg, ckpt_path)
     datamodule = instantiate(cfg.data)
     module = SDPOModule(model=cfg.model, algo=cfg.algo, reward=cfg.reward, optim=cfg.optim, seed=cfg.seed)

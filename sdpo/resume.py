@@ -1,0 +1,88 @@
+"""Refuse a resume whose settings differ from those the checkpoint's state was built under.
+
+A checkpoint carries more than weights: the per-(prompt, step) reward statistics, the step count the first
+epoch's rewards were measured at, and adapters whose output depends on the LoRA scale. Resuming it with another
+``algo.num_steps``, reward or base model would silently mix statistics of different steps or reward scales (and
+the end-of-run summary would compare two rewards); another ``model.lora.alpha`` would rescale every adapter. Lightning
+restores such a checkpoint without complaint, so ``train`` compares the settings first, before any model loads.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+
+class ResumeMismatch(ValueError):
+    """``ckpt_path`` was written under settings its state depends on, and this run changes them."""
+
+
+def reward_identity(reward: Mapping[str, Any]) -> Any:
+    """What sets a reward's scale: its name, and for a weighted sum each part's reward and weight. Paths, dtypes and
+    cache folders may differ between machines without changing the scores, so they are left out."""
+    if reward.get("name") != "multi":
+        return reward.get("name")
+    parts = reward.get("components") or {}
+    return {label: [(part or {}).get("name", label), float((part or {}).get("weight", 1.0))]
+            for label, part in sorted(parts.items())}
+
+
+def resume_settings(model: Mapping[str, Any], algo: Mapping[str, Any], reward: Mapping[str, Any]) -> dict[str, Any]:
+    """The settings a checkpoint's state depends on, by config key (plain values, comparable across runs)."""
+    lora = model.get("lora") or {}
+    settings: dict[str, Any] = {
+        "algo.num_steps": algo.get("num_steps"),
+        "reward": reward_identity(reward),
+        "model.source": model.get("source"),
+        "model.revision": model.get("revision"),
+        "model.step_kind": model.get("step_kind", "auto"),
+        "model.spacing": model.get("spacing"),
+        "model.steps_offset": model.get("steps_offset"),
+        "model.lora.enabled": bool(lora.get("enabled")),
+    }
+    if lora.get("enabled"):
+        settings["model.lora.rank"] = lora.get("rank")
+        settings["model.lora.alpha"] = lora.get("alpha")
+        settings["model.lora.targets"] = sorted(lora.get("targets") or [])
+    if model.get("source") == "tiny":
+        settings["model.tiny"] = model.get("tiny")
+    return settings
+
+
+def _plain(cfg: Any) -> dict:
+    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg or {})
+
+
+def resume_differences(checkpoint_hparams: Mapping[str, Any], cfg: DictConfig) -> list[str]:
+    """``key: checkpoint value -> this run's value`` for every setting the two disagree on."""
+    saved = resume_settings(*(_plain(checkpoint_hparams.get(k)) for k in ("model", "algo", "reward")))
+    now = resume_settings(_plain(cfg.model), _plain(cfg.algo), _plain(cfg.reward))
+    return [f"{key}: {saved[key]!r} in the checkpoint, {now.get(key)!r} here"
+            for key in saved if saved[key] != now.get(key)] + \
+           [f"{key}: unset in the checkpoint, {now[key]!r} here" for key in now if key not in saved]
+
+
+def check_resume(cfg: DictConfig, ckpt_path: str | Path | None) -> list[str]:
+    """Raise ``ResumeMismatch`` when resuming ``ckpt_path`` under ``cfg`` changes what its state depends on, unless
+    ``resume_check=false``; then return the differences (the caller warns). A path Lightning resolves itself
+    (``last``, a URL) is not read here."""
+    if not ckpt_path or not Path(str(ckpt_path)).is_file():
+        return []
+    state = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)  # mapped: weights not read
+    hparams = state.get("hyper_parameters")
+    if not hparams:
+        return []
+    differences = resume_differences(hparams, cfg)
+    if differences and cfg.get("resume_check", True):
+        listed = "\n  - ".join(differences)
+        raise ResumeMismatch(
+            f"ckpt_path={ckpt_path} was trained under other settings that its state depends on (reward statistics "
+            f"per prompt and step, the adapters' scale, the first epoch's rewards):\n  - {listed}\n"
+            f"Resume with the checkpoint's settings (its config is in the run folder's .hydra/config.yaml), start a "
+            f"new run, or set resume_check=false to resume anyway (e.g. the same weights under another path)."
+        )
+    return differences

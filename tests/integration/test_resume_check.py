@@ -1,0 +1,71 @@
+"""A resume that changes what the checkpoint's state depends on is refused before any model loads."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from sdpo.resume import ResumeMismatch, resume_differences, resume_settings
+from sdpo.train import train
+from tests.conftest import FAST, compose, read_metrics
+
+BASE = [*FAST, "model.lora.enabled=true", "trainer.max_epochs=1"]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, cache_dir):
+    """A real 1-epoch LoRA run's last.ckpt (T = 4, brightness)."""
+    out = tmp_path_factory.mktemp("first")
+    train(compose(BASE, out, cache_dir))
+    return out / "checkpoints" / "last.ckpt"
+
+
+@pytest.mark.parametrize("change,listed", [
+    (["algo.num_steps=3"], ["algo.num_steps: 4 in the checkpoint, 3 here"]),
+    (["reward=colorfulness"], ["reward: 'brightness' in the checkpoint, 'colorfulness' here"]),
+    (["model.lora.alpha=16"], ["model.lora.alpha: 8 in the checkpoint, 16 here"]),
+    (["model.lora.enabled=false"], ["model.lora.enabled: True in the checkpoint, False here",
+                                    "model.lora.rank: 8 in the checkpoint, None here"]),
+    (["model.spacing=leading", "model.steps_offset=1"], ["model.spacing: 'trailing' in the checkpoint",
+                                                         "model.steps_offset: None in the checkpoint, 1 here"]),
+    (["model.tiny.seed=1"], ["model.tiny: "]),
+])
+def test_a_changed_setting_is_refused_before_loading(change, listed, checkpoint, tmp_path, cache_dir, monkeypatch):
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the models were loaded before the resume was checked")
+
+    monkeypatch.setattr("sdpo.module.SDPOModule.__init__", no_loading)
+    with pytest.raises(ResumeMismatch) as error:
+        train(compose([*BASE, *change, f"ckpt_path={checkpoint}", "trainer.max_epochs=2"], tmp_path, cache_dir))
+    message = str(error.value)
+    assert all(line in message for line in listed), message
+    assert "resume_check=false" in message and not (tmp_path / "checkpoints").exists()
+
+
+def test_settings_the_state_does_not_depend_on_may_change(checkpoint, tmp_path, cache_dir):
+    """Learning rate, seed, frozen dtype, prompts: a resumed run may change them; it trains a second epoch."""
+    trainer = train(compose([*BASE, f"ckpt_path={checkpoint}", "trainer.max_epochs=2", "optim.lr=1e-3", "seed=3",
+                             "model.weight_dtype=bf16", "data.source=simple_animals"], tmp_path, cache_dir))
+    assert trainer.current_epoch == 2 and [r["epoch"] for r in read_metrics(tmp_path)] == [1]
+
+
+def test_resume_check_false_resumes_and_says_what_changed(checkpoint, tmp_path, cache_dir, caplog):
+    with caplog.at_level(logging.WARNING, logger="sdpo.train"):
+        trainer = train(compose([*BASE, f"ckpt_path={checkpoint}", "trainer.max_epochs=2", "algo.num_steps=3",
+                                 "resume_check=false"], tmp_path, cache_dir))
+    assert trainer.current_epoch == 2
+    assert "changed setting (resume_check=false): algo.num_steps: 4 in the checkpoint, 3 here" in caplog.text
+
+
+def test_reward_identity_ignores_where_weights_live_but_not_weights(tmp_path, cache_dir):
+    cfg = compose(["reward=multi"], tmp_path, cache_dir)
+    saved = {"model": cfg.model, "algo": cfg.algo, "reward": cfg.reward}
+    moved = compose(["reward=multi", "+reward.components.aesthetic.clip_model=/models/clip",
+                     "reward.components.aesthetic.dtype=bf16"], tmp_path, cache_dir)
+    assert resume_differences(saved, moved) == []
+    reweighted = compose(["reward=multi", "reward.components.aesthetic.weight=2.0"], tmp_path, cache_dir)
+    assert resume_differences(saved, reweighted) == [
+        "reward: {'aesthetic': ['aesthetic', 0.5], 'pickscore': ['pickscore', 1.0]} in the checkpoint, "
+        "{'aesthetic': ['aesthetic', 2.0], 'pickscore': ['pickscore', 1.0]} here"]
+    assert resume_settings(cfg.model, cfg.algo, {"name": "aesthetic", "clip_model": "/a"})["reward"] == "aesthetic"
