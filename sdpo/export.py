@@ -9,6 +9,7 @@ LoRA runs give a folder for ``pipe.load_lora_weights(folder)``; full fine-tuning
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import torch
@@ -16,11 +17,25 @@ import torch
 from sdpo.policy.lora import save_trained_unet
 
 
+def read_checkpoint(ckpt_path: str | Path) -> dict:
+    """A checkpoint written by ``sdpo.train`` (safe loading only), or an error that says what the file is not."""
+    path = Path(ckpt_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such checkpoint (a run's checkpoints/last.ckpt)")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # pickle, zip and weights-only errors all mean: not a checkpoint we can read safely
+        raise ValueError(f"{path}: not a checkpoint torch can load safely ({type(error).__name__})") from error
+    if not isinstance(checkpoint, dict) or "hyper_parameters" not in checkpoint or "state_dict" not in checkpoint:
+        raise ValueError(f"{path}: not a checkpoint written by sdpo.train (it has no hyper_parameters/state_dict)")
+    return checkpoint
+
+
 def load_trained_module(ckpt_path: str | Path):
     """Rebuild the SDPOModule a checkpoint was written by, with its trained weights (safe loading only)."""
     from sdpo.module import SDPOModule
 
-    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    checkpoint = read_checkpoint(ckpt_path)
     hp = checkpoint["hyper_parameters"]
     module = SDPOModule(hp["model"], hp["algo"], hp["reward"], hp["optim"], seed=hp.get("seed", 0))
     module.on_load_checkpoint(checkpoint)
@@ -40,7 +55,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("checkpoint", help="a .ckpt written by sdpo.train")
     parser.add_argument("out_dir", help="folder to write the LoRA (or full UNet) into")
     args = parser.parse_args(argv)
-    path = export_checkpoint(args.checkpoint, args.out_dir)
+    from sdpo.train import quiet_libraries
+
+    quiet_libraries()
+    try:
+        path = export_checkpoint(args.checkpoint, args.out_dir)
+    except (FileNotFoundError, ValueError) as error:  # nothing written yet: say what to fix, without a traceback
+        sys.exit(f"sdpo.export: {error}")
     print(f"wrote {path}")
 
 

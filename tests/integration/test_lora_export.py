@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-from sdpo.export import export_checkpoint
+from sdpo.export import export_checkpoint, main
 from sdpo.policy.loading import load_components
 from sdpo.train import train
 from tests.conftest import FAST, compose
@@ -49,3 +50,17 @@ def test_full_finetune_exports_a_unet(tmp_path, cache_dir):
     train(compose([*FAST, "trainer.max_epochs=1"], tmp_path, cache_dir))
     assert (tmp_path / "trained" / "config.json").exists()
     assert any((tmp_path / "trained").glob("*.safetensors"))
+
+
+def test_export_cli_says_what_a_path_is_not_and_writes_nothing(tmp_path):
+    not_a_checkpoint = tmp_path / "summary.json"
+    not_a_checkpoint.write_text("{}")
+    plain_tensor = tmp_path / "weights.pt"
+    torch.save({"w": torch.zeros(2)}, plain_tensor)
+    for path, said in [(tmp_path / "missing.ckpt", "no such checkpoint"),
+                       (not_a_checkpoint, "not a checkpoint torch can load safely"),
+                       (plain_tensor, "not a checkpoint written by sdpo.train")]:
+        with pytest.raises(SystemExit) as stop:
+            main([str(path), str(tmp_path / "out")])
+        assert str(stop.value).startswith(f"sdpo.export: {path}: {said}")
+    assert not (tmp_path / "out").exists()
