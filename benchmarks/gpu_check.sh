@@ -5,6 +5,7 @@
 #   bash benchmarks/gpu_check.sh calls                # CUDA tests and the compiled call alone, about 7 min
 #   bash benchmarks/gpu_check.sh overlap [ATTN]       # the iteration with algo.overlap_scoring=true, about 7 min
 #   bash benchmarks/gpu_check.sh autotune [ATTN]      # the compiled call under max-autotune (long compile)
+#   bash benchmarks/gpu_check.sh lora [ATTN]          # the compiled call with and without LoRA, about 6 min
 # Measured on an H100 on 2026-11-26 (benchmarks/README.md): a whole T = 50 iteration at the reference batch,
 # micro-batch 16 x 1, compiled, reached 29.1% training MFU against the 30% target, with the training loop adding
 # nothing to its primitives (0.98); the compiled 32-row call ran at 197.6 ms (28.8%) in that run, against 188.6 ms
@@ -23,6 +24,8 @@
 #   torch's attention and with the fastest pinned one.
 # Stage "autotune": unet_mfu.py's compiled call under max-autotune-no-cudagraphs (kernel choices benchmarked while
 #   compiling: minutes more; algo.compile_mode).
+# Stage "lora": unet_mfu.py's compiled call with LoRA r4 and without adapters (the input takes the gradient): the
+#   MFU gap is what the adapters' extra memory traffic costs, i.e. what fusing them could win at most.
 # GPU_CHECK_DRY=1 runs any stage at toy sizes on CPU: a check of this script that costs no device time.
 # Packages the machine lacks can be put as wheels in .whl/ (installed with --no-deps into a scratch site dir).
 set -uo pipefail
@@ -96,6 +99,12 @@ elif [[ $stage == autotune ]]; then
   timeout 540 python3 benchmarks/unet_mfu.py "${mfu_args[@]}" "train:$rows:bm:full:autotune$(pin "$attn")" 2>&1 | quiet \
     > "$out/unet_mfu_32_autotune.log"  # with inductor's AUTOTUNE tables; the result lines:
   grep -E "^(UNet MFU|variant|train|sample)" "$out/unet_mfu_32_autotune.log"
+elif [[ $stage == lora ]]; then
+  attn=$(fastest_attention "${2:-}")
+  echo "=== unet_mfu.py: the compiled $rows-row training call with LoRA r4 and without adapters, attention $attn"
+  timeout 540 python3 benchmarks/unet_mfu.py "${mfu_args[@]}" "train:$rows:bm:full$(pin "$attn")" \
+    "train:$rows:bm:full$(pin "$attn"):nolora" 2>&1 | quiet | tee "$out/unet_mfu_32_lora.log"
 else
-  echo "unknown stage $stage: use epoch [MODE [ATTN]], calls [ATTN], overlap [ATTN] or autotune [ATTN]" >&2; exit 2
+  echo "unknown stage $stage: use epoch [MODE [ATTN]], calls [ATTN], overlap [ATTN], autotune [ATTN] or lora [ATTN]" >&2
+  exit 2
 fi

@@ -8,14 +8,17 @@ reach only the LoRA weights). Each variant builds its own UNet, so compiled and 
     python benchmarks/unet_mfu.py train:32:cl:regional sample:16     # chosen variants
     python benchmarks/unet_mfu.py --scale tiny --device cpu train:4 train:4:regional   # a CPU dry run
 
-A variant is ``kind:rows[:cl][:bm][:dyn][:regional|:full][:autotune][:flash|:cudnn|:efficient|:math]``: kind
+A variant is ``kind:rows[:cl][:bm][:dyn][:regional|:full][:autotune][:flash|:cudnn|:efficient|:math][:nolora]``: kind
 ``sample`` or ``train``; rows = UNet batch rows (a pair is 2 rows, so training micro-batch m pairs is 2m rows);
 ``cl`` = channels_last weights; ``bm`` = cuDNN autotuning (``torch.backends.cudnn.benchmark``, Lightning's
 ``trainer.benchmark=true``); ``regional`` / ``full`` = ``algo.compile`` (see ``sdpo/policy/speed.py``); ``dyn`` =
 ``full`` compiled with a symbolic batch size (what torch's default makes of a graph that meets a second size;
 ``algo.compile=true`` compiles static ones); ``autotune`` = inductor's ``max-autotune-no-cudagraphs`` mode (kernel
 choices benchmarked while compiling); ``flash`` / ``cudnn`` / ``efficient`` / ``math`` pin the UNet's attention
-kernel (``algo.attention_backend``; torch chooses otherwise; ``attention_backends.py`` compares them alone). Prints
+kernel (``algo.attention_backend``; torch chooses otherwise; ``attention_backends.py`` compares them alone);
+``nolora`` trains without adapters: the backward computes the input's gradient instead, the same data-gradient work
+down to the UNet's input but no adapter, so its MFU next to the LoRA variant's shows what the adapters' extra memory
+traffic costs (the backward through the first down block's resnets, which a LoRA run skips, is in its FLOPs). Prints
 one line per variant as soon as it is measured: ms per call, TFLOP/s, MFU against ``--peak-flops``, peak memory, and
 the compile (first-call) time. Not a test.
 """
@@ -46,19 +49,20 @@ DEFAULT_VARIANTS = ("sample:16", "sample:16:cl", "train:4", "train:16", "train:1
 def parse(variant: str) -> dict:
     kind, rows, *flags = variant.split(":")
     kernels = [f for f in flags if f in KERNEL_FLAGS]
-    known = {"cl", "bm", "dyn", "regional", "full", "autotune", *KERNEL_FLAGS}
+    known = {"cl", "bm", "dyn", "regional", "full", "autotune", "nolora", *KERNEL_FLAGS}
     compile_flag = next((f for f in flags if f in ("regional", "full")), "off")
     if (kind not in ("sample", "train") or not rows.isdigit() or set(flags) - known
             or ("autotune" in flags and compile_flag == "off") or len(kernels) > 1):
         raise SystemExit(f"bad variant {variant!r}: use kind:rows[:cl][:bm][:dyn][:regional|:full][:autotune]"
-                         "[:flash|:cudnn|:efficient|:math], kind sample or train (autotune needs regional or full)")
+                         "[:flash|:cudnn|:efficient|:math][:nolora], kind sample or train (autotune needs regional "
+                         "or full)")
     return {"name": variant, "kind": kind, "rows": int(rows), "channels_last": "cl" in flags,
             "benchmark": "bm" in flags, "compile": compile_flag, "dynamic": "dyn" in flags,
             "inductor_mode": "max-autotune-no-cudagraphs" if "autotune" in flags else None,
-            "attention": kernels[0] if kernels else "auto"}
+            "attention": kernels[0] if kernels else "auto", "lora": "nolora" not in flags}
 
 
-def build_unet(scale: str, device: torch.device, dtype: torch.dtype, lora_rank: int):
+def build_unet(scale: str, device: torch.device, dtype: torch.dtype, lora_rank: int | None):
     from diffusers import UNet2DConditionModel
     from sd_turbo_scale import SIZES, unet_config
 
@@ -69,13 +73,17 @@ def build_unet(scale: str, device: torch.device, dtype: torch.dtype, lora_rank: 
     with torch.device(device):
         unet = UNet2DConditionModel(**unet_config(s))
     unet.to(dtype)
-    make_trainable(unet, True, rank=lora_rank)
+    if lora_rank:
+        make_trainable(unet, True, rank=lora_rank)
+    else:
+        unet.requires_grad_(False)
     return unet, s
 
 
 def make_call(unet, s: dict, v: dict, device: torch.device, dtype: torch.dtype):
     rows = v["rows"]
-    x = torch.randn(rows, 4, s["latent"], s["latent"], device=device)
+    # without adapters the input takes the gradient, so the backward still runs through the UNet
+    x = torch.randn(rows, 4, s["latent"], s["latent"], device=device, requires_grad=not v["lora"])
     t = torch.randint(0, 1000, (rows,), device=device)
     cond = torch.randn(rows, 77, s["cross"], device=device, dtype=dtype)
     amp = torch.autocast(device.type, dtype=torch.bfloat16) if dtype == torch.bfloat16 else nullcontext()
@@ -99,7 +107,7 @@ def measure(v: dict, args, device: torch.device, dtype: torch.dtype) -> dict:
     from sdpo.policy.speed import apply_speed_options
 
     torch.backends.cudnn.benchmark = v["benchmark"]
-    unet, s = build_unet(args.scale, device, dtype, args.lora_rank)
+    unet, s = build_unet(args.scale, device, dtype, args.lora_rank if v["lora"] else None)
     call = make_call(unet, s, v, device, dtype)
     flops = flops_of(call)  # before any compile, and torch's attention choice: the model FLOPs
     pin_attention_backend(unet, v["attention"])
@@ -146,18 +154,18 @@ def main() -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"UNet MFU sweep: {args.scale} SD-Turbo UNet, LoRA r{args.lora_rank}, {dtype}, {name}, "
           f"torch {torch.__version__}, peak {args.peak_flops / 1e12:.0f} TFLOP/s", flush=True)
-    print(f"{'variant':<24} {'TFLOP/call':>10} {'ms/call':>9} {'TFLOP/s':>8} {'MFU':>6} {'peak GiB':>9} "
+    print(f"{'variant':<30} {'TFLOP/call':>10} {'ms/call':>9} {'TFLOP/s':>8} {'MFU':>6} {'peak GiB':>9} "
           f"{'first call s':>12}", flush=True)
     for v in variants:
         try:
             r = measure(v, args, device, dtype)
         except Exception as error:  # one failing variant (memory, a compile error) must not lose the others
-            print(f"{v['name']:<24} failed: {type(error).__name__}: {str(error).splitlines()[0][:200]}", flush=True)
+            print(f"{v['name']:<30} failed: {type(error).__name__}: {str(error).splitlines()[0][:200]}", flush=True)
             torch._dynamo.reset()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             continue
-        print(f"{v['name']:<24} {r['flop']:10.2f} {r['ms']:9.1f} {r['tflops']:8.0f} {r['mfu']:6.1%} "
+        print(f"{v['name']:<30} {r['flop']:10.2f} {r['ms']:9.1f} {r['tflops']:8.0f} {r['mfu']:6.1%} "
               f"{r['peak_gib']:9.1f} {r['first_s']:12.1f}", flush=True)
 
 
