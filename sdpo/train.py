@@ -103,6 +103,11 @@ def check_distributed(cfg: DictConfig) -> None:
         )
 
 
+def _drop_adverts(record: logging.LogRecord) -> bool:
+    """Lightning's "Tip: try installing litlogger" notice, printed at every start, says nothing about the run."""
+    return "litlogger" not in record.getMessage()
+
+
 def quiet_libraries() -> None:
     """Silence warnings from diffusers/transformers that say nothing about the user's run."""
     from diffusers.utils import logging as diffusers_logging
@@ -116,6 +121,7 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
     warnings.filterwarnings("ignore", message=r".*litlogger")
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_drop_adverts)
     # DDP: the module logs values it has already gathered over ranks, so sync_dist would only repeat the reduction.
     warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\(.*sync_dist=True")
 

@@ -1,0 +1,93 @@
+"""What a run is about to do, printed once when fitting starts.
+
+The numbers a researcher checks before leaving a job to run: which weights train and how many, what stays frozen
+and in which dtype, and one iteration's work (prompts, trajectories, steps, reward queries, optimizer steps).
+It replaces Lightning's model summary by default: that table's FLOPs column reads 0 without an example input,
+and its count of modules "in eval mode" reads like a bug, although the policy samples and trains in eval mode on
+purpose (no dropout, so the recomputed log-probs match the sampled ones).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_only
+
+
+def count(n: int) -> str:
+    """A parameter count as people read it: 866.7 M, 829.9 K, 12."""
+    for scale, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= scale:
+            return f"{n / scale:.1f} {suffix}"
+    return str(n)
+
+
+def optimizer_steps_per_iteration(pairs_per_rank: int, algo: dict[str, Any]) -> int:
+    """One optimizer step per update group of micro_batch_pairs x gradient_accumulation_steps pairs, per step
+    column, per inner epoch (``sdpo.algo.shuffle.update_groups``; a column's last group may be smaller)."""
+    group = algo["micro_batch_pairs"] * algo["gradient_accumulation_steps"]
+    return algo.get("num_inner_epochs", 1) * algo["num_steps"] * math.ceil(pairs_per_rank / group)
+
+
+def queried_steps(algo: dict[str, Any]) -> str:
+    """Which steps of each trajectory get an exact reward (the rest are interpolated), in words."""
+    t, dense = algo["num_steps"], algo["dense"]
+    if dense["anchor"] == "all" or t <= 2:
+        return f"all {t} steps (exact dense rewards)"
+    anchors = min(dense["num_anchors"], t - 2)
+    return f"first, last and {anchors} {dense['anchor']} anchor step(s) of {t}; the rest interpolated"
+
+
+def _dtype(module: torch.nn.Module) -> str:
+    first = next(module.parameters(), None)
+    return str(first.dtype).removeprefix("torch.") if first is not None else "no weights"
+
+
+def run_header(module: Any, trainer: L.Trainer, pairs_per_rank: int) -> str:
+    """The header's lines for ``module`` (an ``SDPOModule``) about to be fitted by ``trainer``."""
+    a, lora = module.algo_cfg, module.model_cfg["lora"]
+    unet = module.unet
+    total = sum(p.numel() for p in unet.parameters())
+    trainable = sum(p.numel() for p in unet.parameters() if p.requires_grad)
+    if lora["enabled"]:
+        policy = (f"LoRA r{lora['rank']} (alpha {lora['alpha']}) on {', '.join(lora['targets'])}: "
+                  f"{count(trainable)} of {count(total)} params train")
+    else:
+        policy = f"all {count(trainable)} params train (full fine-tune)"
+    frozen = [(name, part) for name in ("vae", "text_encoder", "text_encoder_2")
+              if isinstance(part := getattr(module, name, None), torch.nn.Module)]
+    frozen_text = " · ".join(f"{name} {type(part).__name__} {count(sum(p.numel() for p in part.parameters()))} "
+                             f"{_dtype(part)}" for name, part in frozen)
+    reward = module.reward_fn
+    reward_params = sum(p.numel() for p in reward.parameters()) if isinstance(reward, torch.nn.Module) else 0
+    reward_text = (f"reward {module.reward_cfg['name']} ({type(reward).__name__}, "
+                   f"{count(reward_params) + ' ' + _dtype(reward) if reward_params else 'no weights'})")
+    world, device = trainer.world_size, trainer.strategy.root_device.type
+    timesteps = module.timesteps.tolist()
+    steps = a["num_steps"]
+    micro, accumulation = a["micro_batch_pairs"], a["gradient_accumulation_steps"]
+    return "\n".join([
+        f"SDPO run: {trainer.default_root_dir} · {world} process{'es' if world > 1 else ''} on {device} · "
+        f"precision {trainer.precision}",
+        f"  policy      {type(unet).__name__}, {module.step_kind} step: {policy}",
+        f"  frozen      {frozen_text} · {reward_text}",
+        f"  iteration   per rank: {pairs_per_rank} prompts x 2 trajectories x T = {steps} steps "
+        f"(timesteps {timesteps[0]}..{timesteps[-1]}), {world * pairs_per_rank} prompts over all ranks",
+        f"  rewards     exact at {queried_steps(a)}",
+        f"  updates     {optimizer_steps_per_iteration(pairs_per_rank, a)} optimizer steps per iteration, each on "
+        f"{micro * accumulation * world} pairs (micro-batch {micro} x {accumulation} accumulation"
+        f"{f' x {world} ranks' if world > 1 else ''}), lr {module.optim_cfg.get('lr')}",
+    ])
+
+
+class RunHeader(L.Callback):
+    """Print ``run_header`` once, on global rank 0, as fitting starts (after the models are on their device)."""
+
+    @rank_zero_only
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        pairs = getattr(trainer.datamodule, "prompts_per_iteration", None)  # sdpo.data.PromptDataModule
+        if pairs is not None:
+            print(run_header(pl_module, trainer, pairs) + "\n", flush=True)

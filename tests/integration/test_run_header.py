@@ -1,0 +1,42 @@
+"""The header printed at fit start states what the run then really does."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from sdpo.run_header import count
+from sdpo.train import train
+from tests.conftest import FAST, compose, read_metrics
+
+
+@pytest.mark.parametrize("overrides", [
+    ["algo.micro_batch_pairs=2", "algo.gradient_accumulation_steps=2"],  # 4 pairs: one group per column
+    ["data.prompts_per_batch=5", "algo.micro_batch_pairs=2", "algo.gradient_accumulation_steps=1",
+     "algo.num_inner_epochs=2", "algo.num_steps=3"],  # uneven: each column ends on a 1-pair group
+    ["model.lora.enabled=true", "algo.dense.anchor=all"],
+])
+def test_header_matches_the_run(overrides, tmp_path, cache_dir, capsys):
+    trainer = train(compose([*FAST, "trainer.max_epochs=1", *overrides], tmp_path, cache_dir))
+    out = capsys.readouterr().out
+    header = out[out.index("SDPO run:"):]
+    steps = int(re.search(r"(\d+) optimizer steps per iteration", header).group(1))
+    assert steps == read_metrics(tmp_path)[0]["train/optimizer_steps"]  # counted by the module as it stepped
+    module = trainer.lightning_module
+    trainable = sum(p.numel() for p in module.unet.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in module.unet.parameters())
+    if module.model_cfg["lora"]["enabled"]:
+        assert f"on to_q, to_k, to_v, to_out.0: {count(trainable)} of {count(total)} params train" in header
+        assert "exact at all 4 steps" in header
+    else:
+        assert f"all {count(trainable)} params train (full fine-tune)" in header
+        assert f"argmin anchor step(s) of {module.algo_cfg['num_steps']}" in header
+    first, last = module.timesteps[0].item(), module.timesteps[-1].item()
+    assert f"x T = {module.algo_cfg['num_steps']} steps (timesteps {first}..{last})" in header
+    assert "litlogger" not in out
+
+
+def test_count_reads_like_a_person_would() -> None:
+    assert [count(n) for n in (12, 20_000, 829_952, 866_700_000, 2_600_000_000)] == \
+        ["12", "20.0 K", "830.0 K", "866.7 M", "2.6 B"]
