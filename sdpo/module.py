@@ -15,8 +15,9 @@ processes with n pairs each and micro-batch m train exactly like one process wit
 from __future__ import annotations
 
 import logging
+import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from typing import Any
 
@@ -30,7 +31,7 @@ from sdpo.algo.advantages import PerStepPromptStatTracker, discounted_returns
 from sdpo.algo.checked_steps import CheckedSteps
 from sdpo.algo.losses import sdpo_loss, temporal_weights
 from sdpo.algo.optimizer import build_adamw, clip_gradients, grad_norm_stats
-from sdpo.algo.shuffle import sharded_update_order, update_groups
+from sdpo.algo.shuffle import count_update_groups, sharded_update_order, update_groups
 from sdpo.data import iteration_seed
 from sdpo.loggers import wandb_run_id
 from sdpo.overlap import BackgroundScorer
@@ -42,6 +43,7 @@ from sdpo.policy.lora import make_trainable
 from sdpo.policy.rollout import PairTrajectories, sample_pair_chunks, transition_log_prob
 from sdpo.policy.speed import apply_speed_options, cast_frozen_layers, inductor_mode
 from sdpo.policy.steps import check_training_schedule, make_policy_scheduler, timestep_schedule
+from sdpo.progress import PhaseProgress
 from sdpo.rewards import build_reward
 from sdpo.scoring import PairRewards, score_pairs, synchronize, synchronize_stream
 
@@ -174,11 +176,12 @@ class SDPOModule(L.LightningModule):
         return self._rank_and_world()[0] * num_pairs
 
     # ------------------------------------------------------------------------------------ the phases
-    def sample(self, prompts: list[str]) -> PairTrajectories:
+    def sample(self, prompts: list[str], on_step: Callable[[], None] | None = None) -> PairTrajectories:
         """Phase 1: roll out one pair per prompt, ``sample_batch_size`` prompts per UNet call."""
-        return PairTrajectories.concat(self.sample_chunks(prompts))
+        return PairTrajectories.concat(self.sample_chunks(prompts, on_step))
 
-    def sample_chunks(self, prompts: list[str]) -> Iterator[PairTrajectories]:
+    def sample_chunks(self, prompts: list[str], on_step: Callable[[], None] | None = None
+                      ) -> Iterator[PairTrajectories]:
         """Phase 1, a chunk of ``sample_batch_size`` prompts at a time, each yielded when all its steps are done.
 
         The noise is one (seed, epoch) stream over the global batch in global pair order; this rank draws and
@@ -200,7 +203,7 @@ class SDPOModule(L.LightningModule):
         return sample_pair_chunks(self.unet, self.scheduler, prompts, cond, self.timesteps, self.latent_shape,
                                   a["eta"], generator, step_kind=self.step_kind,
                                   unet_batch_size=a["sample_batch_size"],
-                                  others=(rank * num_pairs, (world - 1 - rank) * num_pairs))
+                                  others=(rank * num_pairs, (world - 1 - rank) * num_pairs), on_step=on_step)
 
     def score(self, traj: PairTrajectories, timings: dict[str, float] | None = None,
               first_pair: int | None = None) -> PairRewards:
@@ -226,8 +229,11 @@ class SDPOModule(L.LightningModule):
         left after the last chunk sampled) and the decode and reward-model seconds ("decode", "reward_model").
         """
         tic = self._lap(timings, None, 0.0)
+        progress = PhaseProgress(self._trainer)
+        unet_calls = self.algo_cfg["num_steps"] * math.ceil(len(prompts) / self.algo_cfg["sample_batch_size"])
         if not self.algo_cfg.get("overlap_scoring", False):
-            traj = self.sample(prompts)
+            with progress.phase("sampling", unet_calls) as advance:
+                traj = self.sample(prompts, advance)
             tic = self._lap(timings, "sampling", tic)
             parts: dict[str, float] = {}
             rewards = self.score(traj, parts)
@@ -237,10 +243,11 @@ class SDPOModule(L.LightningModule):
         chunks: list[PairTrajectories] = []
         first_pair = self._pair_offset(len(prompts))  # global index of the next chunk's first pair
         with BackgroundScorer(self.score, self.device) as scorer:
-            for chunk in self.sample_chunks(prompts):
-                scorer.submit(chunk, first_pair)
-                first_pair += chunk.num_pairs
-                chunks.append(chunk)
+            with progress.phase("sampling", unet_calls) as advance:
+                for chunk in self.sample_chunks(prompts, advance):
+                    scorer.submit(chunk, first_pair)
+                    first_pair += chunk.num_pairs
+                    chunks.append(chunk)
             synchronize_stream(self.device)  # this stream only: the clock reads sampling, not the scoring beside it
             timings["sampling"] = time.perf_counter() - tic
             tic = time.perf_counter()
@@ -317,7 +324,9 @@ class SDPOModule(L.LightningModule):
         first_ratio = torch.zeros((), device=self.device)
         optimizer_steps = 0
         self._grad_norms = []
-        with steps_guard:
+        total = a["num_inner_epochs"] * count_update_groups(num_pairs, num_steps, a["micro_batch_pairs"],
+                                                            a["gradient_accumulation_steps"])
+        with steps_guard, PhaseProgress(self._trainer).phase("training", total) as advance:
             for _ in range(a["num_inner_epochs"]):
                 for group in self._update_plan(num_pairs, num_steps, generators):
                     with collected_checks() as checks:  # the group's step checks, and its loss's
@@ -327,6 +336,7 @@ class SDPOModule(L.LightningModule):
                         first_ratio = ratio
                     steps_guard.step(checks, lambda: self._optimizer_step(optimizer))
                     optimizer_steps += 1
+                    advance()
         stats = {k: v / count for k, v in sums.items()}
         stats.update(grad_norm_stats(self._grad_norms))
         stats["first_update_log_ratio_abs_max"] = first_ratio

@@ -9,12 +9,13 @@ purpose (no dropout, so the recomputed log-probs match the sampled ones).
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_only
+
+from sdpo.algo.shuffle import count_update_groups
 
 
 def count(n: int) -> str:
@@ -26,10 +27,9 @@ def count(n: int) -> str:
 
 
 def optimizer_steps_per_iteration(pairs_per_rank: int, algo: dict[str, Any]) -> int:
-    """One optimizer step per update group of micro_batch_pairs x gradient_accumulation_steps pairs, per step
-    column, per inner epoch (``sdpo.algo.shuffle.update_groups``; a column's last group may be smaller)."""
-    group = algo["micro_batch_pairs"] * algo["gradient_accumulation_steps"]
-    return algo.get("num_inner_epochs", 1) * algo["num_steps"] * math.ceil(pairs_per_rank / group)
+    """One optimizer step per update group, per step column, per inner epoch (``count_update_groups``)."""
+    return algo.get("num_inner_epochs", 1) * count_update_groups(
+        pairs_per_rank, algo["num_steps"], algo["micro_batch_pairs"], algo["gradient_accumulation_steps"])
 
 
 def queried_steps(algo: dict[str, Any]) -> str:

@@ -9,6 +9,8 @@ batch into W shards with micro-batch W·m: DDP's gradient average over ranks equ
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -42,6 +44,13 @@ def sharded_update_order(
         orders.append(pair_order + shard * shard_size)
         steps.append(step_order)
     return orders, torch.cat(steps)
+
+
+def count_update_groups(num_pairs: int, num_steps: int, micro_batch_pairs: int, accumulation: int) -> int:
+    """How many optimizer steps ``update_groups`` makes of one pass over ``num_pairs`` pairs of a rank: per step
+    column, one per ``micro_batch_pairs x accumulation`` pairs (a column's last group may be smaller). Shards
+    divide both sizes, so they do not change the count."""
+    return num_steps * math.ceil(num_pairs / (micro_batch_pairs * accumulation))
 
 
 def update_groups(

@@ -10,7 +10,7 @@ consistency models, ``scheduler`` an LCMScheduler; x̂0 is then the LCM's denois
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -115,6 +115,7 @@ def sample_pair_chunks(
     step_kind: str = "ddim",
     unet_batch_size: int | None = None,
     others: tuple[int, int] = (0, 0),
+    on_step: Callable[[], None] | None = None,
 ) -> Iterator[PairTrajectories]:
     """Roll out one pair per prompt, ``unet_batch_size`` prompts (2 UNet rows each) at a time, and yield each such
     chunk as soon as it has run all T steps, so its rewards can be computed while the next chunk samples.
@@ -123,6 +124,7 @@ def sample_pair_chunks(
     ``RolloutNoise`` (see there for ``others``), so neither the chunk size nor the number of processes
     changes any sample. ``eta`` applies to the DDIM step only (the LCM step's noise is set by its schedule). The
     steps' NaN checks are evaluated at the end of each chunk (one host sync), before anyone reads its latents.
+    ``on_step`` is called after each UNet step (a progress bar).
     """
     num_prompts = len(prompts)
     device = cond.hidden_states.device
@@ -132,7 +134,7 @@ def sample_pair_chunks(
         last = min(first + per_call, num_prompts)
         part_cond = cond if last - first == num_prompts else cond.select(torch.arange(first, last))
         yield _roll_out_chunk(unet, scheduler, prompts[first:last], part_cond, timesteps, noise, slice(first, last),
-                              eta, latent_dtype, step_kind)
+                              eta, latent_dtype, step_kind, on_step)
 
 
 def _roll_out_chunk(
@@ -146,6 +148,7 @@ def _roll_out_chunk(
     eta: float,
     latent_dtype: torch.dtype,
     step_kind: str,
+    on_step: Callable[[], None] | None = None,
 ) -> PairTrajectories:
     """All T steps of the pairs ``pairs_of_chunk`` of ``noise``, one UNet call per step."""
     num_prompts = len(prompts)
@@ -164,6 +167,8 @@ def _roll_out_chunk(
             latents.append(x)
             x0s.append(step.pred_original_sample)
             log_probs.append(step.log_prob)
+            if on_step is not None:
+                on_step()
 
     def pairs(stacked: Tensor) -> Tensor:  # [2P, T, ...] -> [P, 2, T, ...]
         return stacked.view(num_prompts, 2, *stacked.shape[1:])

@@ -23,13 +23,13 @@ def pipeline(tmp_path_factory):
     return parts, scheduler
 
 
-def rollout(pipeline, num_steps=4, seed=0, unet_batch_size=None):
+def rollout(pipeline, num_steps=4, seed=0, unet_batch_size=None, on_step=None):
     parts, scheduler = pipeline
     timesteps = timestep_schedule(scheduler, num_steps)
     embeds = encode_prompts(parts, PROMPTS)
     return PairTrajectories.concat(sample_pair_chunks(parts.unet, scheduler, PROMPTS, embeds, timesteps, (4, 8, 8),
                                                       1.0, torch.Generator().manual_seed(seed),
-                                                      unet_batch_size=unet_batch_size))
+                                                      unet_batch_size=unet_batch_size, on_step=on_step))
 
 
 def test_pairs_share_start_and_differ_after(pipeline):
@@ -57,6 +57,14 @@ def test_unet_batch_size_is_a_speed_knob_only(pipeline):
         torch.testing.assert_close(split.latents, whole.latents, rtol=0, atol=1e-5)
         torch.testing.assert_close(split.log_probs, whole.log_probs, rtol=0, atol=1e-5)
     assert not torch.allclose(rollout(pipeline, seed=6).latents, whole.latents, atol=1e-3)  # the seed does matter
+
+
+@pytest.mark.parametrize("unet_batch_size,calls", [(None, 4), (2, 8), (1, 12)])
+def test_on_step_ticks_once_per_unet_call(pipeline, unet_batch_size, calls):
+    """The sampling bar's tick (``on_step``): once per UNet call, T = 4 for each chunk of the 3 prompts."""
+    ticks = []
+    rollout(pipeline, unet_batch_size=unet_batch_size, on_step=lambda: ticks.append(1))
+    assert len(ticks) == calls
 
 
 def test_a_ranks_noise_is_its_slice_of_the_global_batch():
