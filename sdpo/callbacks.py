@@ -42,6 +42,9 @@ class SampleGrid(L.Callback):
     """Every N epochs (and after the last), save the iteration's 1-step and T-step images with their rewards."""
 
     def __init__(self, dirpath: str, every_n_epochs: int = 5, max_prompts: int = 8) -> None:
+        if every_n_epochs < 1 or max_prompts < 1:
+            raise ValueError(f"callbacks.sample_grid.every_n_epochs={every_n_epochs} and max_prompts={max_prompts}: "
+                             f"need >= 1 each (callbacks.sample_grid=null writes no grids)")
         self.dirpath = Path(dirpath)
         self.every_n_epochs = every_n_epochs
         self.max_prompts = max_prompts

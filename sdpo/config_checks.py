@@ -73,6 +73,12 @@ def validate_config(cfg: DictConfig) -> None:
          f"algo.gradient_accumulation_steps={a.gradient_accumulation_steps}: need >= 1")
     need(a.num_inner_epochs >= 1, f"algo.num_inner_epochs={a.num_inner_epochs}: need >= 1")
     need(a.sample_batch_size >= 1, f"algo.sample_batch_size={a.sample_batch_size}: need >= 1")
+    need(a.decode_batch_size >= 1, f"algo.decode_batch_size={a.decode_batch_size}: need >= 1")
+    need(a.tracker.buffer_size >= 1, f"algo.tracker.buffer_size={a.tracker.buffer_size}: need >= 1 (the paper: 32)")
+    clip = a.get("max_grad_norm")
+    need(clip is None or clip > 0,
+         f"algo.max_grad_norm={clip}: clipping to {clip} would zero every gradient (0) or flip its sign (< 0); use a "
+         f"value > 0 (the paper: 1.0), or null for no clipping")
     need(a.tracker.min_count <= a.tracker.buffer_size,
          f"algo.tracker.min_count={a.tracker.min_count} > buffer_size={a.tracker.buffer_size}: "
          "the buffer statistics could never be used")
@@ -100,6 +106,7 @@ def validate_config(cfg: DictConfig) -> None:
     if precision == "16-mixed" and cfg.trainer.get("accelerator") == "cpu":
         problems.append("trainer.precision=16-mixed needs a GPU; on CPU use bf16-mixed or 32-true")
     need(cfg.optim.lr > 0, f"optim.lr={cfg.optim.lr}: must be > 0")
+    need(cfg.optim.get("weight_decay", 0) >= 0, f"optim.weight_decay={cfg.optim.get('weight_decay')}: must be >= 0")
     # SDPO steps its optimizer itself (many updates per iteration), so Lightning's automatic versions do not apply
     accumulate, clip = cfg.trainer.get("accumulate_grad_batches"), cfg.trainer.get("gradient_clip_val")
     need(accumulate in (None, 1), f"trainer.accumulate_grad_batches={accumulate}: SDPO steps its optimizer itself, "

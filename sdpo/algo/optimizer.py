@@ -25,10 +25,10 @@ def build_adamw(params: Iterable[torch.nn.Parameter], cfg: dict[str, Any], devic
                              eps=cfg["eps"], fused=bool(fused))
 
 
-def clip_gradients(optimizer: torch.optim.Optimizer, max_norm: float,
+def clip_gradients(optimizer: torch.optim.Optimizer, max_norm: float | None,
                    scaler: torch.amp.GradScaler | None = None) -> Tensor | None:
-    """Clip the gradient norm of ``optimizer``'s parameters to ``max_norm`` and return the norm before clipping
-    (a device tensor: no host sync), or None when no parameter has a gradient.
+    """Clip the gradient norm of ``optimizer``'s parameters to ``max_norm`` (None: no clipping) and return the norm
+    before clipping (a device tensor: no host sync), or None when no parameter has a gradient.
 
     Call it where Lightning calls ``on_before_optimizer_step``: for a foreach optimizer the loss scaler has
     unscaled the gradients by then; for one that unscales in its step (fused AdamW), Lightning has not, so this
@@ -39,7 +39,10 @@ def clip_gradients(optimizer: torch.optim.Optimizer, max_norm: float,
     params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
     if not params:
         return None
-    return torch.nn.utils.clip_grad_norm_(params, max_norm).detach()
+    if max_norm is not None and max_norm <= 0:  # torch would zero (0) or flip (< 0) every gradient
+        raise ValueError(f"max_norm={max_norm}: use a value > 0, or None for no clipping")
+    limit = float("inf") if max_norm is None else max_norm  # inf: the gradients are multiplied by exactly 1
+    return torch.nn.utils.clip_grad_norm_(params, limit).detach()
 
 
 def grad_norm_stats(norms: list[Tensor]) -> dict[str, Tensor]:

@@ -35,6 +35,11 @@ def problems(overrides: list[str], tmp_path) -> str:
     (["ckpt_path=/no/such/last.ckpt"], "ckpt_path=/no/such/last.ckpt: no such file"),
     (["+trainer.accumulate_grad_batches=4"], "set algo.gradient_accumulation_steps instead"),
     (["+trainer.gradient_clip_val=0.5"], "set algo.max_grad_norm instead"),
+    (["algo.max_grad_norm=0"], "algo.max_grad_norm=0: clipping to 0 would zero every gradient"),
+    (["algo.max_grad_norm=-1.0"], "algo.max_grad_norm=-1.0: clipping to -1.0 would"),
+    (["algo.decode_batch_size=0"], "algo.decode_batch_size=0: need >= 1"),
+    (["algo.tracker.buffer_size=0", "algo.tracker.min_count=0"], "algo.tracker.buffer_size=0: need >= 1"),
+    (["optim.weight_decay=-0.1"], "optim.weight_decay=-0.1: must be >= 0"),
 ])
 def test_refused_before_loading(overrides: list[str], expected: str, tmp_path) -> None:
     assert expected in problems(overrides, tmp_path)
@@ -50,6 +55,7 @@ def test_refused_before_loading(overrides: list[str], expected: str, tmp_path) -
     ["seed=4294967295"],
     ["ckpt_path=last"],  # Lightning finds the run's last checkpoint itself
     ["+trainer.accumulate_grad_batches=1"],
+    ["algo.max_grad_norm=null"],
 ])
 def test_sound_neighbours_pass(overrides: list[str], tmp_path) -> None:
     assert problems(overrides, tmp_path) == ""
@@ -79,6 +85,14 @@ def test_scheduler_offset_zero_stops_the_run_before_sampling(tmp_path, cache_dir
                   cache_dir)
     train(cfg)
     assert (tmp_path / "sdxl" / "checkpoints" / "last.ckpt").exists()
+
+
+def test_sample_grid_refuses_what_it_cannot_draw() -> None:
+    from sdpo.callbacks import SampleGrid
+
+    for kwargs in ({"every_n_epochs": 0}, {"max_prompts": 0}):
+        with pytest.raises(ValueError, match=r"callbacks.sample_grid.every_n_epochs=.* need >= 1 each"):
+            SampleGrid("unused", **kwargs)
 
 
 def test_unknown_lora_target_lists_the_choices(cache_dir) -> None:

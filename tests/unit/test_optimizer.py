@@ -112,3 +112,18 @@ def test_grad_norm_stats_average_the_steps_taken_and_count_the_rest():
     assert grad_norm_stats([t(0.5), t(1.5)])["grad_norm"].item() == 1.0
     assert {k: v.item() for k, v in grad_norm_stats([]).items()} == {"grad_norm": 0.0, "nonfinite_grad_steps": 0.0}
 
+
+
+def test_no_clipping_leaves_gradients_alone_and_still_measures_them():
+    """``algo.max_grad_norm=null``: the norm is logged, the gradients are not scaled (0 or < 0 would zero or flip
+    them, so those are refused)."""
+    param = torch.nn.Parameter(torch.zeros(3))
+    optimizer = torch.optim.SGD([param], lr=1.0)
+    param.grad = torch.tensor([30.0, 40.0, 0.0])
+    assert float(clip_gradients(optimizer, None)) == pytest.approx(50.0)
+    assert param.grad.tolist() == [30.0, 40.0, 0.0]
+    assert float(clip_gradients(optimizer, 5.0)) == pytest.approx(50.0)
+    torch.testing.assert_close(param.grad, torch.tensor([3.0, 4.0, 0.0]), rtol=1e-5, atol=0)
+    for bad in (0.0, -1.0):
+        with pytest.raises(ValueError, match=f"max_norm={bad}: use a value > 0, or None"):
+            clip_gradients(optimizer, bad)
