@@ -206,7 +206,10 @@ class EvalDuringTraining(L.Callback):
         self._held_out: dict[str, torch.nn.Module] = {}
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        from sdpo.evaluation import check_step_counts
+
         if trainer.global_rank == 0:  # build held-out rewards now (on the CPU): a missing model fails before training
+            check_step_counts(pl_module.components.scheduler_config, self.steps, key="callbacks.eval.steps")
             self.rewards_for(pl_module, device="cpu")
 
     def rewards_for(self, pl_module: L.LightningModule, device: torch.device | str | None = None

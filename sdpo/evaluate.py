@@ -18,7 +18,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from sdpo.config_checks import ConfigError
 from sdpo.data import PromptDataModule
-from sdpo.evaluation import EvalResult, build_rewards, evaluate_policy, load_policy, parse_reward_specs
+from sdpo.evaluation import (
+    EvalResult,
+    build_rewards,
+    check_step_counts,
+    evaluate_policy,
+    load_policy,
+    parse_reward_specs,
+)
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 log = logging.getLogger(__name__)
@@ -58,7 +65,9 @@ def validate_eval_config(cfg: DictConfig) -> tuple[list[str], list[int], list[tu
     need(len(set(map(str, steps))) == len(steps), f"steps={steps}: step counts must be distinct")
     need(cfg.images_per_prompt >= 1, f"images_per_prompt={cfg.images_per_prompt}: need >= 1")
     need(cfg.batch_size >= 1, f"batch_size={cfg.batch_size}: need >= 1")
-    need(cfg.resolution is None or cfg.resolution > 0, f"resolution={cfg.resolution}: use null or a size > 0")
+    need(cfg.resolution is None or (cfg.resolution > 0 and cfg.resolution % 8 == 0),
+         f"resolution={cfg.resolution}: use null or a positive multiple of 8 (the VAE downsamples by 8)")
+    need(cfg.grid_prompts >= 1, f"grid_prompts={cfg.grid_prompts}: need >= 1 (the rows of grid.png)")
     need(cfg.guidance_scale is None or cfg.guidance_scale >= 1,
          f"guidance_scale={cfg.guidance_scale}: use null or a value >= 1")
     if cfg.checkpoint is not None and cfg.lora is not None:
@@ -108,6 +117,7 @@ def evaluate(cfg: DictConfig) -> EvalResult:
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     policy = load_policy(model_cfg, cfg.checkpoint, cfg.lora)
     parts = policy.components
+    check_step_counts(parts.scheduler_config, steps)
     for module in (parts.unet, parts.vae, parts.text_encoder, parts.text_encoder_2):
         if module is not None:
             module.to(device)

@@ -117,6 +117,16 @@ def native_scheduler(scheduler_config: Mapping[str, Any]) -> SchedulerMixin:
     return cls.from_config(dict(scheduler_config))
 
 
+def check_step_counts(scheduler_config: Mapping[str, Any], steps: Sequence[int], key: str = "steps") -> None:
+    """Refuse, before any sampling, a step count the model's own scheduler cannot run: an LCM samples on the grid
+    it was distilled on, so at most ``original_inference_steps`` steps (diffusers would fail only at that count,
+    after the smaller ones had been sampled)."""
+    limit = scheduler_config.get("original_inference_steps")
+    if limit and max(steps) > int(limit):
+        raise ValueError(f"{key}={list(steps)}: this model's {scheduler_config.get('_class_name')} samples at most "
+                         f"{limit} steps (original_inference_steps); drop the larger step counts")
+
+
 def item_seed(seed: int, prompt_index: int, image_index: int) -> int:
     """A 63-bit seed for one evaluation image: independent of batching and of the other prompts."""
     state = np.random.SeedSequence([seed, prompt_index, image_index, NOISE_PURPOSE]).generate_state(2, np.uint64)

@@ -137,6 +137,10 @@ def timestep_schedule(scheduler: DDIMScheduler | LCMScheduler, num_steps: int) -
     """
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    limit = getattr(scheduler.config, "original_inference_steps", None) if isinstance(scheduler, LCMScheduler) else None
+    if limit is not None and num_steps > limit:  # diffusers' own message speaks of img2img strength
+        raise ValueError(f"algo.num_steps={num_steps}: an LCM's schedule has at most {limit} steps (the grid it was "
+                         f"distilled on, original_inference_steps); train at T <= {limit}")
     scheduler.set_timesteps(num_steps)
     return scheduler.timesteps.clone().long()  # [T], descending
 

@@ -147,6 +147,8 @@ def test_bad_inputs_fail_early(tmp_path, cache_dir):
         "steps=[0,2]": "steps=[0, 2]",
         "checkpoint=/nope.ckpt": "checkpoint=/nope.ckpt: no such file",
         "prompts=/nope.txt": "prompts:",
+        "resolution=36": "resolution=36: use null or a positive multiple of 8",
+        "grid_prompts=0": "grid_prompts=0: need >= 1",
     }
     for override, message in cases.items():
         cfg = compose_eval([override], tmp_path, cache_dir)
@@ -162,6 +164,25 @@ def test_bad_inputs_fail_early(tmp_path, cache_dir):
         evaluate(cfg)
     with pytest.raises(ValueError, match="not both"):
         load_policy(model_cfg("tiny", cache_dir), checkpoint=ckpt, lora=tmp_path)
+
+
+def test_an_lcm_step_count_beyond_its_grid_fails_before_sampling(tmp_path, cache_dir, monkeypatch):
+    """An LCM samples at most original_inference_steps (50) steps: evaluation, the evaluation callback and
+    training refuse more before any image is drawn, naming the key."""
+    import sdpo.evaluation
+
+    def no_sampling(*args, **kwargs):
+        raise AssertionError("sampled before the step counts were checked")
+
+    monkeypatch.setattr(sdpo.evaluation, "sample_native", no_sampling)
+    with pytest.raises(ValueError, match=r"steps=\[1, 51\]: this model's LCMScheduler samples at most 50 steps"):
+        evaluate(compose_eval(["model=tiny_lcm", "steps=[1,51]"], tmp_path / "eval", cache_dir))
+    with pytest.raises(ValueError, match=r"callbacks.eval.steps=\[1, 60\]: this model's LCMScheduler"):
+        train(compose([*FAST, "model=tiny_lcm", "callbacks.eval.steps=[1,60]"], tmp_path / "cb", cache_dir))
+    with pytest.raises(ValueError, match="algo.num_steps=60: an LCM's schedule has at most 50 steps"):
+        train(compose([*FAST, "model=tiny_lcm", "algo.num_steps=60"], tmp_path / "train", cache_dir))
+    for folder in ("eval", "cb", "train"):
+        assert not (tmp_path / folder / "checkpoints").exists() and not (tmp_path / folder / "results.csv").exists()
 
 
 def test_full_unet_folder_is_evaluated_as_the_policy(tmp_path, cache_dir):
