@@ -210,7 +210,8 @@ class EvalDuringTraining(L.Callback):
 
         if trainer.global_rank == 0:  # build held-out rewards now (on the CPU): a missing model fails before training
             check_step_counts(pl_module.components.scheduler_config, self.steps, key="callbacks.eval.steps")
-            self.rewards_for(pl_module, device="cpu")
+            for reward in self.rewards_for(pl_module, device="cpu").values():
+                reward.check_prompts(self.prompts, "callbacks.eval.prompts")
 
     def rewards_for(self, pl_module: L.LightningModule, device: torch.device | str | None = None
                     ) -> dict[str, torch.nn.Module]:

@@ -122,6 +122,8 @@ def evaluate(cfg: DictConfig) -> EvalResult:
         if module is not None:
             module.to(device)
     rewards = {label: reward.to(device) for label, reward in build_rewards(specs).items()}
+    for reward in rewards.values():  # a prompt a reward cannot score fails before any sampling
+        reward.check_prompts(prompts, "prompts")
     resolution = cfg.resolution if cfg.resolution is not None else policy.model_cfg.get("resolution")
     guidance = cfg.guidance_scale if cfg.guidance_scale is not None else policy.model_cfg.get("guidance_scale")
     result = evaluate_policy(

@@ -152,6 +152,9 @@ class SDPOModule(L.LightningModule):
     def on_fit_start(self) -> None:
         # a pinned attention kernel this device cannot run fails here, clearly, before any work
         check_attention_backend(self.unet, self.device, self.trainer.precision_plugin.forward_context)
+        prompts = getattr(self.trainer.datamodule, "prompts", None)
+        if prompts is not None:  # a prompt the reward cannot score fails now, not at the first scoring
+            self.reward_fn.check_prompts(prompts, "data.source")
         if self.algo_cfg.get("overlap_scoring") and self.device.type == "cpu" and self.global_rank == 0:
             log.warning("algo.overlap_scoring on CPU: the scoring thread and sampling share the cores (2 cores, 2 "
                         "torch threads: sampling ran 1.75x slower, benchmarks/README.md); it is meant for GPUs")

@@ -91,6 +91,11 @@ class RewardModel(nn.Module, metaclass=_FrozenAfterInit):
             )
         return images.float().clamp(0.0, 1.0), prompt_list
 
+    def check_prompts(self, prompts: Sequence[str], where: str = "prompts") -> None:
+        """Raise ValueError if this reward cannot score some of ``prompts`` (the config key ``where`` names them).
+        Called with a run's whole prompt list before any sampling, so such a prompt stops the run at once rather
+        than at the first scoring, minutes later; the default accepts every prompt."""
+
     @abc.abstractmethod
     def score(self, images: Tensor, prompts: list[str]) -> Tensor:
         """Score validated float32 images in [0, 1]; return a ``[B]`` tensor."""

@@ -71,6 +71,10 @@ class MultiReward(RewardModel):
         self.requires_prompts = any(reward.requires_prompts for reward in self.rewards.values())
         self.last_components: dict[str, Tensor] = {}
 
+    def check_prompts(self, prompts: Sequence[str], where: str = "prompts") -> None:
+        for reward in self.rewards.values():
+            reward.check_prompts(prompts, where)
+
     def score(self, images: Tensor, prompts: list[str]) -> Tensor:
         components = {label: reward(images, prompts) for label, reward in self.rewards.items()}
         self.last_components = {label: scores.detach() for label, scores in components.items()}

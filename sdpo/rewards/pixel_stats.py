@@ -8,7 +8,7 @@ conditioning reaches the policy.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -98,6 +98,13 @@ class ColorMatch(RewardModel):
             f"reward {self.name!r}: prompt {prompt!r} names no known colour; "
             f"use one of: {', '.join(self.colors)}"
         )
+
+    def check_prompts(self, prompts: Sequence[str], where: str = "prompts") -> None:
+        colourless = [p for p in dict.fromkeys(prompts) if not any(w in self.colors for w in _WORD.findall(p.lower()))]
+        if colourless:
+            shown = ", ".join(repr(p) for p in colourless[:5]) + (" ..." if len(colourless) > 5 else "")
+            raise ValueError(f"reward {self.name!r}: {len(colourless)} prompt(s) of {where} name no known colour "
+                             f"({shown}); every prompt needs one of: {', '.join(self.colors)}")
 
     def score(self, images: Tensor, prompts: list[str]) -> Tensor:
         targets = torch.tensor(

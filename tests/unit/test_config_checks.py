@@ -104,3 +104,22 @@ def test_unknown_lora_target_lists_the_choices(cache_dir) -> None:
     with pytest.raises(ValueError, match=r"model.lora.targets=\['to_qq'\] matches no module .*'to_out.0', 'to_q'"):
         make_trainable(UNet2DConditionModel.from_pretrained(folder), True, targets=["to_qq"])
     assert len(make_trainable(UNet2DConditionModel.from_pretrained(folder), True, targets=["to_q"])) > 0
+
+
+def test_prompts_the_reward_cannot_score_stop_the_run_before_sampling(tmp_path, cache_dir, monkeypatch) -> None:
+    """color_match needs a colour in every prompt: the training prompts and the held-out ones are checked when
+    fitting starts, the evaluation CLI's once its rewards are built; none of them samples an image first."""
+    from sdpo.evaluate import evaluate
+    from tests.conftest import compose_eval
+
+    def no_sampling(*args, **kwargs):
+        raise AssertionError("sampled before the prompts were checked")
+
+    monkeypatch.setattr("sdpo.module.SDPOModule.sample_and_score", no_sampling)
+    monkeypatch.setattr("sdpo.evaluation.sample_native", no_sampling)
+    with pytest.raises(ValueError, match=r"of data.source name no known colour \('cat', 'dog'"):
+        train(compose([*FAST, "reward=color_match", "callbacks.eval=null"], tmp_path / "a", cache_dir))
+    with pytest.raises(ValueError, match=r"of callbacks.eval.prompts name no known colour \('cow'"):
+        train(compose([*FAST, "reward=color_match", "data.source=[red cat,blue dog]"], tmp_path / "b", cache_dir))
+    with pytest.raises(ValueError, match=r"3 prompt\(s\) of prompts name no known colour"):
+        evaluate(compose_eval(["rewards=[color_match]"], tmp_path / "c", cache_dir))

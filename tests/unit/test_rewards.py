@@ -95,6 +95,17 @@ def test_color_match_unknown_prompt_lists_words() -> None:
     assert "a cat" in str(info.value)
 
 
+def test_prompts_a_reward_cannot_score_are_named_before_any_image() -> None:
+    reward = build_reward("color_match")
+    reward.check_prompts(["a red cat", "Blue sky", "green, then white"], "data.source")  # each names a colour
+    with pytest.raises(ValueError, match=r"2 prompt\(s\) of data.source name no known colour \('cat', 'teal dog'\)"):
+        reward.check_prompts(["red cat", "cat", "teal dog", "cat"], "data.source")
+    build_reward("brightness").check_prompts(["cat"])  # prompt-free rewards accept any prompt
+    mixed = build_reward("multi", components={"brightness": {}, "color_match": {"weight": 0.5}})
+    with pytest.raises(ValueError, match="of callbacks.eval.prompts name no known colour"):
+        mixed.check_prompts(["dog"], "callbacks.eval.prompts")  # a weighted sum asks every part
+
+
 def test_color_match_custom_table() -> None:
     reward = build_reward("color_match", colors={"Teal": (0.0, 0.5, 0.5)})
     assert reward(const((0.0, 0.5, 0.5)), ["teal"]).item() == 0.0
