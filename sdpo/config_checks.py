@@ -17,6 +17,13 @@ PRECISIONS = ("32-true", "32", "bf16-mixed", "16-mixed")
 LIGHTNING_CKPT_NAMES = ("last", "best", "hpc", "registry")  # ckpt_path values Lightning resolves itself
 
 
+def runs_on_cpu(accelerator: str | None) -> bool:
+    """Whether ``trainer.accelerator`` puts the run on the CPU here (``auto`` does on a machine without CUDA)."""
+    import torch
+
+    return accelerator == "cpu" or (accelerator in (None, "auto") and not torch.cuda.is_available())
+
+
 class ConfigError(ValueError):
     """A configuration value that cannot work; the message says which key to change."""
 
@@ -103,8 +110,9 @@ def validate_config(cfg: DictConfig) -> None:
          f"reward.name={cfg.reward.name!r}: available rewards are {available_rewards()}")
     precision = str(cfg.trainer.get("precision", "32-true"))
     need(precision in PRECISIONS, f"trainer.precision={precision}: use one of {list(PRECISIONS)}")
-    if precision == "16-mixed" and cfg.trainer.get("accelerator") == "cpu":
-        problems.append("trainer.precision=16-mixed needs a GPU; on CPU use bf16-mixed or 32-true")
+    if precision == "16-mixed" and runs_on_cpu(cfg.trainer.get("accelerator")):  # Lightning would switch to bf16
+        problems.append(f"trainer.precision=16-mixed needs a GPU, and trainer.accelerator="
+                        f"{cfg.trainer.get('accelerator')} runs on the CPU here: use bf16-mixed or 32-true")
     need(cfg.optim.lr > 0, f"optim.lr={cfg.optim.lr}: must be > 0")
     need(cfg.optim.get("weight_decay", 0) >= 0, f"optim.weight_decay={cfg.optim.get('weight_decay')}: must be >= 0")
     # SDPO steps its optimizer itself (many updates per iteration), so Lightning's automatic versions do not apply

@@ -24,7 +24,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from sdpo.cluster import restart_checkpoint, slurm_plugins
-from sdpo.config_checks import ConfigError, pairs_per_rank, validate_config
+from sdpo.config_checks import ConfigError, pairs_per_rank, runs_on_cpu, validate_config
 from sdpo.loggers import continue_wandb_run
 from sdpo.resume import check_resume
 
@@ -35,8 +35,7 @@ log = logging.getLogger(__name__)
 def by_accelerator(accelerator: str, gpu_value: str, cpu_value: str) -> str:
     """``gpu_value`` unless the run is on CPU: lets conf/trainer/ddp.yaml default to 16-mixed on GPUs and still
     run with ``trainer.accelerator=cpu`` (gloo), where fp16 autocast does not exist."""
-    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
-    return cpu_value if on_cpu else gpu_value
+    return cpu_value if runs_on_cpu(accelerator) else gpu_value
 
 
 OmegaConf.register_new_resolver("sdpo.by_accelerator", by_accelerator, replace=True)

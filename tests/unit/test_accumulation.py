@@ -154,5 +154,5 @@ def test_low_precision_base_needs_autocast_and_a_frozen_base(tmp_path):
     with pytest.raises(ConfigError, match=r"needs a frozen base \(model.lora.enabled=true\)"):
         validate_config(compose(["algo.low_precision_base=true", "model.lora.enabled=false",
                                  "trainer.precision=bf16-mixed"], tmp_path, tmp_path))
-    validate_config(compose(["algo.low_precision_base=true", "model.lora.enabled=true", "trainer.precision=16-mixed"],
-                            tmp_path, tmp_path))
+    validate_config(compose(["algo.low_precision_base=true", "model.lora.enabled=true", "trainer.precision=16-mixed",
+                             "trainer.accelerator=gpu"], tmp_path, tmp_path))

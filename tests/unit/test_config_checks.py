@@ -61,6 +61,14 @@ def test_sound_neighbours_pass(overrides: list[str], tmp_path) -> None:
     assert problems(overrides, tmp_path) == ""
 
 
+def test_fp16_autocast_is_refused_where_the_run_lands_on_the_cpu(tmp_path) -> None:
+    """Lightning would quietly train in bf16 instead: refused for accelerator=cpu, and for auto without CUDA."""
+    assert "trainer.precision=16-mixed needs a GPU" in problems(
+        ["trainer.precision=16-mixed", "trainer.accelerator=cpu"], tmp_path)
+    auto = problems(["trainer.precision=16-mixed"], tmp_path)
+    assert ("trainer.accelerator=auto runs on the CPU here" in auto) == (not torch.cuda.is_available())
+
+
 def test_training_schedule_must_stop_above_zero() -> None:
     leading = make_scheduler(sd_turbo_like(), "leading", 0)
     with pytest.raises(ValueError, match=r"\[750, 500, 250, 0\] .*ends at t = 0.*model.steps_offset=1"):
