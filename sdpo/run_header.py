@@ -63,8 +63,11 @@ def run_header(module: Any, trainer: L.Trainer, pairs_per_rank: int) -> str:
                              f"{_dtype(part)}" for name, part in frozen)
     reward = module.reward_fn
     reward_params = sum(p.numel() for p in reward.parameters()) if isinstance(reward, torch.nn.Module) else 0
-    reward_text = (f"reward {module.reward_cfg['name']} ({type(reward).__name__}, "
-                   f"{count(reward_params) + ' ' + _dtype(reward) if reward_params else 'no weights'})")
+    parts = getattr(reward, "weights", None)  # a weighted sum (MultiReward): label -> weight
+    name = module.reward_cfg["name"] + (" = " + " + ".join(f"{w:g} x {label}" for label, w in parts.items())
+                                        if isinstance(parts, dict) else "")
+    reward_text = (f"reward {name} ({type(reward).__name__}, "
+                   f"{count(reward_params) + ' ' + _dtype(reward) if reward_params else 'no parameters'})")
     world, device = trainer.world_size, trainer.strategy.root_device.type
     timesteps = module.timesteps.tolist()
     steps = a["num_steps"]
