@@ -40,3 +40,10 @@ def test_header_matches_the_run(overrides, tmp_path, cache_dir, capsys):
 def test_count_reads_like_a_person_would() -> None:
     assert [count(n) for n in (12, 20_000, 829_952, 866_700_000, 2_600_000_000)] == \
         ["12", "20.0 K", "830.0 K", "866.7 M", "2.6 B"]
+
+
+def test_a_weighted_sum_reward_shows_its_parts(tmp_path, cache_dir, capsys):
+    train(compose([*FAST, "trainer.max_epochs=1", "reward=multi", "~reward.components.pickscore",
+                   "~reward.components.aesthetic", "+reward.components.brightness.weight=1.0",
+                   "+reward.components.colorfulness.weight=0.5"], tmp_path, cache_dir))
+    assert "reward multi = 1 x brightness + 0.5 x colorfulness (MultiReward, no parameters)" in capsys.readouterr().out
