@@ -482,6 +482,8 @@ def main(argv: Sequence[str] | None = None) -> Path:
     parser.add_argument("--reward", default=None, help="which reward's metrics (default: the training reward)")
     parser.add_argument("--smooth", type=int, default=1, help="rolling mean over this many logged points (default 1)")
     args = parser.parse_args(argv)
+    if args.smooth < 1:
+        parser.error(f"--smooth {args.smooth}: the rolling mean needs a window of >= 1 points (1: none)")
     try:
         runs = load_runs(args.paths)
         if not runs:

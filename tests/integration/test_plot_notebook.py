@@ -73,6 +73,9 @@ def test_cli_writes_the_png_next_to_the_first_run(runs_root):
     bad = subprocess.run([sys.executable, "-m", "sdpo.plot", str(runs_root), "--metric", "eval"], cwd=REPO,
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "no eval/<reward>/<k>step metrics" in bad.stderr
+    with pytest.raises(SystemExit) as stop:
+        plot.main([str(runs_root / "seed0"), "--smooth", "0"])
+    assert stop.value.code == 2
 
 
 def test_runs_group_by_config_without_seed(runs_root):
