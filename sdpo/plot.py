@@ -53,7 +53,7 @@ TRAIN_STEP_COLUMN = re.compile(r"^train/reward_(?P<steps>\d+)step$")
 IGNORED_KEYS = (
     "seed", "data.seed", "ckpt_path", "task_name", "output_dir", "cache_dir", "paths", "hydra", "logger",
     "callbacks", "model.cache_dir", "trainer.default_root_dir", "trainer.enable_progress_bar",
-    "trainer.enable_model_summary",
+    "trainer.enable_model_summary", "algo.compile_cache_dir", "resume_check",
 )
 
 

@@ -26,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from sdpo.cluster import restart_checkpoint, slurm_plugins
 from sdpo.config_checks import ConfigError, pairs_per_rank, runs_on_cpu, validate_config
 from sdpo.loggers import continue_wandb_run
+from sdpo.policy.speed import compile_mode, use_compile_cache
 from sdpo.resume import check_resume
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
@@ -148,6 +149,8 @@ def train(cfg: DictConfig) -> L.Trainer:
         if (cfg.get("logger") or {}).get("csv") is not None:
             with open_dict(cfg):
                 cfg.logger.csv.append = True
+    if compile_mode(cfg.algo.get("compile")) != "off" and cfg.algo.get("compile_backend", "inductor") == "inductor":
+        use_compile_cache(cfg.algo.get("compile_cache_dir"))  # before anything compiles (and before DDP launches)
     for difference in check_resume(cfg, ckpt_path):  # raises unless resume_check=false
         log.warning("resuming %s with a changed setting (resume_check=false): %s", ckpt_path, difference)
     continue_wandb_run(cfg, ckpt_path)

@@ -3,6 +3,7 @@ order it meets them in, and the held-out evaluation compiles nothing."""
 
 from __future__ import annotations
 
+import os
 import re
 
 import pytest
@@ -92,3 +93,34 @@ def test_a_compile_mode_that_would_do_nothing_is_refused(tmp_path, cache_dir, ov
 
     with pytest.raises(ConfigError, match=re.escape(expected)):
         validate_config(compose([*FAST, *overrides], tmp_path, cache_dir))
+
+
+def test_compiled_graphs_land_in_compile_cache_dir_and_load_from_it(tmp_path, monkeypatch):
+    """``use_compile_cache``: inductor writes its graphs to the folder and, after a reset (a new process, as far as
+    dynamo knows), loads them from there instead of compiling again."""
+    from torch._dynamo.utils import counters
+
+    from sdpo.policy.speed import apply_speed_options, use_compile_cache
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "torch_default"))  # restored after the test
+    assert use_compile_cache(str(tmp_path / "cache")) == str((tmp_path / "cache").resolve())
+    hits = []
+    for _ in range(2):
+        torch._dynamo.reset()
+        counters.clear()
+        module = BatchedScores()
+        apply_speed_options(module, channels_last=False, compile=True)
+        with torch.no_grad():
+            module(torch.randn(4, 64, 64))
+        hits.append((counters["inductor"]["fxgraph_cache_miss"], counters["inductor"]["fxgraph_cache_hit"]))
+    assert hits[0][0] >= 1 and hits[1] == (0, hits[0][0]), hits  # compiled once, then every graph from disk
+    assert any((tmp_path / "cache").rglob("*")) and not (tmp_path / "torch_default").exists()
+    assert use_compile_cache(None) is None
+
+
+def test_a_compiled_run_points_inductor_at_the_configured_folder(tmp_path, cache_dir, monkeypatch):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "torch_default"))
+    cfg = compose([*FAST, "algo.compile=true", "trainer.max_epochs=0"], tmp_path / "run", cache_dir)
+    assert cfg.algo.compile_cache_dir == f"{cache_dir}/inductor"  # the default: under paths.cache_dir
+    train(cfg)
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str((cache_dir / "inductor").resolve())
