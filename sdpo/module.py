@@ -37,7 +37,7 @@ from sdpo.loggers import wandb_run_id
 from sdpo.overlap import BackgroundScorer
 from sdpo.policy.attention import check_attention_backend, pin_attention_backend
 from sdpo.policy.checks import collected_checks, require_not
-from sdpo.policy.conditioning import Conditioning, encode_prompts
+from sdpo.policy.conditioning import Conditioning, encode_prompts, truncated_prompts
 from sdpo.policy.loading import TINY, TinySpec, ensure_tiny_pipeline, load_components
 from sdpo.policy.lora import make_trainable
 from sdpo.policy.rollout import PairTrajectories, sample_pair_chunks, transition_log_prob
@@ -155,6 +155,11 @@ class SDPOModule(L.LightningModule):
         prompts = getattr(self.trainer.datamodule, "prompts", None)
         if prompts is not None:  # a prompt the reward cannot score fails now, not at the first scoring
             self.reward_fn.check_prompts(prompts, "data.source")
+            long = truncated_prompts(self.tokenizer, list(dict.fromkeys(prompts)))
+            if long and self.global_rank == 0:
+                log.warning("%d of the %d distinct prompts of data.source exceed the text encoder's %d tokens and are "
+                            "cut there, as diffusers' pipelines cut them (e.g. %r)", len(long),
+                            len(set(prompts)), self.tokenizer.model_max_length, long[0][:120])
         if self.algo_cfg.get("overlap_scoring") and self.device.type == "cpu" and self.global_rank == 0:
             log.warning("algo.overlap_scoring on CPU: the scoring thread and sampling share the cores (2 cores, 2 "
                         "torch threads: sampling ran 1.75x slower, benchmarks/README.md); it is meant for GPUs")

@@ -69,6 +69,13 @@ class Conditioning:
         return kwargs
 
 
+def truncated_prompts(tokenizer: CLIPTokenizer, prompts: list[str]) -> list[str]:
+    """The prompts longer than the text encoder's context (77 tokens for CLIP, start and end included): they are
+    cut there, silently, as diffusers' pipelines cut them; the words past it never reach the UNet."""
+    lengths = [len(ids) for ids in tokenizer(list(prompts), truncation=False).input_ids]
+    return [p for p, n in zip(prompts, lengths, strict=True) if n > tokenizer.model_max_length]
+
+
 def _token_ids(tokenizer: CLIPTokenizer, prompts: list[str], device: torch.device) -> Tensor:
     """Token ids [P, L], padded to the tokenizer's full length as SD pipelines do."""
     return tokenizer(

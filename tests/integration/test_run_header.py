@@ -47,3 +47,14 @@ def test_a_weighted_sum_reward_shows_its_parts(tmp_path, cache_dir, capsys):
                    "~reward.components.aesthetic", "+reward.components.brightness.weight=1.0",
                    "+reward.components.colorfulness.weight=0.5"], tmp_path, cache_dir))
     assert "reward multi = 1 x brightness + 0.5 x colorfulness (MultiReward, no parameters)" in capsys.readouterr().out
+
+
+def test_prompts_past_the_text_encoders_context_are_reported_once(tmp_path, cache_dir, caplog):
+    import logging
+
+    long = " ".join(["red cat dog"] * 30)  # 90 words of the tiny vocabulary: past CLIP's 77 tokens
+    with caplog.at_level(logging.WARNING, logger="sdpo.module"):
+        train(compose([*FAST, "trainer.max_epochs=1", f"data.source=[cat,dog,'{long}']"], tmp_path, cache_dir))
+    said = [r.getMessage() for r in caplog.records if "exceed the text encoder" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith("1 of the 3 distinct prompts of data.source exceed the text "
+                                                 "encoder's 77 tokens"), said
