@@ -46,7 +46,8 @@ def resume_settings(model: Mapping[str, Any], algo: Mapping[str, Any], reward: M
     }
     if lora.get("enabled"):
         settings["model.lora.rank"] = lora.get("rank")
-        settings["model.lora.alpha"] = lora.get("alpha")
+        alpha = lora.get("alpha")
+        settings["model.lora.alpha"] = lora.get("rank") if alpha is None else alpha  # null means alpha = rank
         settings["model.lora.targets"] = sorted(lora.get("targets") or [])
     if model.get("source") == "tiny":
         settings["model.tiny"] = model.get("tiny")
@@ -58,12 +59,12 @@ def _plain(cfg: Any) -> dict:
 
 
 def resume_differences(checkpoint_hparams: Mapping[str, Any], cfg: DictConfig) -> list[str]:
-    """``key: checkpoint value -> this run's value`` for every setting the two disagree on."""
+    """``"<key>: <checkpoint's value> in the checkpoint, <this run's> here"`` for every setting they disagree on."""
     saved = resume_settings(*(_plain(checkpoint_hparams.get(k)) for k in ("model", "algo", "reward")))
     now = resume_settings(_plain(cfg.model), _plain(cfg.algo), _plain(cfg.reward))
-    return [f"{key}: {saved[key]!r} in the checkpoint, {now.get(key)!r} here"
-            for key in saved if saved[key] != now.get(key)] + \
-           [f"{key}: unset in the checkpoint, {now[key]!r} here" for key in now if key not in saved]
+    changed = [f"{key}: {saved[key]!r} in the checkpoint, {now.get(key)!r} here"
+               for key in saved if saved[key] != now.get(key)]
+    return changed + [f"{key}: unset in the checkpoint, {now[key]!r} here" for key in now if key not in saved]
 
 
 def check_resume(cfg: DictConfig, ckpt_path: str | Path | None) -> list[str]:

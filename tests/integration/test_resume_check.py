@@ -69,3 +69,8 @@ def test_reward_identity_ignores_where_weights_live_but_not_weights(tmp_path, ca
         "reward: {'aesthetic': ['aesthetic', 0.5], 'pickscore': ['pickscore', 1.0]} in the checkpoint, "
         "{'aesthetic': ['aesthetic', 2.0], 'pickscore': ['pickscore', 1.0]} here"]
     assert resume_settings(cfg.model, cfg.algo, {"name": "aesthetic", "clip_model": "/a"})["reward"] == "aesthetic"
+    lora = compose(["reward=multi", "model.lora.enabled=true", "model.lora.rank=8", "model.lora.alpha=8"], tmp_path,
+                   cache_dir)
+    same_scale = compose(["reward=multi", "model.lora.enabled=true", "model.lora.rank=8", "model.lora.alpha=null"],
+                         tmp_path, cache_dir)
+    assert resume_differences({"model": lora.model, "algo": lora.algo, "reward": lora.reward}, same_scale) == []
