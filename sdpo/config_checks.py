@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
 from omegaconf import DictConfig
 
 from sdpo.algo.dense import STRATEGIES
@@ -19,8 +20,6 @@ LIGHTNING_CKPT_NAMES = ("last", "best", "hpc", "registry")  # ckpt_path values L
 
 def runs_on_cpu(accelerator: str | None) -> bool:
     """Whether ``trainer.accelerator`` puts the run on the CPU here (``auto`` does on a machine without CUDA)."""
-    import torch
-
     return accelerator == "cpu" or (accelerator in (None, "auto") and not torch.cuda.is_available())
 
 
@@ -116,11 +115,11 @@ def validate_config(cfg: DictConfig) -> None:
     need(cfg.optim.lr > 0, f"optim.lr={cfg.optim.lr}: must be > 0")
     need(cfg.optim.get("weight_decay", 0) >= 0, f"optim.weight_decay={cfg.optim.get('weight_decay')}: must be >= 0")
     # SDPO steps its optimizer itself (many updates per iteration), so Lightning's automatic versions do not apply
-    accumulate, clip = cfg.trainer.get("accumulate_grad_batches"), cfg.trainer.get("gradient_clip_val")
+    accumulate, lightning_clip = cfg.trainer.get("accumulate_grad_batches"), cfg.trainer.get("gradient_clip_val")
     need(accumulate in (None, 1), f"trainer.accumulate_grad_batches={accumulate}: SDPO steps its optimizer itself, "
                                   f"many times per iteration; set algo.gradient_accumulation_steps instead")
-    need(clip is None, f"trainer.gradient_clip_val={clip}: SDPO steps its optimizer itself, many times per "
-                       f"iteration; set algo.max_grad_norm instead")
+    need(lightning_clip is None, f"trainer.gradient_clip_val={lightning_clip}: SDPO steps its optimizer itself, "
+                                 f"many times per iteration; set algo.max_grad_norm instead")
     ckpt = cfg.get("ckpt_path")
     need(ckpt is None or str(ckpt) in LIGHTNING_CKPT_NAMES or "://" in str(ckpt) or Path(str(ckpt)).is_file(),
          f"ckpt_path={ckpt}: no such file (resume from a run's checkpoint, e.g. "
