@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -61,19 +62,24 @@ def wandb_run_id(loggers: list[Any]) -> str | None:
     return None
 
 
+def recorded_wandb_run(state: Mapping[str, Any] | None) -> str | None:
+    """The W&B run id a loaded checkpoint recorded (None: none, or no checkpoint)."""
+    return ((state or {}).get("sdpo") or {}).get("wandb_run_id")
+
+
 def checkpoint_wandb_run(path: str | Path) -> str | None:
-    """The W&B run id a checkpoint recorded (memory-mapped: the weights are not read)."""
-    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    return (state.get("sdpo") or {}).get("wandb_run_id")
+    """The W&B run id the checkpoint at ``path`` recorded (memory-mapped: the weights are not read)."""
+    return recorded_wandb_run(torch.load(path, map_location="cpu", weights_only=True, mmap=True))
 
 
-def continue_wandb_run(cfg: DictConfig, ckpt_path: str | None) -> str | None:
-    """Make the W&B logger of a run resumed from ``ckpt_path`` log into the W&B run that checkpoint was written
-    under, unless ``logger.wandb.id`` names one. Returns the id it set (None: nothing changed)."""
+def continue_wandb_run(cfg: DictConfig, state: Mapping[str, Any] | None, ckpt_path: str | None) -> str | None:
+    """Make the W&B logger of a run resumed from ``state`` (the checkpoint at ``ckpt_path``) log into the W&B run
+    that checkpoint was written under, unless ``logger.wandb.id`` names one. Returns the id it set (None: nothing
+    changed)."""
     wandb = (cfg.get("logger") or {}).get("wandb")
-    if wandb is None or wandb.get("id") or not ckpt_path or not Path(ckpt_path).is_file():
+    if wandb is None or wandb.get("id"):
         return None
-    run_id = checkpoint_wandb_run(ckpt_path)
+    run_id = recorded_wandb_run(state)
     if run_id:
         with open_dict(cfg):
             wandb.id = run_id

@@ -155,11 +155,12 @@ class SDPOModule(L.LightningModule):
         prompts = getattr(self.trainer.datamodule, "prompts", None)
         if prompts is not None:  # a prompt the reward cannot score fails now, not at the first scoring
             self.reward_fn.check_prompts(prompts, "data.source")
-            long = truncated_prompts(self.tokenizer, list(dict.fromkeys(prompts)))
-            if long and self.global_rank == 0:
+            distinct = list(dict.fromkeys(prompts))
+            long = truncated_prompts(self.tokenizer, distinct) if self.global_rank == 0 else []
+            if long:
                 log.warning("%d of the %d distinct prompts of data.source exceed the text encoder's %d tokens and are "
-                            "cut there, as diffusers' pipelines cut them (e.g. %r)", len(long),
-                            len(set(prompts)), self.tokenizer.model_max_length, long[0][:120])
+                            "cut there, as diffusers' pipelines cut them (e.g. %r)", len(long), len(distinct),
+                            self.tokenizer.model_max_length, long[0][:120])
         if self.algo_cfg.get("overlap_scoring") and self.device.type == "cpu" and self.global_rank == 0:
             log.warning("algo.overlap_scoring on CPU: the scoring thread and sampling share the cores (2 cores, 2 "
                         "torch threads: sampling ran 1.75x slower, benchmarks/README.md); it is meant for GPUs")
@@ -332,8 +333,8 @@ class SDPOModule(L.LightningModule):
         first_ratio = torch.zeros((), device=self.device)
         optimizer_steps = 0
         self._grad_norms = []
-        total = a["num_inner_epochs"] * count_update_groups(num_pairs, num_steps, a["micro_batch_pairs"],
-                                                            a["gradient_accumulation_steps"])
+        total = count_update_groups(num_pairs, num_steps, a["micro_batch_pairs"], a["gradient_accumulation_steps"],
+                                    a["num_inner_epochs"])
         with steps_guard, PhaseProgress(self._trainer).phase("training", total) as advance:
             for _ in range(a["num_inner_epochs"]):
                 for group in self._update_plan(num_pairs, num_steps, generators):

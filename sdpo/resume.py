@@ -67,14 +67,18 @@ def resume_differences(checkpoint_hparams: Mapping[str, Any], cfg: DictConfig) -
     return changed + [f"{key}: unset in the checkpoint, {now[key]!r} here" for key in now if key not in saved]
 
 
-def check_resume(cfg: DictConfig, ckpt_path: str | Path | None) -> list[str]:
-    """Raise ``ResumeMismatch`` when resuming ``ckpt_path`` under ``cfg`` changes what its state depends on, unless
-    ``resume_check=false``; then return the differences (the caller warns). A path Lightning resolves itself
-    (``last``, a URL) is not read here."""
+def read_resume_state(ckpt_path: str | Path | None) -> dict[str, Any] | None:
+    """The checkpoint a run resumes from, memory-mapped (its weights are not read here), or None without one. A
+    path Lightning resolves itself (``last``, a URL) is not read here."""
     if not ckpt_path or not Path(str(ckpt_path)).is_file():
-        return []
-    state = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)  # mapped: weights not read
-    hparams = state.get("hyper_parameters")
+        return None
+    return torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+
+
+def check_resume(cfg: DictConfig, state: Mapping[str, Any] | None, ckpt_path: str | Path | None) -> list[str]:
+    """Raise ``ResumeMismatch`` when resuming ``state`` (``read_resume_state(ckpt_path)``) under ``cfg`` changes
+    what it depends on, unless ``resume_check=false``; then return the differences (the caller warns)."""
+    hparams = (state or {}).get("hyper_parameters")
     if not hparams:
         return []
     differences = resume_differences(hparams, cfg)

@@ -28,8 +28,8 @@ def count(n: int) -> str:
 
 def optimizer_steps_per_iteration(pairs_per_rank: int, algo: dict[str, Any]) -> int:
     """One optimizer step per update group, per step column, per inner epoch (``count_update_groups``)."""
-    return algo.get("num_inner_epochs", 1) * count_update_groups(
-        pairs_per_rank, algo["num_steps"], algo["micro_batch_pairs"], algo["gradient_accumulation_steps"])
+    return count_update_groups(pairs_per_rank, algo["num_steps"], algo["micro_batch_pairs"],
+                               algo["gradient_accumulation_steps"], algo.get("num_inner_epochs", 1))
 
 
 def queried_steps(algo: dict[str, Any]) -> str:

@@ -27,7 +27,7 @@ from sdpo.cluster import restart_checkpoint, slurm_plugins
 from sdpo.config_checks import ConfigError, pairs_per_rank, runs_on_cpu, validate_config
 from sdpo.loggers import continue_wandb_run
 from sdpo.policy.speed import compile_mode, use_compile_cache
-from sdpo.resume import check_resume
+from sdpo.resume import check_resume, read_resume_state
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 log = logging.getLogger(__name__)
@@ -151,9 +151,10 @@ def train(cfg: DictConfig) -> L.Trainer:
                 cfg.logger.csv.append = True
     if compile_mode(cfg.algo.get("compile")) != "off" and cfg.algo.get("compile_backend", "inductor") == "inductor":
         use_compile_cache(cfg.algo.get("compile_cache_dir"))  # before anything compiles (and before DDP launches)
-    for difference in check_resume(cfg, ckpt_path):  # raises unless resume_check=false
+    resumed = read_resume_state(ckpt_path)  # read once: the resume check and the W&B run id
+    for difference in check_resume(cfg, resumed, ckpt_path):  # raises unless resume_check=false
         log.warning("resuming %s with a changed setting (resume_check=false): %s", ckpt_path, difference)
-    continue_wandb_run(cfg, ckpt_path)
+    continue_wandb_run(cfg, resumed, ckpt_path)
     datamodule = instantiate(cfg.data)
     module = SDPOModule(model=cfg.model, algo=cfg.algo, reward=cfg.reward, optim=cfg.optim, seed=cfg.seed)
     loggers = [instantiate(c) for c in cfg.get("logger", {}).values() if c is not None]

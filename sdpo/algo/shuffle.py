@@ -46,11 +46,12 @@ def sharded_update_order(
     return orders, torch.cat(steps)
 
 
-def count_update_groups(num_pairs: int, num_steps: int, micro_batch_pairs: int, accumulation: int) -> int:
-    """How many optimizer steps ``update_groups`` makes of one pass over ``num_pairs`` pairs of a rank: per step
-    column, one per ``micro_batch_pairs x accumulation`` pairs (a column's last group may be smaller). Shards
-    divide both sizes, so they do not change the count."""
-    return num_steps * math.ceil(num_pairs / (micro_batch_pairs * accumulation))
+def count_update_groups(num_pairs: int, num_steps: int, micro_batch_pairs: int, accumulation: int,
+                        passes: int = 1) -> int:
+    """How many optimizer steps ``update_groups`` makes of ``passes`` passes (``algo.num_inner_epochs``) over
+    ``num_pairs`` pairs of a rank: per step column, one per ``micro_batch_pairs x accumulation`` pairs (a column's
+    last group may be smaller). Shards divide both sizes, so they do not change the count."""
+    return passes * num_steps * math.ceil(num_pairs / (micro_batch_pairs * accumulation))
 
 
 def update_groups(

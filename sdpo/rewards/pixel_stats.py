@@ -89,18 +89,22 @@ class ColorMatch(RewardModel):
             if len(rgb) != 3 or not all(0.0 <= c <= 1.0 for c in rgb):
                 raise ValueError(f"colour {word!r} must be three values in [0, 1], got {rgb}")
 
+    def colour_word(self, prompt: str) -> str | None:
+        """The first known colour word of ``prompt`` (whole words, any case), or None."""
+        return next((word for word in _WORD.findall(prompt.lower()) if word in self.colors), None)
+
     def target_color(self, prompt: str) -> tuple[float, float, float]:
         """RGB of the first known colour word in ``prompt``; ValueError if it names none."""
-        for word in _WORD.findall(prompt.lower()):
-            if word in self.colors:
-                return self.colors[word]
+        word = self.colour_word(prompt)
+        if word is not None:
+            return self.colors[word]
         raise ValueError(
             f"reward {self.name!r}: prompt {prompt!r} names no known colour; "
             f"use one of: {', '.join(self.colors)}"
         )
 
     def check_prompts(self, prompts: Sequence[str], where: str = "prompts") -> None:
-        colourless = [p for p in dict.fromkeys(prompts) if not any(w in self.colors for w in _WORD.findall(p.lower()))]
+        colourless = [p for p in dict.fromkeys(prompts) if self.colour_word(p) is None]
         if colourless:
             shown = ", ".join(repr(p) for p in colourless[:5]) + (" ..." if len(colourless) > 5 else "")
             raise ValueError(f"reward {self.name!r}: {len(colourless)} prompt(s) of {where} name no known colour "
