@@ -193,16 +193,12 @@ class SDPOModule(L.LightningModule):
                       ) -> Iterator[PairTrajectories]:
         """Phase 1, a chunk of ``sample_batch_size`` prompts at a time, each yielded when all its steps are done.
 
-        The noise is one (seed, epoch) stream over the global batch in global pair order; this rank draws and
-        drops the other ranks' rows (``sample_pair_chunks``), so its pairs get the noise they would get in one
-        process, whatever the chunk size.
+        Each pair's noise comes from its own (seed, epoch, global pair index) generator, so this rank draws only
+        its own pairs' noise and they get what they would get in one process, whatever the chunk size.
         """
         a = self.algo_cfg
-        rank, world = self._rank_and_world()
         num_pairs = len(prompts)
-        generator = torch.Generator(device=self.device).manual_seed(
-            iteration_seed(self.seed, self.current_epoch, 0, NOISE_STREAM)
-        )
+        generators = self._generators(NOISE_STREAM, self._pair_offset(num_pairs), num_pairs, self.device)
         image_size = self.latent_shape[-1] * self.components.vae_scale_factor
         cond = Conditioning.cat([
             encode_prompts(self.components, prompts[start : start + a["sample_batch_size"]], image_size,
@@ -210,9 +206,8 @@ class SDPOModule(L.LightningModule):
             for start in range(0, num_pairs, a["sample_batch_size"])
         ])
         return sample_pair_chunks(self.unet, self.scheduler, prompts, cond, self.timesteps, self.latent_shape,
-                                  a["eta"], generator, step_kind=self.step_kind,
-                                  unet_batch_size=a["sample_batch_size"],
-                                  others=(rank * num_pairs, (world - 1 - rank) * num_pairs), on_step=on_step)
+                                  a["eta"], generators, step_kind=self.step_kind,
+                                  unet_batch_size=a["sample_batch_size"], on_step=on_step)
 
     def score(self, traj: PairTrajectories, timings: dict[str, float] | None = None,
               first_pair: int | None = None) -> PairRewards:

@@ -10,7 +10,7 @@ consistency models, ``scheduler`` an LCMScheduler; x̂0 is then the LCM's denois
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -62,43 +62,41 @@ def predict_model_output(unet: UNet2DConditionModel, latents: Tensor, timesteps:
     return unet(latents, timesteps, **cond.unet_kwargs(), return_dict=False)[0]
 
 
-def _drop_rows(generator: torch.Generator, rows: int, shape: tuple[int, ...]) -> None:
-    """Advance ``generator`` past ``rows`` noise rows, one draw per row exactly as ``RolloutNoise`` draws them."""
-    for _ in range(rows):
-        torch.randn(shape, generator=generator, device=generator.device, dtype=torch.float32)
-
-
 class RolloutNoise:
-    """All the noise of one rollout of P pairs, in the stream's global order: x_T of every pair of the global batch
-    in one draw, then at each step one draw per trajectory row (2 per pair) of the global batch.
+    """All the noise of one rollout of P pairs: one generator per pair, drawing x_T (shared by the pair's
+    trajectories a and b) and then, at each step, z of both trajectories in one draw.
 
-    ``others`` = (pairs before, pairs after) these in the global batch: their rows are drawn and dropped, so a
-    pair's noise depends only on its global index. Each step's rows are drawn for all P pairs the first time any
-    chunk asks for that step, and kept (T x 2P latents, a few hundred MB at SD-Turbo sizes, T = 50): the first
-    chunk's draws run while its UNet calls keep the GPU busy, as when all pairs were stepped together, and later
-    chunks read what it drew. So a chunk of pairs can finish all its steps, and be scored while the next chunk
-    samples, without changing any sample.
+    A pair's noise depends only on its own generator, which the caller seeds from the pair's global index
+    (``SDPOModule._generators``). So a rank draws only its own pairs' noise, O(its batch) per step at any world
+    size, and neither the chunk a pair is sampled in nor the number of processes changes any sample. Each
+    chunk draws its steps as it runs them, so nothing is kept between chunks.
     """
 
-    def __init__(self, generator: torch.Generator, num_pairs: int, latent_shape: tuple[int, int, int],
-                 device: torch.device | str, others: tuple[int, int] = (0, 0)) -> None:
-        self.generator, self.num_pairs, self.latent_shape, self.device = generator, num_pairs, latent_shape, device
-        self.before, self.after = others
-        self.start = torch.randn(  # [P, C, H, W] x_T of each pair (shared by its trajectories a and b)
-            (self.before + num_pairs + self.after, *latent_shape), generator=generator, device=generator.device,
-            dtype=torch.float32,
-        )[self.before : self.before + num_pairs].to(device)
-        self._steps: list[Tensor] = []  # [2P, C, H, W] per step drawn so far; rows (2p, 2p+1) = pair p
+    def __init__(self, generators: Sequence[torch.Generator], latent_shape: tuple[int, int, int],
+                 device: torch.device | str) -> None:
+        if not generators:
+            raise ValueError("RolloutNoise needs one generator per pair; got none")
+        self.generators, self.latent_shape, self.device = list(generators), latent_shape, device
+        self.start = torch.stack([self._draw(g, latent_shape) for g in self.generators]).to(device)  # [P, C, H, W]
+        self._steps_drawn = [0] * len(self.generators)
 
-    def step(self, index: int) -> Tensor:
-        """z of every action of step ``index``, [2P, C, H, W] (drawing the steps up to it if not yet drawn)."""
-        while len(self._steps) <= index:
-            _drop_rows(self.generator, 2 * self.before, self.latent_shape)
-            rows = [torch.randn(self.latent_shape, generator=self.generator, device=self.generator.device,
-                                dtype=torch.float32) for _ in range(2 * self.num_pairs)]
-            self._steps.append(torch.stack(rows).to(self.device))
-            _drop_rows(self.generator, 2 * self.after, self.latent_shape)
-        return self._steps[index]
+    @staticmethod
+    def _draw(generator: torch.Generator, shape: tuple[int, ...]) -> Tensor:
+        return torch.randn(shape, generator=generator, device=generator.device, dtype=torch.float32)
+
+    def step(self, index: int, pairs: slice) -> Tensor:
+        """z of both trajectories of the pairs ``pairs`` at step ``index``, [2n, C, H, W] (rows 2p, 2p+1 = pair p).
+
+        A pair's steps must be drawn in order, each once: its generator's stream is x_T, step 0, step 1, ...
+        """
+        chosen = range(len(self.generators))[pairs]
+        for p in chosen:
+            if self._steps_drawn[p] != index:
+                raise RuntimeError(f"RolloutNoise: pair {p} has drawn {self._steps_drawn[p]} steps; asked for step "
+                                   f"{index} (each pair's steps are drawn once, in order)")
+            self._steps_drawn[p] += 1
+        z = torch.stack([self._draw(self.generators[p], (2, *self.latent_shape)) for p in chosen])
+        return z.flatten(0, 1).to(self.device)
 
 
 @torch.no_grad()
@@ -110,25 +108,28 @@ def sample_pair_chunks(
     timesteps: Tensor,
     latent_shape: tuple[int, int, int],
     eta: float,
-    generator: torch.Generator,
+    generators: Sequence[torch.Generator],
     latent_dtype: torch.dtype = torch.float32,
     step_kind: str = "ddim",
     unet_batch_size: int | None = None,
-    others: tuple[int, int] = (0, 0),
     on_step: Callable[[], None] | None = None,
 ) -> Iterator[PairTrajectories]:
     """Roll out one pair per prompt, ``unet_batch_size`` prompts (2 UNet rows each) at a time, and yield each such
     chunk as soon as it has run all T steps, so its rewards can be computed while the next chunk samples.
 
     Trajectories a and b of a pair share x_T and differ only in the per-step noise. All noise comes from
-    ``RolloutNoise`` (see there for ``others``), so neither the chunk size nor the number of processes
-    changes any sample. ``eta`` applies to the DDIM step only (the LCM step's noise is set by its schedule). The
-    steps' NaN checks are evaluated at the end of each chunk (one host sync), before anyone reads its latents.
+    ``RolloutNoise``, one generator per pair (``generators``, one per prompt), so neither the chunk size nor the
+    number of processes changes any sample. ``eta`` applies to the DDIM step only (the LCM step's noise is set by
+    its schedule). The steps' NaN checks are evaluated at the end of each chunk (one host sync), before anyone
+    reads its latents.
     ``on_step`` is called after each UNet step (a progress bar).
     """
     num_prompts = len(prompts)
+    if len(generators) != num_prompts:
+        raise ValueError(f"sample_pair_chunks needs one noise generator per prompt: {len(generators)} for "
+                         f"{num_prompts} prompts")
     device = cond.hidden_states.device
-    noise = RolloutNoise(generator, num_prompts, latent_shape, device, others)
+    noise = RolloutNoise(generators, latent_shape, device)
     per_call = unet_batch_size or num_prompts
     for first in range(0, num_prompts, per_call):
         last = min(first + per_call, num_prompts)
@@ -153,7 +154,6 @@ def _roll_out_chunk(
     """All T steps of the pairs ``pairs_of_chunk`` of ``noise``, one UNet call per step."""
     num_prompts = len(prompts)
     device = cond.hidden_states.device
-    rows_of_chunk = slice(2 * pairs_of_chunk.start, 2 * pairs_of_chunk.stop)
     x = noise.start[pairs_of_chunk].repeat_interleave(2, dim=0)  # [2P, C, H, W], rows (2p, 2p+1) = pair p
     pair_cond = cond.repeat_pairs()  # [2P, ...]
     latents, x0s, log_probs = [x], [], []
@@ -161,7 +161,7 @@ def _roll_out_chunk(
         for i, t in enumerate(timesteps):
             t_batch = t.expand(x.shape[0]).to(device)
             model_output = predict_model_output(unet, x.to(latent_dtype), t_batch, pair_cond)
-            z = noise.step(i)[rows_of_chunk]
+            z = noise.step(i, pairs_of_chunk)
             step = policy_step(step_kind, scheduler, model_output, t_batch, x, eta, variance_noise=z)
             x = step.prev_sample
             latents.append(x)

@@ -12,7 +12,11 @@ anchors keyed by global trajectory index make both chunks draw what the two rank
 and a 2x micro-batch (so each micro-batch holds exactly the pairs that the two ranks train together; DDP's
 gradient average is its mean). AdamW runs with ``eps=1``: with the usual 1e-8,
 Adam's m/sqrt(v) turns rounding noise in near-zero gradients (summed in another order by the all-reduce) into
-full ±lr steps; with eps=1 the update is a smooth function of the gradient and the comparison is tight.
+full ±lr steps; with eps=1 the update is a smooth function of the gradient and the comparison is tight. For the
+same reason the pessimistic clip is opened (``algo.clip_range=1e6``): its gradient switches off where a new log-prob
+crosses old ± ε, and a 1-pair and a 2-pair training forward round log-probs ~1e-7 apart, so one transition within
+that of the edge flips (seen: identical samples and trackers, LoRA weights 7.5e-5 apart after one iteration). The
+clip is elementwise, so DDP cannot change it; ``tests/unit/test_losses.py`` tests it on hand-computed cases.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ EPOCHS = 2  # iterations of the 2-process run
 COMMON = [
     "model.lora.enabled=true", "optim.lr=0.1", "optim.eps=1.0", "algo.tracker.min_count=2",
     "algo.tracker.buffer_size=4", "algo.decode_batch_size=4", "algo.gradient_accumulation_steps=2",
-    "algo.dense.anchor=random",
+    "algo.dense.anchor=random", "algo.clip_range=1e6",  # see the module docstring
     "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "++callbacks.eval=null",
 ]
 PER_RANK = ["data.prompts_per_batch=4", "algo.micro_batch_pairs=1"]  # 4 pairs, optimizer steps of 2 x 1 pairs

@@ -96,7 +96,8 @@ def test_background_scorer_on_each_device(device, tmp_path):
 
     def chunks():
         return sample_pair_chunks(parts.unet, scheduler, prompts, cond, timesteps, (4, 8, 8), 1.0,
-                                  torch.Generator(device).manual_seed(0), unet_batch_size=2)
+                                  [torch.Generator(device).manual_seed(p) for p in range(len(prompts))],
+                                  unet_batch_size=2)
 
     def score(chunk: PairTrajectories, timings: dict[str, float], first_pair: int) -> PairRewards:
         generators = [torch.Generator().manual_seed(2 * first_pair + i) for i in range(2 * chunk.num_pairs)]

@@ -30,10 +30,12 @@ def run_cli(args: list[str], cache_dir: Path, timeout: int = 1500) -> subprocess
 
 @pytest.mark.slow
 def test_default_entry_point_raises_the_reward(tmp_path, cache_dir):
-    """`python -m sdpo.train` (the default, shortened) learns: the 1-step and T-step brightness rise."""
+    """`python -m sdpo.train`, the README's main command, learns: the 1-step and T-step brightness rise by more
+    than 3 standard deviations of one epoch's rewards. The whole default (100 iterations, about a minute): the rise
+    varies a lot with the seed (1-step +0.023 to +0.082 over 28 seeded runs), and over 40 iterations the low end of
+    that range is about the threshold."""
     run_dir = tmp_path / "run"
-    result = run_cli([f"hydra.run.dir={run_dir}", "trainer.max_epochs=40", "trainer.enable_progress_bar=false"],
-                     cache_dir)
+    result = run_cli([f"hydra.run.dir={run_dir}", "trainer.enable_progress_bar=false"], cache_dir)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "1-step" in result.stdout and "4-step" in result.stdout  # the closing table
     rows = read_metrics(run_dir)
@@ -44,11 +46,11 @@ def test_default_entry_point_raises_the_reward(tmp_path, cache_dir):
         spread = rows[0][key + "_std"] if key + "_std" in rows[0] else rows[0]["train/reward_1step_std"]
         assert after - before > max(0.01, 3 * spread), (key, before, after, spread)
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["last"]["epoch"] == 39
+    assert summary["last"]["epoch"] == 99
     assert (run_dir / ".hydra" / "config.yaml").exists()
     assert (run_dir / "checkpoints" / "last.ckpt").exists()
     assert sorted(p.name for p in (run_dir / "samples").glob("*.png"))[0] == "epoch_0000.png"
-    assert rows[-1]["train/reward_queries"] == 40 * 16 * 5  # 16 pairs x (3 + 3 - 1 shared) queries per epoch
+    assert rows[-1]["train/reward_queries"] == 100 * 16 * 5  # 16 pairs x (3 + 3 - 1 shared) queries per epoch
 
 
 def tiny_stand_ins(name: str, assets: dict[str, Path]) -> list[str]:

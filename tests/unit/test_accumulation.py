@@ -69,7 +69,7 @@ def test_micro_batch_times_accumulation_gives_the_same_update(tmp_path, cache_di
         assert float(trainer.callback_metrics["train/optimizer_steps"]) == 4 * 2  # T x (a group of 4, one of 2)
     reference = runs[(4, 1)]
     moved = max(float(w.abs().max()) for n, w in reference.items() if "lora_B" in n)  # B starts at 0
-    assert moved > 1e-2
+    assert moved > 100 * 1e-6  # it trained, by far more than the comparison's tolerance
     for split, weights in runs.items():
         assert_weights_match(weights, reference, atol=1e-6, label=str(split))
 
@@ -114,7 +114,8 @@ def test_speed_and_memory_options_leave_the_update_unchanged(option, plain_updat
         assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > graphs_before  # it really compiled
     weights = trainable_state(trainer.lightning_module)
     assert weights.keys() == plain_update.keys()
-    assert max(float(v.abs().max()) for n, v in weights.items() if "lora_B" in n) > 1e-2  # B starts at 0: it trained
+    moved = max(float(v.abs().max()) for n, v in weights.items() if "lora_B" in n)  # B starts at 0
+    assert moved > 100 * 1e-5  # it trained, by far more than the comparison's tolerance
     assert_weights_match(weights, plain_update, atol=1e-5, label=option)
 
 

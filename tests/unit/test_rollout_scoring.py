@@ -23,12 +23,17 @@ def pipeline(tmp_path_factory):
     return parts, scheduler
 
 
+def pair_generators(seed, count=None):
+    """One noise generator per pair (default: per prompt), as the module seeds them (one per global pair index)."""
+    return [torch.Generator().manual_seed(1000 * seed + pair) for pair in range(count or len(PROMPTS))]
+
+
 def rollout(pipeline, num_steps=4, seed=0, unet_batch_size=None, on_step=None):
     parts, scheduler = pipeline
     timesteps = timestep_schedule(scheduler, num_steps)
     embeds = encode_prompts(parts, PROMPTS)
     return PairTrajectories.concat(sample_pair_chunks(parts.unet, scheduler, PROMPTS, embeds, timesteps, (4, 8, 8),
-                                                      1.0, torch.Generator().manual_seed(seed),
+                                                      1.0, pair_generators(seed),
                                                       unet_batch_size=unet_batch_size, on_step=on_step))
 
 
@@ -67,17 +72,37 @@ def test_on_step_ticks_once_per_unet_call(pipeline, unet_batch_size, calls):
     assert len(ticks) == calls
 
 
-def test_a_ranks_noise_is_its_slice_of_the_global_batch():
-    """3 pairs after 2 and before 1 others (a middle rank) get rows 2-4 of the 6-pair global stream: x_T and every
-    step's z, whichever step is asked for first."""
+def test_a_pairs_noise_comes_from_its_own_generator_only():
+    """Pair p's x_T and z are its generator's stream (x_T, then both trajectories' z of step 0, 1, ...), whatever
+    the other pairs are and whichever chunk asks: this is what lets a rank draw only its own pairs' noise."""
     shape = (4, 8, 8)
-    whole = RolloutNoise(torch.Generator().manual_seed(4), 6, shape, "cpu")
-    mine = RolloutNoise(torch.Generator().manual_seed(4), 3, shape, "cpu", others=(2, 1))
-    late_first = mine.step(2)  # draws steps 0, 1, 2 in order
+    whole = RolloutNoise(pair_generators(4, 6), shape, "cpu")
+    mine = RolloutNoise(pair_generators(4, 6)[2:5], shape, "cpu")  # a middle rank's pairs 2-4
     assert torch.equal(mine.start, whole.start[2:5])
     for step in range(3):
-        assert torch.equal(mine.step(step), whole.step(step)[4:10])
-    assert torch.equal(late_first, mine.step(2)) and not torch.equal(mine.step(0), mine.step(1))
+        whole_rows = torch.cat([whole.step(step, slice(0, 4)), whole.step(step, slice(4, 6))])  # two chunks
+        assert torch.equal(mine.step(step, slice(0, 3)), whole_rows[4:10])
+    own = pair_generators(4, 1)[0]
+    by_hand = [torch.randn(shape, generator=own), torch.randn((2, *shape), generator=own)]
+    first = RolloutNoise(pair_generators(4, 1), shape, "cpu")
+    assert torch.equal(first.start[0], by_hand[0]) and torch.equal(first.step(0, slice(0, 1)), by_hand[1])
+    assert not torch.equal(whole.start[0], whole.start[1])
+
+
+def test_noise_steps_are_drawn_once_and_in_order():
+    noise = RolloutNoise(pair_generators(0, 2), (4, 8, 8), "cpu")
+    with pytest.raises(RuntimeError, match="pair 0 has drawn 0 steps; asked for step 1"):
+        noise.step(1, slice(0, 2))
+    noise.step(0, slice(0, 1))
+    with pytest.raises(RuntimeError, match="pair 0 has drawn 1 steps; asked for step 0"):
+        noise.step(0, slice(0, 2))
+
+
+def test_one_generator_per_prompt_is_required(pipeline):
+    parts, scheduler = pipeline
+    with pytest.raises(ValueError, match="one noise generator per prompt: 2 for 3 prompts"):
+        list(sample_pair_chunks(parts.unet, scheduler, PROMPTS, encode_prompts(parts, PROMPTS),
+                                timestep_schedule(scheduler, 2), (4, 8, 8), 1.0, pair_generators(0, 2)))
 
 
 def test_recorded_log_probs_are_reproduced_per_transition(pipeline):
@@ -145,7 +170,7 @@ def test_a_nan_in_the_rollout_stops_it_and_names_the_first_timestep(pipeline, tm
             parts.unet.conv_out.bias[0] = float("nan")
         with pytest.raises(FloatingPointError, match=rf"timestep\(s\) \[{int(timesteps[0])}\]"):
             list(sample_pair_chunks(parts.unet, scheduler, PROMPTS, encode_prompts(parts, PROMPTS), timesteps,
-                                    (4, 8, 8), 1.0, torch.Generator().manual_seed(0)))
+                                    (4, 8, 8), 1.0, pair_generators(0)))
     finally:
         with torch.no_grad():
             parts.unet.conv_out.bias.copy_(saved)

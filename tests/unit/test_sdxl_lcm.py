@@ -300,7 +300,8 @@ def test_pair_rollout_and_recorded_log_probs(arch, parts):
     timesteps = timestep_schedule(scheduler, 3)
     cond = encode_prompts(c, PROMPTS, image_size=16, guidance_scale=8.0 if arch == "lcm" else None)
     traj = PairTrajectories.concat(sample_pair_chunks(c.unet, scheduler, PROMPTS, cond, timesteps, (4, 8, 8), 1.0,
-                                                      torch.Generator().manual_seed(0), step_kind=c.step_kind))
+                                                      [torch.Generator().manual_seed(p) for p in range(len(PROMPTS))],
+                                                      step_kind=c.step_kind))
     assert traj.latents.shape == (3, 2, 4, 4, 8, 8) and traj.x0_latents.shape == (3, 2, 3, 4, 8, 8)
     assert traj.log_probs.shape == (3, 2, 3) and torch.isfinite(traj.log_probs).all()
     assert torch.equal(traj.latents[:, 0, 0], traj.latents[:, 1, 0])  # shared x_T
