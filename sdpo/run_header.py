@@ -1,7 +1,8 @@
 """What a run is about to do, printed once when fitting starts.
 
 The numbers a researcher checks before leaving a job to run: which weights train and how many, what stays frozen
-and in which dtype, and one iteration's work (prompts, trajectories, steps, reward queries, optimizer steps).
+and in which dtype, one iteration's work (prompts, trajectories, steps, reward queries, optimizer steps), and how
+many iterations the run makes (which limit ends it).
 It replaces Lightning's model summary by default: that table's FLOPs column reads 0 without an example input,
 and its count of modules "in eval mode" reads like a bug, although the policy samples and trains in eval mode on
 purpose (no dropout, so the recomputed log-probs match the sampled ones).
@@ -13,6 +14,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import Timer
 from lightning.pytorch.utilities import rank_zero_only
 
 from sdpo.algo.shuffle import count_update_groups
@@ -39,6 +41,31 @@ def queried_steps(algo: dict[str, Any]) -> str:
         return f"all {t} steps (exact dense rewards)"
     anchors = min(dense["num_anchors"], t - 2)
     return f"first, last and {anchors} {dense['anchor']} anchor step(s) of {t}; the rest interpolated"
+
+
+def run_length(trainer: L.Trainer, steps_per_iteration: int, trajectories_per_iteration: int) -> str:
+    """How long the run is, in iterations, trajectories (the paper's sample count) and optimizer steps.
+
+    ``trainer.max_steps`` counts optimizer steps (the module steps its optimizer by hand), but Lightning checks it
+    only between iterations, so a limit inside an iteration ends the run at that iteration's end: say so.
+    """
+    max_epochs, max_steps = trainer.max_epochs, trainer.max_steps
+    limits = []
+    if max_epochs is not None and max_epochs >= 0:
+        limits.append((max_epochs, "trainer.max_epochs"))
+    if max_steps is not None and max_steps >= 0:
+        limits.append((-(-max_steps // steps_per_iteration), "trainer.max_steps"))
+    or_time = " (or trainer.max_time, if sooner)" if any(isinstance(c, Timer) for c in trainer.callbacks) else ""
+    if not limits:
+        return f"no iteration limit (trainer.max_epochs=-1): the run goes on until stopped{or_time}"
+    iterations, limit = min(limits)
+    text = (f"{iterations} iterations ({limit}; a resumed run counts the iterations before it) = "
+            f"{count(iterations * trajectories_per_iteration)} trajectories, "
+            f"{iterations * steps_per_iteration} optimizer steps{or_time}")
+    if limit == "trainer.max_steps" and max_steps % steps_per_iteration:
+        text += (f"; trainer.max_steps={max_steps} falls inside an iteration and is checked only at its end, "
+                 f"so the run makes {iterations * steps_per_iteration}")
+    return text
 
 
 def _dtype(module: torch.nn.Module) -> str:
@@ -72,6 +99,7 @@ def run_header(module: Any, trainer: L.Trainer, pairs_per_rank: int) -> str:
     timesteps = module.timesteps.tolist()
     steps = a["num_steps"]
     micro, accumulation = a["micro_batch_pairs"], a["gradient_accumulation_steps"]
+    steps_per_iteration = optimizer_steps_per_iteration(pairs_per_rank, a)
     return "\n".join([
         f"SDPO run: {trainer.default_root_dir} · {world} process{'es' if world > 1 else ''} on {device} · "
         f"precision {trainer.precision}",
@@ -80,9 +108,10 @@ def run_header(module: Any, trainer: L.Trainer, pairs_per_rank: int) -> str:
         f"  iteration   per rank: {pairs_per_rank} prompts x 2 trajectories x T = {steps} steps "
         f"(timesteps {timesteps[0]}..{timesteps[-1]}), {world * pairs_per_rank} prompts over all ranks",
         f"  rewards     exact at {queried_steps(a)}",
-        f"  updates     {optimizer_steps_per_iteration(pairs_per_rank, a)} optimizer steps per iteration, each on "
+        f"  updates     {steps_per_iteration} optimizer steps per iteration, each on "
         f"{micro * accumulation * world} pairs (micro-batch {micro} x {accumulation} accumulation"
         f"{f' x {world} ranks' if world > 1 else ''}), lr {module.optim_cfg.get('lr')}",
+        f"  length      {run_length(trainer, steps_per_iteration, 2 * world * pairs_per_rank)}",
     ])
 
 

@@ -37,6 +37,27 @@ def test_header_matches_the_run(overrides, tmp_path, cache_dir, capsys):
     assert "litlogger" not in out
 
 
+@pytest.mark.parametrize(("limits", "iterations"), [
+    (["trainer.max_epochs=2"], 2),
+    (["trainer.max_epochs=5", "trainer.max_steps=6"], 2),  # 4 steps per iteration: step 6 falls in the second
+    (["trainer.max_epochs=5", "trainer.max_steps=4"], 1),
+])
+def test_header_states_the_runs_length(limits, iterations, tmp_path, cache_dir, capsys):
+    """The length line names the limit that ends the run, and the run then makes exactly what it said."""
+    train(compose([*FAST, "algo.micro_batch_pairs=1", "algo.gradient_accumulation_steps=4", *limits], tmp_path,
+                  cache_dir))  # 4 pairs (8 trajectories), T = 4: one group per column, 4 optimizer steps per iteration
+    header = capsys.readouterr().out
+    length = re.search(r"length +(\d+) iterations \((trainer\.max_\w+);.*?\) = (\d+) trajectories, "
+                       r"(\d+) optimizer steps(.*)", header)
+    assert length is not None, header
+    rows = read_metrics(tmp_path)
+    assert int(length.group(1)) == iterations == len(rows)
+    assert int(length.group(3)) == rows[-1]["train/samples"] == iterations * 8
+    assert int(length.group(4)) == iterations * 4 == sum(r["train/optimizer_steps"] for r in rows)
+    assert length.group(2) == ("trainer.max_steps" if len(limits) > 1 else "trainer.max_epochs")
+    assert ("falls inside an iteration" in length.group(5)) == (limits[-1] == "trainer.max_steps=6")
+
+
 def test_count_reads_like_a_person_would() -> None:
     assert [count(n) for n in (12, 20_000, 829_952, 866_700_000, 2_600_000_000)] == \
         ["12", "20.0 K", "830.0 K", "866.7 M", "2.6 B"]
