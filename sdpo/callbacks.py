@@ -96,7 +96,12 @@ class SampleGrid(L.Callback):
 
 
 class RewardSummary(L.Callback):
-    """Record the rewards of every epoch; at the end print first-vs-last and write them as JSON."""
+    """Record the rewards of every epoch; at the end print first-vs-last and write them as JSON.
+
+    A run that stops early (Ctrl-C, an error) gets the same table and JSON over its complete iterations, and says
+    which checkpoint holds the last of them and how to continue or export from it: the end-of-training callbacks
+    (the table, ``trained/``) do not run then, and the weights in memory may be partway through an iteration.
+    """
 
     KEYS = ("train/reward_1step", "train/reward_last")
     SPREAD = ("train/reward_1step_std", "train/reward_last_std")
@@ -121,13 +126,24 @@ class RewardSummary(L.Callback):
 
     @rank_zero_only
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._report(pl_module, stopped=None)
+
+    @rank_zero_only
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        cause = "Ctrl-C" if isinstance(exception, KeyboardInterrupt) else type(exception).__name__
+        stopped = f"{cause} during epoch {trainer.current_epoch}"
+        if self.history:  # nothing to report for a run that fails before its first iteration ends
+            self._report(pl_module, stopped)
+            print(stop_notice(trainer, stopped), flush=True)
+
+    def _report(self, pl_module: L.LightningModule, stopped: str | None) -> None:
         if not self.history:
             return
         first, last = self.history[0], self.history[-1]
         t = getattr(pl_module, "algo_cfg", {}).get("num_steps", "T")
         lines = [
             f"SDPO reward ({getattr(pl_module, 'reward_cfg', {}).get('name', 'reward')}), "
-            f"epoch {first['epoch']} -> epoch {last['epoch']}",
+            f"epoch {first['epoch']} -> epoch {last['epoch']}" + (f" (stopped by {stopped})" if stopped else ""),
             f"{'image':<10}{'first':>10}{'last':>10}{'change':>10}{'spread':>10}",
         ]
         rows = (("1-step", self.KEYS[0], self.SPREAD[0]), (f"{t}-step", self.KEYS[1], self.SPREAD[1]))
@@ -137,9 +153,25 @@ class RewardSummary(L.Callback):
             lines.append(f"{label:<10}{values}")
         lines.append("(spread: std of the reward across the first epoch's samples)")
         table = "\n".join(lines)
-        print("\n" + table + "\n")
+        print("\n" + table + "\n", flush=True)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.path.write_text(json.dumps({"first": first, "last": last, "history": self.history}, indent=1))
+        summary = {"first": first, "last": last, "history": self.history, **({"stopped": stopped} if stopped else {})}
+        self.path.write_text(json.dumps(summary, indent=1))
+
+
+def stop_notice(trainer: L.Trainer, stopped: str) -> str:
+    """What a run that stopped early kept, and the commands that continue or export it."""
+    saved = trainer.checkpoint_callback
+    path = (getattr(saved, "last_model_path", "") or getattr(saved, "best_model_path", "")) if saved else ""
+    if not path:
+        why = ("callbacks.checkpoint is off" if saved is None
+               else "none was due yet (callbacks.checkpoint.every_n_epochs)")
+        return f"run stopped ({stopped}) with no checkpoint written ({why}): nothing to continue from"
+    return "\n".join([
+        f"run stopped ({stopped}); newest checkpoint: {path} ({Path(path).resolve().stem})",
+        f"  continue: the same command with ckpt_path={path}",
+        f"  export:   python -m sdpo.export {path} {Path(path).parent.parent / 'trained'}",
+    ])
 
 
 class ExportTrained(L.Callback):

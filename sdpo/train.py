@@ -21,6 +21,7 @@ import hydra
 import lightning as L
 import torch
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from sdpo.cluster import restart_checkpoint, slurm_plugins
@@ -159,7 +160,11 @@ def train(cfg: DictConfig) -> L.Trainer:
     module = SDPOModule(model=cfg.model, algo=cfg.algo, reward=cfg.reward, optim=cfg.optim, seed=cfg.seed)
     loggers = [instantiate(c) for c in cfg.get("logger", {}).values() if c is not None]
     callbacks = [instantiate(c) for c in cfg.get("callbacks", {}).values() if c is not None]
-    trainer = instantiate(cfg.trainer, logger=loggers, callbacks=callbacks, plugins=slurm_plugins() or None)
+    no_checkpoints = {}
+    if not any(isinstance(c, ModelCheckpoint) for c in callbacks) and "enable_checkpointing" not in cfg.trainer:
+        no_checkpoints = {"enable_checkpointing": False}  # callbacks.checkpoint=null: not Lightning's default either
+    trainer = instantiate(cfg.trainer, logger=loggers, callbacks=callbacks, plugins=slurm_plugins() or None,
+                          **no_checkpoints)
     for logger in loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)

@@ -1,0 +1,83 @@
+"""A run that stops early (Ctrl-C, an error) reports its complete iterations and how to continue or export them."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+
+import pytest
+from lightning.pytorch import Callback
+
+from sdpo.export import main as export_main
+from sdpo.train import train
+from tests.conftest import FAST, compose, read_metrics
+
+
+class StopAtEpoch(Callback):
+    """As epoch ``epoch`` starts: Ctrl-C (a real SIGINT to this process) or a RuntimeError."""
+
+    def __init__(self, epoch: int, how: str) -> None:
+        self.epoch, self.how = epoch, how
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        if trainer.current_epoch == self.epoch:
+            if self.how == "ctrl-c":
+                os.kill(os.getpid(), signal.SIGINT)
+            raise RuntimeError("stopped by the test")
+
+
+def stop_at(epoch: int, how: str) -> list[str]:
+    return [f"+callbacks.stop._target_={__name__}.StopAtEpoch", f"+callbacks.stop.epoch={epoch}",
+            f"+callbacks.stop.how={how}"]
+
+
+@pytest.fixture
+def restore_sigint():
+    """Lightning ignores SIGINT after a Ctrl-C (so a second one cannot cut its shutdown short): put it back."""
+    previous = signal.getsignal(signal.SIGINT)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_ctrl_c_keeps_the_complete_iterations_and_says_how_to_go_on(tmp_path, cache_dir, capsys, restore_sigint):
+    run = tmp_path / "run"
+    with pytest.raises(SystemExit):  # Lightning's graceful shutdown ends with exit status 1
+        train(compose([*FAST, "trainer.max_epochs=6", *stop_at(2, "ctrl-c")], run, cache_dir))
+    out = capsys.readouterr().out
+    assert "epoch 0 -> epoch 1 (stopped by Ctrl-C during epoch 2)" in out  # the table over epochs 0 and 1
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["stopped"] == "Ctrl-C during epoch 2" and [h["epoch"] for h in summary["history"]] == [0, 1]
+    assert not (run / "trained").exists()  # the end-of-training export did not run
+    checkpoint = run / "checkpoints" / "last.ckpt"
+    assert f"newest checkpoint: {checkpoint} (epoch=1-step=" in out
+
+    export = re.search(r"export: +python -m sdpo\.export (\S+) (\S+)", out)
+    assert export is not None, out
+    export_main([export.group(1), export.group(2)])  # the printed command works
+    assert (run / "trained" / "diffusion_pytorch_model.safetensors").is_file()  # the full UNet, as diffusers saves it
+
+    said = re.search(r"continue: the same command with (ckpt_path=\S+)", out).group(1)
+    more = tmp_path / "continued"  # a new run folder, as Hydra makes for the same command run again
+    train(compose([*FAST, "trainer.max_epochs=3", said], more, cache_dir))  # ... and so does this one
+    assert [int(r["epoch"]) for r in read_metrics(more) if "train/reward_1step" in r] == [2]
+    summary = json.loads((more / "summary.json").read_text())
+    assert [h["epoch"] for h in summary["history"]] == [0, 1, 2] and "stopped" not in summary
+
+
+def test_an_error_reports_what_was_done_and_that_nothing_was_saved(tmp_path, cache_dir, capsys):
+    with pytest.raises(RuntimeError, match="stopped by the test"):
+        train(compose([*FAST, "trainer.max_epochs=4", "callbacks.checkpoint=null", *stop_at(1, "error")], tmp_path,
+                      cache_dir))
+    out = capsys.readouterr().out
+    assert "epoch 0 -> epoch 0 (stopped by RuntimeError during epoch 1)" in out
+    assert "no checkpoint written (callbacks.checkpoint is off): nothing to continue from" in out
+    assert not list(tmp_path.rglob("*.ckpt"))  # nor did Lightning's default checkpointing write one
+
+
+def test_an_error_before_the_first_iteration_ends_adds_nothing(tmp_path, cache_dir, capsys):
+    with pytest.raises(RuntimeError, match="stopped by the test"):
+        train(compose([*FAST, "trainer.max_epochs=2", *stop_at(0, "error")], tmp_path, cache_dir))
+    assert "stopped by" not in capsys.readouterr().out
+    assert not (tmp_path / "summary.json").exists()
