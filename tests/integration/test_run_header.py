@@ -41,6 +41,7 @@ def test_header_matches_the_run(overrides, tmp_path, cache_dir, capsys):
     (["trainer.max_epochs=2"], 2),
     (["trainer.max_epochs=5", "trainer.max_steps=6"], 2),  # 4 steps per iteration: step 6 falls in the second
     (["trainer.max_epochs=5", "trainer.max_steps=4"], 1),
+    (["trainer.max_epochs=1", "trainer.max_time=00:01:00:00"], 1),  # a wall-clock limit is named, not predicted
 ])
 def test_header_states_the_runs_length(limits, iterations, tmp_path, cache_dir, capsys):
     """The length line names the limit that ends the run, and the run then makes exactly what it said."""
@@ -54,8 +55,9 @@ def test_header_states_the_runs_length(limits, iterations, tmp_path, cache_dir, 
     assert int(length.group(1)) == iterations == len(rows)
     assert int(length.group(3)) == rows[-1]["train/samples"] == iterations * 8
     assert int(length.group(4)) == iterations * 4 == sum(r["train/optimizer_steps"] for r in rows)
-    assert length.group(2) == ("trainer.max_steps" if len(limits) > 1 else "trainer.max_epochs")
+    assert length.group(2) == ("trainer.max_steps" if "max_steps" in limits[-1] else "trainer.max_epochs")
     assert ("falls inside an iteration" in length.group(5)) == (limits[-1] == "trainer.max_steps=6")
+    assert ("or trainer.max_time, if sooner" in length.group(5)) == ("max_time" in limits[-1])
 
 
 def test_count_reads_like_a_person_would() -> None:
