@@ -37,6 +37,10 @@ class RunCheckpoint(ModelCheckpoint):
             self._save_topk_checkpoint(trainer, candidates)
             self._save_last_checkpoint(trainer, candidates)
 
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.fast_dev_run:  # the stock hook writes last.ckpt even then, though fast_dev_run means none
+            super().on_train_end(trainer, pl_module)
+
 
 class SampleGrid(L.Callback):
     """Every N epochs (and after the last), save the iteration's 1-step and T-step images with their rewards."""

@@ -59,7 +59,10 @@ def run_length(trainer: L.Trainer, steps_per_iteration: int, trajectories_per_it
     if not limits:
         return f"no iteration limit (trainer.max_epochs=-1): the run goes on until stopped{or_time}"
     iterations, limit = min(limits)
-    text = (f"{iterations} iterations ({limit}; a resumed run counts the iterations before it) = "
+    if trainer.fast_dev_run:  # Lightning sets max_epochs and max_steps from it
+        limit = "trainer.fast_dev_run"
+    text = (f"{iterations} iteration{'' if iterations == 1 else 's'} ({limit}; a resumed run counts the "
+            f"iterations before it) = "
             f"{count(iterations * trajectories_per_iteration)} trajectories, "
             f"{iterations * steps_per_iteration} optimizer steps{or_time}")
     if limit == "trainer.max_steps" and max_steps % steps_per_iteration:

@@ -165,7 +165,7 @@ def train(cfg: DictConfig) -> L.Trainer:
         no_checkpoints = {"enable_checkpointing": False}  # callbacks.checkpoint=null: not Lightning's default either
     trainer = instantiate(cfg.trainer, logger=loggers, callbacks=callbacks, plugins=slurm_plugins() or None,
                           **no_checkpoints)
-    for logger in loggers:
+    for logger in trainer.loggers:  # not ``loggers``: trainer.fast_dev_run swaps them for a logger that writes nothing
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     return trainer

@@ -42,15 +42,20 @@ def test_header_matches_the_run(overrides, tmp_path, cache_dir, capsys):
     (["trainer.max_epochs=5", "trainer.max_steps=6"], 2),  # 4 steps per iteration: step 6 falls in the second
     (["trainer.max_epochs=5", "trainer.max_steps=4"], 1),
     (["trainer.max_epochs=1", "trainer.max_time=00:01:00:00"], 1),  # a wall-clock limit is named, not predicted
+    (["trainer.fast_dev_run=true"], 1),  # Lightning's one-iteration check (no checkpoints, no logs)
 ])
 def test_header_states_the_runs_length(limits, iterations, tmp_path, cache_dir, capsys):
     """The length line names the limit that ends the run, and the run then makes exactly what it said."""
     train(compose([*FAST, "algo.micro_batch_pairs=1", "algo.gradient_accumulation_steps=4", *limits], tmp_path,
                   cache_dir))  # 4 pairs (8 trajectories), T = 4: one group per column, 4 optimizer steps per iteration
     header = capsys.readouterr().out
-    length = re.search(r"length +(\d+) iterations \((trainer\.max_\w+);.*?\) = (\d+) trajectories, "
+    length = re.search(r"length +(\d+) iterations? \((trainer\.\w+);.*?\) = (\d+) trajectories, "
                        r"(\d+) optimizer steps(.*)", header)
     assert length is not None, header
+    if "fast_dev_run" in limits[-1]:
+        assert length.group(1) == "1" and length.group(2) == "trainer.fast_dev_run" and "1 iteration (" in header
+        assert not (tmp_path / "csv").exists() and not (tmp_path / "checkpoints").exists()
+        return
     rows = read_metrics(tmp_path)
     assert int(length.group(1)) == iterations == len(rows)
     assert int(length.group(3)) == rows[-1]["train/samples"] == iterations * 8
