@@ -21,18 +21,34 @@ from sdpo.grids import fit_to_grid, image_grid
 from sdpo.policy.attention import torch_attention
 
 
+def is_final_iteration(trainer: L.Trainer) -> bool:
+    """Whether the iteration that just ended (``on_train_epoch_end``) is the run's last.
+
+    Any limit can end a run: ``max_epochs`` (-1: none), ``max_steps`` (optimizer steps, which Lightning checks after
+    the iteration), or a stop already requested this iteration (``max_time``'s Timer, which checks after each
+    batch, i.e. before this hook; early stopping). The "after the last epoch" work (checkpoint, grid, evaluation)
+    must follow whichever it is.
+    """
+    max_epochs, max_steps = trainer.max_epochs, trainer.max_steps
+    if max_epochs is not None and max_epochs >= 0 and trainer.current_epoch + 1 >= max_epochs:
+        return True
+    if max_steps is not None and max_steps >= 0 and trainer.global_step >= max_steps:
+        return True
+    return bool(trainer.should_stop)
+
+
 class RunCheckpoint(ModelCheckpoint):
-    """Lightning's ``ModelCheckpoint`` that also saves after the final epoch.
+    """Lightning's ``ModelCheckpoint`` that also saves after the final epoch (``is_final_iteration``).
 
     With ``every_n_epochs=N`` (worth raising when each checkpoint is a big full fine-tune), the stock callback skips
-    the last epochs when N does not divide ``max_epochs``, and ``last.ckpt`` would silently hold an older policy
+    the last epochs when N does not divide the run's length, and ``last.ckpt`` would silently hold an older policy
     than ``trained/``. Resuming or exporting from it must give the final weights.
     """
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_epoch_end(trainer, pl_module)
-        final = trainer.max_epochs is not None and trainer.current_epoch + 1 >= trainer.max_epochs
-        if final and not self._should_skip_saving_checkpoint(trainer):  # skipped when this step is already saved
+        # (skipped when this step is already saved)
+        if is_final_iteration(trainer) and not self._should_skip_saving_checkpoint(trainer):
             candidates = self._monitor_candidates(trainer)
             self._save_topk_checkpoint(trainer, candidates)
             self._save_last_checkpoint(trainer, candidates)
@@ -60,7 +76,7 @@ class SampleGrid(L.Callback):
     @rank_zero_only
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         epoch = trainer.current_epoch
-        last = epoch + 1 >= (trainer.max_epochs or 0)
+        last = is_final_iteration(trainer)
         latest = getattr(pl_module, "latest", None)
         if not latest or not (epoch % self.every_n_epochs == 0 or last):
             return
@@ -300,7 +316,7 @@ class EvalDuringTraining(L.Callback):
         if trainer.global_rank != 0:
             return
         epoch = trainer.current_epoch
-        last = bool(trainer.max_epochs and trainer.max_epochs > 0 and epoch + 1 >= trainer.max_epochs)
+        last = is_final_iteration(trainer)
         if not (epoch % self.every_n_epochs == 0 or last):
             return
         tic = time.perf_counter()

@@ -357,6 +357,36 @@ def test_checkpoint_every_n_epochs_still_saves_the_final_epoch(tmp_path, cache_d
         torch.testing.assert_close(value, final[name], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("limits", [
+    ["trainer.max_epochs=10", "trainer.max_steps=12"],  # max_steps ends the run first
+    ["trainer.max_epochs=-1", "trainer.max_steps=12"],  # no epoch limit at all
+    ["trainer.max_epochs=10", f"+callbacks.stop._target_={__name__}.RequestStopAtEpoch", "+callbacks.stop.epoch=2"],
+])
+def test_the_final_iteration_gets_its_checkpoint_grid_and_evaluation_whatever_limit_ends_the_run(
+        limits, tmp_path, cache_dir):
+    """Three iterations (4 optimizer steps each), ended by max_steps or by a stop request (as max_time's Timer
+    makes): the final one (epoch 2) is checkpointed, drawn and evaluated although no schedule asks for it, and
+    epoch 1, which none asks for either, is not (every_n_epochs: checkpoint 2 would save it, grid 5, eval 25)."""
+    train(compose([*FAST, "algo.micro_batch_pairs=1", "algo.gradient_accumulation_steps=4", *limits,
+                   "callbacks.checkpoint.every_n_epochs=4", "callbacks.sample_grid.every_n_epochs=5",
+                   "callbacks.eval.every_n_epochs=25", "callbacks.eval.steps=[1]"], tmp_path, cache_dir))
+    assert [int(r["epoch"]) for r in read_metrics(tmp_path) if "train/reward_1step" in r] == [0, 1, 2]
+    assert (tmp_path / "checkpoints" / "last.ckpt").resolve().name == "epoch=2-step=12.ckpt"
+    assert sorted(p.name for p in (tmp_path / "samples").glob("*.png")) == ["epoch_0000.png", "epoch_0002.png"]
+    assert sorted(p.name for p in (tmp_path / "eval").iterdir()) == ["epoch_0000", "epoch_0002"]
+
+
+class RequestStopAtEpoch(Callback):
+    """Asks the trainer to stop after epoch ``epoch``'s batch, as trainer.max_time's Timer does when time is up."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.current_epoch == self.epoch:
+            trainer.should_stop = True
+
+
 class PoisonTheLoss(Callback):
     """Makes every SDPO loss computed after the run's first ``after_steps`` optimizer steps NaN (a NaN clip range;
     the samples stay finite) and keeps the module, its initial weights and its weights at that moment (on the
