@@ -32,7 +32,7 @@ def run_cli(args: list[str], cache_dir: Path, timeout: int = 1500) -> subprocess
 def test_default_entry_point_raises_the_reward(tmp_path, cache_dir):
     """`python -m sdpo.train`, the README's main command, learns: the 1-step and T-step brightness rise by more
     than 3 standard deviations of one epoch's rewards. The whole default (100 iterations, about a minute): the rise
-    varies a lot with the seed (1-step +0.023 to +0.082 over 28 seeded runs), and over 40 iterations the low end of
+    varies a lot with the seed (1-step +0.023 to +0.082 over seeds 0-13), and over 40 iterations the low end of
     that range is about the threshold."""
     run_dir = tmp_path / "run"
     result = run_cli([f"hydra.run.dir={run_dir}", "trainer.enable_progress_bar=false"], cache_dir)
@@ -366,7 +366,7 @@ def test_the_final_iteration_gets_its_checkpoint_grid_and_evaluation_whatever_li
         limits, tmp_path, cache_dir):
     """Three iterations (4 optimizer steps each), ended by max_steps or by a stop request (as max_time's Timer
     makes): the final one (epoch 2) is checkpointed, drawn and evaluated although no schedule asks for it, and
-    epoch 1, which none asks for either, is not (every_n_epochs: checkpoint 2 would save it, grid 5, eval 25)."""
+    epoch 1, which none asks for either, is not (every_n_epochs: checkpoint 4, grid 5, eval 25)."""
     train(compose([*FAST, "algo.micro_batch_pairs=1", "algo.gradient_accumulation_steps=4", *limits,
                    "callbacks.checkpoint.every_n_epochs=4", "callbacks.sample_grid.every_n_epochs=5",
                    "callbacks.eval.every_n_epochs=25", "callbacks.eval.steps=[1]"], tmp_path, cache_dir))
