@@ -47,7 +47,7 @@ class RunCheckpoint(ModelCheckpoint):
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_epoch_end(trainer, pl_module)
-        # (skipped when this step is already saved)
+        # the stock skip: this step already saved (on schedule, just above), or fast_dev_run
         if is_final_iteration(trainer) and not self._should_skip_saving_checkpoint(trainer):
             candidates = self._monitor_candidates(trainer)
             self._save_topk_checkpoint(trainer, candidates)

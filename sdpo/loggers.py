@@ -14,10 +14,8 @@ from __future__ import annotations
 import csv
 import logging
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
-import torch
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
@@ -65,11 +63,6 @@ def wandb_run_id(loggers: list[Any]) -> str | None:
 def recorded_wandb_run(state: Mapping[str, Any] | None) -> str | None:
     """The W&B run id a loaded checkpoint recorded (None: none, or no checkpoint)."""
     return ((state or {}).get("sdpo") or {}).get("wandb_run_id")
-
-
-def checkpoint_wandb_run(path: str | Path) -> str | None:
-    """The W&B run id the checkpoint at ``path`` recorded (memory-mapped: the weights are not read)."""
-    return recorded_wandb_run(torch.load(path, map_location="cpu", weights_only=True, mmap=True))
 
 
 def continue_wandb_run(cfg: DictConfig, state: Mapping[str, Any] | None, ckpt_path: str | None) -> str | None:

@@ -141,7 +141,8 @@ def test_a_resumed_run_logs_into_the_w_and_b_run_of_its_checkpoint(tmp_path, cac
     another."""
     import wandb
 
-    from sdpo.loggers import checkpoint_wandb_run
+    from sdpo.loggers import recorded_wandb_run
+    from sdpo.resume import read_resume_state
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     base = [*FAST, "trainer.max_epochs=2", "callbacks.eval=null", "callbacks.sample_grid=null", "logger=wandb",
@@ -162,7 +163,7 @@ def test_a_resumed_run_logs_into_the_w_and_b_run_of_its_checkpoint(tmp_path, cac
         fit([*base, *crash], tmp_path / "part")
     ckpt = tmp_path / "part" / "checkpoints" / "last.ckpt"
     (first,) = run_ids(tmp_path / "part")
-    assert checkpoint_wandb_run(ckpt) == first
+    assert recorded_wandb_run(read_resume_state(ckpt)) == first
 
     monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
     fit(base, tmp_path / "part")
