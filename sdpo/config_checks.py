@@ -120,6 +120,10 @@ def validate_config(cfg: DictConfig) -> None:
                                   f"many times per iteration; set algo.gradient_accumulation_steps instead")
     need(lightning_clip is None, f"trainer.gradient_clip_val={lightning_clip}: SDPO steps its optimizer itself, "
                                  f"many times per iteration; set algo.max_grad_norm instead")
+    for key in ("max_epochs", "max_steps"):  # Lightning accepts 0 and fits nothing, then the run exports its base
+        limit = cfg.trainer.get(key)
+        need(limit != 0, f"trainer.{key}=0 trains nothing: use a positive limit, or -1 for none (the base model "
+                         f"needs no training run to be evaluated: python -m sdpo.evaluate)")
     ckpt = cfg.get("ckpt_path")
     need(ckpt is None or str(ckpt) in LIGHTNING_CKPT_NAMES or "://" in str(ckpt) or Path(str(ckpt)).is_file(),
          f"ckpt_path={ckpt}: no such file (resume from a run's checkpoint, e.g. "

@@ -21,6 +21,10 @@ class ResumeMismatch(ValueError):
     """``ckpt_path`` was written under settings its state depends on, and this run changes them."""
 
 
+class NothingToResume(ValueError):
+    """``ckpt_path`` has already reached this run's iteration or optimizer-step limit: fitting would do nothing."""
+
+
 def reward_identity(reward: Mapping[str, Any]) -> Any:
     """What sets a reward's scale: its name, and for a weighted sum each part's reward and weight. Paths, dtypes and
     cache folders may differ between machines without changing the scores, so they are left out."""
@@ -91,3 +95,35 @@ def check_resume(cfg: DictConfig, state: Mapping[str, Any] | None, ckpt_path: st
             f"new run, or set resume_check=false to resume anyway (e.g. the same weights under another path)."
         )
     return differences
+
+
+def iterations_done(state: Mapping[str, Any]) -> int:
+    """Iterations a checkpoint has completed, as Lightning counts them against ``trainer.max_epochs`` (the fit
+    loop's processed epochs; our checkpoints are written only at iteration ends)."""
+    progress = state.get("loops", {}).get("fit_loop", {}).get("epoch_progress", {}).get("current", {})
+    return int(progress.get("processed", int(state.get("epoch", -1)) + 1))
+
+
+def check_work_left(cfg: DictConfig, state: Mapping[str, Any] | None, ckpt_path: str | Path | None) -> None:
+    """Raise ``NothingToResume`` when ``state`` already meets ``trainer.max_epochs`` or ``trainer.max_steps``.
+
+    Lightning would restore it, print that the limit is reached and return: no iteration, no ``trained/``, no
+    summary, after loading every model. Continuing a run usually means raising the limit, so say that instead.
+    """
+    if not state or cfg.trainer.get("fast_dev_run"):
+        return
+    done, steps = iterations_done(state), int(state.get("global_step", 0))
+    max_epochs, max_steps = cfg.trainer.get("max_epochs"), cfg.trainer.get("max_steps", -1)
+    reached = []
+    if max_epochs is not None and 0 <= max_epochs <= done:
+        again = 2 * max(done, 1)
+        reached.append(f"trainer.max_epochs={max_epochs} (raise it, e.g. trainer.max_epochs={again} to train as "
+                       f"many again)")
+    if max_steps is not None and 0 <= max_steps <= steps:
+        reached.append(f"trainer.max_steps={max_steps} (raise it past {steps}, or -1 for no step limit)")
+    if reached:
+        raise NothingToResume(
+            f"ckpt_path={ckpt_path} has done {done} iteration{'' if done == 1 else 's'} ({steps} optimizer steps), "
+            f"which already meets {' and '.join(reached)}: resuming would train nothing. To get its weights "
+            f"without training: python -m sdpo.export {ckpt_path} <folder>"
+        )

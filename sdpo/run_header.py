@@ -18,6 +18,7 @@ from lightning.pytorch.callbacks import Timer
 from lightning.pytorch.utilities import rank_zero_only
 
 from sdpo.algo.shuffle import count_update_groups
+from sdpo.resume import iterations_done, read_resume_state
 
 
 def count(n: int) -> str:
@@ -43,11 +44,13 @@ def queried_steps(algo: dict[str, Any]) -> str:
     return f"first, last and {anchors} {dense['anchor']} anchor step(s) of {t}; the rest interpolated"
 
 
-def run_length(trainer: L.Trainer, steps_per_iteration: int, trajectories_per_iteration: int) -> str:
+def run_length(trainer: L.Trainer, steps_per_iteration: int, trajectories_per_iteration: int,
+               done: int | None = None) -> str:
     """How long the run is, in iterations, trajectories (the paper's sample count) and optimizer steps.
 
     ``trainer.max_steps`` counts optimizer steps (the module steps its optimizer by hand), but Lightning checks it
-    only between iterations, so a limit inside an iteration ends the run at that iteration's end: say so.
+    only between iterations, so a limit inside an iteration ends the run at that iteration's end: say so. ``done``:
+    the iterations a resumed checkpoint has completed, which both limits count.
     """
     max_epochs, max_steps = trainer.max_epochs, trainer.max_steps
     limits = []
@@ -61,14 +64,21 @@ def run_length(trainer: L.Trainer, steps_per_iteration: int, trajectories_per_it
     iterations, limit = min(limits)
     if trainer.fast_dev_run:  # Lightning sets max_epochs and max_steps from it
         limit = "trainer.fast_dev_run"
-    text = (f"{iterations} iteration{'' if iterations == 1 else 's'} ({limit}; a resumed run counts the "
-            f"iterations before it) = "
+    text = (f"{iterations} iteration{'' if iterations == 1 else 's'} ({limit}) = "
             f"{count(iterations * trajectories_per_iteration)} trajectories, "
             f"{iterations * steps_per_iteration} optimizer steps{or_time}")
+    if done is not None:
+        text += f"; resumed after {done}: {max(iterations - done, 0)} to go"
     if limit == "trainer.max_steps" and max_steps % steps_per_iteration:
         text += (f"; trainer.max_steps={max_steps} falls inside an iteration and is checked only at its end, "
                  f"so the run makes {iterations * steps_per_iteration}")
     return text
+
+
+def resumed_iterations(trainer: L.Trainer) -> int | None:
+    """Iterations completed by the checkpoint the trainer resumes from (None for a fresh run)."""
+    state = read_resume_state(trainer.ckpt_path)
+    return iterations_done(state) if state else None
 
 
 def _dtype(module: torch.nn.Module) -> str:
@@ -114,7 +124,8 @@ def run_header(module: Any, trainer: L.Trainer, pairs_per_rank: int) -> str:
         f"  updates     {steps_per_iteration} optimizer steps per iteration, each on "
         f"{micro * accumulation * world} pairs (micro-batch {micro} x {accumulation} accumulation"
         f"{f' x {world} ranks' if world > 1 else ''}), lr {module.optim_cfg.get('lr')}",
-        f"  length      {run_length(trainer, steps_per_iteration, 2 * world * pairs_per_rank)}",
+        f"  length      "
+        f"{run_length(trainer, steps_per_iteration, 2 * world * pairs_per_rank, resumed_iterations(trainer))}",
     ])
 
 

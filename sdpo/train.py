@@ -28,7 +28,7 @@ from sdpo.cluster import restart_checkpoint, slurm_plugins
 from sdpo.config_checks import ConfigError, pairs_per_rank, runs_on_cpu, validate_config
 from sdpo.loggers import continue_wandb_run
 from sdpo.policy.speed import compile_mode, use_compile_cache
-from sdpo.resume import check_resume, read_resume_state
+from sdpo.resume import check_resume, check_work_left, read_resume_state
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 log = logging.getLogger(__name__)
@@ -152,7 +152,8 @@ def train(cfg: DictConfig) -> L.Trainer:
                 cfg.logger.csv.append = True
     if compile_mode(cfg.algo.get("compile")) != "off" and cfg.algo.get("compile_backend", "inductor") == "inductor":
         use_compile_cache(cfg.algo.get("compile_cache_dir"))  # before anything compiles (and before DDP launches)
-    resumed = read_resume_state(ckpt_path)  # read once: the resume check and the W&B run id
+    resumed = read_resume_state(ckpt_path)  # read once: the resume checks and the W&B run id
+    check_work_left(cfg, resumed, ckpt_path)
     for difference in check_resume(cfg, resumed, ckpt_path):  # raises unless resume_check=false
         log.warning("resuming %s with a changed setting (resume_check=false): %s", ckpt_path, difference)
     continue_wandb_run(cfg, resumed, ckpt_path)

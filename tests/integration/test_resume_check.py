@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from sdpo.resume import ResumeMismatch, resume_differences, resume_settings
+from sdpo.resume import NothingToResume, ResumeMismatch, resume_differences, resume_settings
 from sdpo.train import train
 from tests.conftest import FAST, compose, read_metrics
 
@@ -43,11 +43,33 @@ def test_a_changed_setting_is_refused_before_loading(change, listed, checkpoint,
     assert "resume_check=false" in message and not (tmp_path / "checkpoints").exists()
 
 
-def test_settings_the_state_does_not_depend_on_may_change(checkpoint, tmp_path, cache_dir):
-    """Learning rate, seed, frozen dtype, prompts: a resumed run may change them; it trains a second epoch."""
+def test_settings_the_state_does_not_depend_on_may_change(checkpoint, tmp_path, cache_dir, capsys):
+    """Learning rate, seed, frozen dtype, prompts: a resumed run may change them; it trains a second epoch, as its
+    header says."""
     trainer = train(compose([*BASE, f"ckpt_path={checkpoint}", "trainer.max_epochs=2", "optim.lr=1e-3", "seed=3",
                              "model.weight_dtype=bf16", "data.source=simple_animals"], tmp_path, cache_dir))
     assert trainer.current_epoch == 2 and [r["epoch"] for r in read_metrics(tmp_path)] == [1]
+    assert "2 iterations (trainer.max_epochs) = 16 trajectories, 8 optimizer steps; resumed after 1: 1 to go" \
+        in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("limits,named", [
+    (["trainer.max_epochs=1"], "meets trainer.max_epochs=1 (raise it, e.g. trainer.max_epochs=2"),
+    (["trainer.max_epochs=5", "trainer.max_steps=3"], "meets trainer.max_steps=3 (raise it past 4"),
+])
+def test_a_checkpoint_that_reached_the_limit_is_refused_before_loading(limits, named, checkpoint, tmp_path,
+                                                                       cache_dir, monkeypatch):
+    """Lightning would load every model, restore, print that the limit is reached and write nothing: say what to
+    raise instead (the usual mistake when continuing a run), and how to get the weights without training."""
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the models were loaded before the limits were checked")
+
+    monkeypatch.setattr("sdpo.module.SDPOModule.__init__", no_loading)
+    with pytest.raises(NothingToResume) as error:
+        train(compose([*BASE, f"ckpt_path={checkpoint}", *limits], tmp_path, cache_dir))
+    message = str(error.value)
+    assert message.startswith(f"ckpt_path={checkpoint} has done 1 iteration (4 optimizer steps)"), message
+    assert named in message and f"python -m sdpo.export {checkpoint} <folder>" in message
 
 
 def test_resume_check_false_resumes_and_says_what_changed(checkpoint, tmp_path, cache_dir, caplog):

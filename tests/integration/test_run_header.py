@@ -49,7 +49,7 @@ def test_header_states_the_runs_length(limits, iterations, tmp_path, cache_dir, 
     train(compose([*FAST, "algo.micro_batch_pairs=1", "algo.gradient_accumulation_steps=4", *limits], tmp_path,
                   cache_dir))  # 4 pairs (8 trajectories), T = 4: one group per column, 4 optimizer steps per iteration
     header = capsys.readouterr().out
-    length = re.search(r"length +(\d+) iterations? \((trainer\.\w+);.*?\) = (\d+) trajectories, "
+    length = re.search(r"length +(\d+) iterations? \((trainer\.\w+)\) = (\d+) trajectories, "
                        r"(\d+) optimizer steps(.*)", header)
     assert length is not None, header
     if "fast_dev_run" in limits[-1]:

@@ -170,9 +170,10 @@ def test_a_resumed_run_logs_into_the_w_and_b_run_of_its_checkpoint(tmp_path, cac
     assert run_ids(tmp_path / "part") == [first, first]
     monkeypatch.delenv("SLURM_RESTART_COUNT")
 
-    fit([*base, f"ckpt_path={ckpt}"], tmp_path / "branch")
+    more = [*base, f"ckpt_path={ckpt}", "trainer.max_epochs=3"]  # the requeued job finished the run's 2 iterations
+    fit(more, tmp_path / "branch")
     assert run_ids(tmp_path / "branch") == [first]
-    fit([*base, f"ckpt_path={ckpt}", "logger.wandb.id=fresh01"], tmp_path / "fresh")
+    fit([*more, "logger.wandb.id=fresh01"], tmp_path / "fresh")
     assert run_ids(tmp_path / "fresh") == ["fresh01"]
     fit(base, tmp_path / "new")  # no checkpoint: a run of its own
     (other,) = run_ids(tmp_path / "new")

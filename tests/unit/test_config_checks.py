@@ -33,6 +33,8 @@ def problems(overrides: list[str], tmp_path) -> str:
     (["model.lora.enabled=true", "model.lora.targets=[]"], "model.lora.targets=[]: name at least one module"),
     (["seed=-1"], "seed=-1: use an integer in [0, 2**32)"),
     (["ckpt_path=/no/such/last.ckpt"], "ckpt_path=/no/such/last.ckpt: no such file"),
+    (["trainer.max_epochs=0"], "trainer.max_epochs=0 trains nothing: use a positive limit, or -1"),
+    (["trainer.max_steps=0"], "trainer.max_steps=0 trains nothing"),
     (["+trainer.accumulate_grad_batches=4"], "set algo.gradient_accumulation_steps instead"),
     (["+trainer.gradient_clip_val=0.5"], "set algo.max_grad_norm instead"),
     (["algo.max_grad_norm=0"], "algo.max_grad_norm=0: clipping to 0 would zero every gradient"),
@@ -131,3 +133,18 @@ def test_prompts_the_reward_cannot_score_stop_the_run_before_sampling(tmp_path, 
         train(compose([*FAST, "reward=color_match", "data.source=[red cat,blue dog]"], tmp_path / "b", cache_dir))
     with pytest.raises(ValueError, match=r"3 prompt\(s\) of prompts name no known colour"):
         evaluate(compose_eval(["rewards=[color_match]"], tmp_path / "c", cache_dir))
+
+
+def test_every_registered_reward_has_its_config(tmp_path) -> None:
+    """``reward=<name>`` works for each registered reward: its file names that reward and passes the check."""
+    from pathlib import Path
+
+    from sdpo.rewards import available_rewards
+    from tests.conftest import CONFIG_DIR
+
+    files = sorted(p.stem for p in (Path(CONFIG_DIR) / "reward").glob("*.yaml"))
+    assert files == available_rewards()
+    for name in files:
+        cfg = compose([f"reward={name}"], tmp_path, tmp_path)
+        assert cfg.reward.name == name
+        validate_config(cfg)
