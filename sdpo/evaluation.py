@@ -246,7 +246,7 @@ class EvalResult:
         rows = [[images[s, p] for s in range(len(self.step_counts))] for p in range(n_rows)]
         values = self.scores[reward][:, :n_rows, 0]  # [S, R]
         cells = [[f"{float(values[s, p]):.3f}" for s in range(len(self.step_counts))] for p in range(n_rows)]
-        captions = [_short(p, 22) for p in self.prompts[:n_rows]]
+        captions = [shorten(p, 22) for p in self.prompts[:n_rows]]
         header = [f"{k} step{'s' if k > 1 else ''}" for k in self.step_counts]
         return image_grid(rows, captions, header, scale=scale, cell_captions=cells, corner=f"cells: {reward}")
 
@@ -285,7 +285,8 @@ class EvalResult:
         return paths
 
 
-def _short(text: str, n: int) -> str:
+def shorten(text: str, n: int) -> str:
+    """``text`` cut to ``n`` characters with an ellipsis: a grid's row caption."""
     return text if len(text) <= n else text[: n - 1] + "…"
 
 

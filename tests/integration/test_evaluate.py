@@ -28,6 +28,7 @@ from sdpo.evaluation import (
     item_seed,
     load_policy,
     parse_reward_specs,
+    t_quantile,
 )
 from sdpo.grids import GRID_HEADER_HEIGHT, GRID_LABEL_WIDTH, grid_scale
 from sdpo.train import train
@@ -149,6 +150,7 @@ def test_bad_inputs_fail_early(tmp_path, cache_dir):
         "prompts=/nope.txt": "prompts:",
         "resolution=36": "resolution=36: use null or a positive multiple of 8",
         "grid_prompts=0": "grid_prompts=0: need >= 1",
+        "baseline=true": "baseline=true compares a trained policy with its base model: give checkpoint=",
     }
     for override, message in cases.items():
         cfg = compose_eval([override], tmp_path, cache_dir)
@@ -186,7 +188,8 @@ def test_an_lcm_step_count_beyond_its_grid_fails_before_sampling(tmp_path, cache
 
 
 def test_full_unet_folder_is_evaluated_as_the_policy(tmp_path, cache_dir):
-    """What a full fine-tune exports (``unet.save_pretrained``) replaces the base UNet."""
+    """What a full fine-tune exports (``unet.save_pretrained``) replaces the base UNet; ``baseline=true`` loads the
+    base UNet anew to compare with it."""
     tuned_unet = load_policy(model_cfg("tiny", cache_dir)).unet
     with torch.no_grad():
         tuned_unet.conv_out.bias.add_(0.5)
@@ -199,6 +202,11 @@ def test_full_unet_folder_is_evaluated_as_the_policy(tmp_path, cache_dir):
     scores = [evaluate_policy(p.components, p.unet, PROMPTS, (1, 2), rewards=rewards, images_per_prompt=1,
                               progress=False).scores["brightness"] for p in (base, tuned)]
     assert not torch.allclose(scores[0], scores[1], atol=1e-4)
+    args = [f"prompts=[{','.join(PROMPTS)}]", "steps=[1,2]", "images_per_prompt=1", "rewards=[brightness]"]
+    comparison = evaluate(compose_eval([*args, f"lora={tmp_path / 'trained'}", "baseline=true"], tmp_path / "cmp",
+                                       cache_dir))
+    torch.testing.assert_close(comparison.base.scores["brightness"], scores[0], rtol=0, atol=0)
+    torch.testing.assert_close(comparison.policy.scores["brightness"], scores[1], rtol=0, atol=0)
 
 
 # ------------------------------------------------------------------------------------------------ training
@@ -236,6 +244,38 @@ def test_checkpoint_and_exported_lora_evaluate_alike(lora_run, tmp_path, cache_d
     last = read_metrics(lora_run)[-1]
     for key, value in from_ckpt.means().items():
         assert last[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+
+
+def test_baseline_compares_image_by_image_with_the_base_model(lora_run, tmp_path, cache_dir):
+    """``baseline=true``: the base model (the checkpoint's UNet with its adapters off) is scored exactly as an
+    evaluation of the base model alone, the policy exactly as one of the checkpoint alone, and the change is the
+    paired difference of the saved scores, image by image."""
+    import numpy as np
+
+    args = ["prompts=[cow,goat,lion]", "steps=[1,4]", "images_per_prompt=3", "rewards=[brightness,colorfulness]"]
+    ckpt = lora_run / "checkpoints" / "last.ckpt"
+    comparison = evaluate(compose_eval([*args, f"checkpoint={ckpt}", "baseline=true"], tmp_path / "cmp", cache_dir))
+    alone = evaluate(compose_eval(args, tmp_path / "base", cache_dir))
+    trained = evaluate(compose_eval([*args, f"checkpoint={ckpt}"], tmp_path / "ckpt", cache_dir))
+    for name in ("brightness", "colorfulness"):
+        torch.testing.assert_close(comparison.base.scores[name], alone.scores[name], rtol=0, atol=0)
+        torch.testing.assert_close(comparison.policy.scores[name], trained.scores[name], rtol=0, atol=0)
+    out = tmp_path / "cmp"
+    policy = json.loads((out / "results.json").read_text())["scores"]
+    base = json.loads((out / "baseline" / "results.json").read_text())["scores"]
+    rows = list(csv.DictReader(open(out / "comparison.csv")))
+    assert [(r["reward"], r["steps"]) for r in rows] == [(n, k) for n in ("brightness", "colorfulness") for k in "14"]
+    for row in rows:
+        diffs = (np.array(policy[row["reward"]][row["steps"]]) - np.array(base[row["reward"]][row["steps"]])).ravel()
+        half = t_quantile(0.975, diffs.size - 1) * diffs.std(ddof=1) / np.sqrt(diffs.size)
+        assert float(row["delta"]) == pytest.approx(diffs.mean(), abs=1e-6)
+        assert float(row["delta_ci95_high"]) - float(row["delta_ci95_low"]) == pytest.approx(2 * half, rel=1e-5)
+        assert float(row["policy_better"]) == pytest.approx((diffs > 0).mean() + 0.5 * (diffs == 0).mean())
+        assert float(row["base"]) == pytest.approx(np.mean(base[row["reward"]][row["steps"]]), abs=1e-6)
+    assert any(abs(float(r["delta"])) > 1e-3 for r in rows)  # the trained policy does differ from its base
+    assert "| brightness | 4 |" in (out / "comparison.md").read_text()
+    side = 16 * grid_scale(16)  # 3 prompts x (2 step counts x base, policy)
+    assert Image.open(out / "grid_compare.png").size == (GRID_LABEL_WIDTH + 4 * side, GRID_HEADER_HEIGHT + 3 * side)
 
 
 def test_callback_logs_held_out_rewards_and_leaves_training_alone(lora_run, tmp_path, cache_dir):
@@ -305,3 +345,11 @@ def test_wandb_offline_run_holds_eval_table_and_images(tmp_path, cache_dir, monk
     (eval_run,) = (tmp_path / "evaluate" / "wandb").glob("offline-run-*")
     assert list((eval_run / "files" / "media" / "table" / "eval").glob("table_*.table.json"))
     assert list((eval_run / "files" / "media" / "images" / "eval").glob("grid_*.png"))
+    evaluate(compose_eval(["prompts=[cat]", "steps=[1,2]", "images_per_prompt=2", "wandb.enabled=true",
+                          "baseline=true", f"checkpoint={tmp_path / 'checkpoints' / 'last.ckpt'}"],
+                          tmp_path / "compare", cache_dir))
+    (compare_run,) = (tmp_path / "compare" / "wandb").glob("offline-run-*")
+    (table,) = (compare_run / "files" / "media" / "table" / "compare").glob("table_*.table.json")
+    content = json.loads(table.read_text())
+    assert content["columns"][:5] == ["reward", "steps", "base", "policy", "delta"] and len(content["data"]) == 2
+    assert list((compare_run / "files" / "media" / "images" / "compare").glob("grid_*.png"))

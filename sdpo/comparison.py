@@ -1,0 +1,118 @@
+"""A policy against its base model, image by image: what SDPO changed at each sampling step count.
+
+``python -m sdpo.evaluate checkpoint=... baseline=true`` evaluates both with the same prompts, seed and noise:
+every (prompt, image) starts from the same initial noise in both (``sdpo.evaluation.item_seed``), so the two
+scores of an image form a pair. A paired difference cancels what the prompt and the noise contribute, and its
+confidence interval is far tighter than one read off two separate tables. Reported per (reward, step count): both
+means, the mean difference with its 95% CI, and the share of images the policy scores higher (ties count half).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from sdpo.evaluation import EvalResult, mean_ci, shorten
+from sdpo.grids import fit_to_grid, image_grid
+
+
+@dataclass
+class Comparison:
+    """``policy`` and ``base`` evaluated on the same prompts, step counts, seed and images per prompt."""
+
+    base: EvalResult
+    policy: EvalResult
+
+    def __post_init__(self) -> None:
+        b, p = self.base, self.policy
+        same = (b.prompts == p.prompts and b.step_counts == p.step_counts and b.meta.get("seed") == p.meta.get("seed")
+                and b.reward_names == p.reward_names and b.images_per_prompt == p.images_per_prompt)
+        if not same:
+            raise ValueError("a paired comparison needs both evaluations on the same prompts, step counts, seed, "
+                             "rewards and images per prompt")
+
+    def differences(self, reward: str, steps: int) -> torch.Tensor:
+        """Policy minus base score of every (prompt, image) at ``steps``: [P, n]."""
+        return self.policy.scores_for(reward, steps) - self.base.scores_for(reward, steps)
+
+    def table(self) -> list[dict[str, Any]]:
+        """One row per (reward, step count): base and policy means, the paired difference's mean, std and 95% CI,
+        the share of images the policy scores higher, and n."""
+        rows = []
+        for reward in self.policy.reward_names:
+            for k in self.policy.step_counts:
+                diff = self.differences(reward, k)
+                stats = mean_ci(diff)
+                win = float(((diff > 0).double() + 0.5 * (diff == 0).double()).mean())
+                rows.append({
+                    "reward": reward, "steps": k,
+                    "base": float(self.base.scores_for(reward, k).double().mean()),
+                    "policy": float(self.policy.scores_for(reward, k).double().mean()),
+                    "delta": stats["mean"], "delta_std": stats["std"],
+                    "delta_ci95_low": stats["ci95_low"], "delta_ci95_high": stats["ci95_high"],
+                    "policy_better": win, "n": stats["n"],
+                })
+        return rows
+
+    def means(self) -> dict[str, float]:
+        """``compare/<reward>/<k>step_delta`` -> mean paired difference (W&B scalars)."""
+        return {f"compare/{r['reward']}/{r['steps']}step_delta": r["delta"] for r in self.table()}
+
+    def to_markdown(self) -> str:
+        lines = ["| reward | steps | base | policy | change | 95% CI of the change | policy better | n |",
+                 "|---|---:|---:|---:|---:|---|---:|---:|"]
+        for r in self.table():
+            lines.append(f"| {r['reward']} | {r['steps']} | {r['base']:.4f} | {r['policy']:.4f} | "
+                         f"{r['delta']:+.4f} | [{r['delta_ci95_low']:+.4f}, {r['delta_ci95_high']:+.4f}] | "
+                         f"{r['policy_better']:.0%} | {r['n']} |")
+        lines += ["", f"change: policy minus base on the same prompt and initial noise, image by image "
+                      f"({len(self.policy.prompts)} prompts x {self.policy.images_per_prompt} images, seed "
+                      f"{self.policy.meta.get('seed')}); CI: {self.policy.ci_method}, images treated as independent."]
+        return "\n".join(lines)
+
+    def grid(self, reward: str | None = None, max_prompts: int = 16) -> Image.Image:
+        """Prompts (rows) x step counts, base and policy side by side from the same noise, captioned with
+        ``reward`` (default: the first)."""
+        if self.policy.images.shape[2] == 0 or self.base.images.shape[2] == 0:
+            raise ValueError("no images were kept: nothing to draw")
+        reward = reward or self.policy.reward_names[0]
+        n_rows = min(max_prompts, len(self.policy.prompts))
+        both = torch.stack([self.base.images[:, :n_rows, 0], self.policy.images[:, :n_rows, 0]], dim=1)
+        images, scale = fit_to_grid(both.float() / 255)  # [S, 2, R, 3, H, W]
+        scores = torch.stack([self.base.scores[reward][:, :n_rows, 0], self.policy.scores[reward][:, :n_rows, 0]],
+                             dim=1)  # [S, 2, R]
+        columns = [(s, which) for s in range(len(self.policy.step_counts)) for which in (0, 1)]
+        rows = [[images[s, which, p] for s, which in columns] for p in range(n_rows)]
+        cells = [[f"{float(scores[s, which, p]):.3f}" for s, which in columns] for p in range(n_rows)]
+        header = [f"{self.policy.step_counts[s]}-step {'policy' if which else 'base'}" for s, which in columns]
+        captions = [shorten(p, 22) for p in self.policy.prompts[:n_rows]]
+        return image_grid(rows, captions, header, scale=scale, cell_captions=cells, corner=f"cells: {reward}")
+
+    def save(self, out_dir: str | Path, grid_prompts: int = 16) -> dict[str, Path]:
+        """Write comparison.csv, comparison.json, comparison.md and grid_compare.png into ``out_dir``."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        names = ("comparison.csv", "comparison.json", "comparison.md", "grid_compare.png")
+        paths = {name: out / name for name in names}
+        rows = self.table()
+        with open(paths["comparison.csv"], "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+        origin = {"base": self.base.meta.get("policy"), "policy": self.policy.meta.get("policy")}
+        finite = [{k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}
+                  for row in rows]  # one image per prompt has no std: JSON has no NaN
+        paths["comparison.json"].write_text(json.dumps({**origin, "table": finite}, indent=1))
+        paths["comparison.md"].write_text(f"# {origin['policy']} against {origin['base']}\n\n{self.to_markdown()}\n")
+        if self.policy.images.shape[2] and self.base.images.shape[2]:
+            self.grid(max_prompts=grid_prompts).save(paths["grid_compare.png"])
+        else:
+            del paths["grid_compare.png"]
+        return paths
