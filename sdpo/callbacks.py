@@ -202,10 +202,16 @@ class ExportTrained(L.Callback):
 
     @rank_zero_only
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        from sdpo.model_card import write_model_card
         from sdpo.policy.lora import save_trained_unet
 
         path = save_trained_unet(pl_module.unet, self.dirpath)
-        print(f"trained weights for diffusers: {path}")
+        summary = next((c for c in trainer.callbacks if isinstance(c, RewardSummary)), None)
+        saved = trainer.checkpoint_callback
+        write_model_card(path, pl_module, trainer.fit_loop.epoch_progress.current.processed, trainer.global_step,
+                         summary.history if summary else [], getattr(trainer.datamodule, "prompts", ()),
+                         (getattr(saved, "last_model_path", "") or None) if saved else None)
+        print(f"trained weights for diffusers: {path} (README.md: how they were trained, how to load them)")
 
 
 class EvalDuringTraining(L.Callback):

@@ -46,8 +46,19 @@ def load_trained_module(ckpt_path: str | Path):
 
 
 def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path) -> Path:
+    """Write the checkpoint's LoRA (or UNet) into ``out_dir`` with its model card, as a finished run does."""
+    from sdpo.data import PromptDataModule
+    from sdpo.model_card import write_model_card
+    from sdpo.resume import iterations_done, read_resume_state
+
     module = load_trained_module(ckpt_path)
-    return save_trained_unet(module.unet, out_dir)
+    path = save_trained_unet(module.unet, out_dir)
+    state = read_resume_state(ckpt_path)
+    history = state.get("callbacks", {}).get("RewardSummary", {}).get("history", [])
+    prompts = state.get(PromptDataModule.__qualname__, {}).get("training_prompts", [])
+    write_model_card(path, module, iterations_done(state), int(state.get("global_step", 0)), history, prompts,
+                     str(ckpt_path))
+    return path
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -283,19 +283,28 @@ def _build_and_save(directory: Path, spec: TinySpec) -> None:
     if spec.arch == "sdxl":
         save_tokenizer(tokenizer_2, directory / "tokenizer_2")
     scheduler.save_pretrained(directory / "scheduler")
+    write_model_index(directory, spec)
+    (directory / "tiny_spec.json").write_text(json.dumps(spec.to_dict(), indent=1, default=list))
+
+
+def write_model_index(directory: Path, spec: TinySpec) -> None:
+    """The ``model_index.json`` that lets the stock ``DiffusionPipeline.from_pretrained(directory)`` load the tiny
+    pipeline (what a shipped LoRA's model card tells users to run). Written last, by an atomic rename."""
+    scheduler = json.loads((directory / "scheduler" / "scheduler_config.json").read_text())["_class_name"]
     index = {
         "_class_name": _PIPELINE_CLASS[spec.arch],
         "unet": ["diffusers", "UNet2DConditionModel"],
         "vae": ["diffusers", "AutoencoderTiny"],
         "text_encoder": ["transformers", "CLIPTextModel"],
         "tokenizer": ["transformers", "CLIPTokenizer"],
-        "scheduler": ["diffusers", type(scheduler).__name__],
+        "scheduler": ["diffusers", scheduler],
     }
     if spec.arch == "sdxl":
         index |= {"text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
                   "tokenizer_2": ["transformers", "CLIPTokenizer"]}
-    (directory / "model_index.json").write_text(json.dumps(index, indent=1))
-    (directory / "tiny_spec.json").write_text(json.dumps(spec.to_dict(), indent=1, default=list))
+    staging = directory / f"model_index.json.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    staging.write_text(json.dumps(index, indent=1))
+    staging.replace(directory / "model_index.json")
 
 
 def init_decoder_passthrough(vae: AutoencoderTiny, out_std: float) -> None:
@@ -319,6 +328,8 @@ def ensure_tiny_pipeline(cache_dir: str | Path, spec: TinySpec) -> Path:
     """The cached tiny pipeline folder for ``spec``, built on first use (atomically, so parallel ranks agree)."""
     target = Path(cache_dir).expanduser() / f"tiny-{spec.key()}"
     if (target / "tiny_spec.json").exists():
+        if not (target / "model_index.json").exists():  # cached by a version that did not write it
+            write_model_index(target, spec)
         return target
     staging = target.with_name(f"{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     build_tiny_pipeline(staging, spec)

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import re
+from pathlib import Path
+
 import pytest
 import torch
-from diffusers import DDIMScheduler, StableDiffusionPipeline
+from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
 from sdpo.export import export_checkpoint, main
+from sdpo.model_card import model_card
 from sdpo.policy.loading import load_components
 from sdpo.train import train
 from tests.conftest import FAST, compose
@@ -31,7 +36,7 @@ def test_exported_lora_round_trips_through_load_lora_weights(tmp_path, cache_dir
     cfg = compose([*FAST, "model.lora.enabled=true", "optim.lr=3e-2", "trainer.max_epochs=2"], tmp_path, cache_dir)
     trainer = train(cfg)
     module = trainer.lightning_module
-    base_folder = str(next(p for p in cache_dir.iterdir() if p.name.startswith("tiny-")))
+    base_folder = module.components.source  # the tiny pipeline's folder in the session cache
     exported = tmp_path / "trained"
     assert (exported / "pytorch_lora_weights.safetensors").exists()  # written by the ExportTrained callback
     again = export_checkpoint(tmp_path / "checkpoints" / "last.ckpt", tmp_path / "from_ckpt")
@@ -44,12 +49,61 @@ def test_exported_lora_round_trips_through_load_lora_weights(tmp_path, cache_dir
             pipe.load_lora_weights(str(folder))
             torch.testing.assert_close(generate(pipe), trained_images, rtol=0, atol=1e-5)
     assert not torch.allclose(base_images, trained_images, atol=1e-4)  # the LoRA changes the images
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    for folder in (exported, again):
+        card = check_model_card(folder, base_folder)
+        assert "| weights | LoRA r8 (alpha 8) on to_q, to_k, to_v, to_out.0 |" in card
+        assert "2 iterations, 8 optimizer steps, T = 4 ddim steps" in card
+        first, last = summary["first"]["train/reward_1step"], summary["last"]["train/reward_1step"]
+        assert f"| 1-step | {first:.4f} | {last:.4f} | {last - first:+.4f} |" in card
+
+
+def check_model_card(folder: Path, base_folder: str) -> str:
+    """The folder's README.md: its loading snippet, run as written, applies these weights to the stock pipeline."""
+    card = (folder / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: diffusers\n") and "base_model:" not in card  # a local base
+    (snippet,) = re.findall(r"```python\n(.*?)```", card, flags=re.S)
+    assert f"from_pretrained({base_folder!r}" in snippet and repr(str(folder)) in snippet
+    namespace: dict = {}
+    exec(compile(snippet, "model card", "exec"), namespace)
+    assert namespace["image"].size == (16, 16)
+    unet = namespace["pipe"].unet
+    if "load_lora_weights" in snippet:
+        assert getattr(unet, "peft_config", None)  # the LoRA is on the pipeline's UNet
+    else:  # a full fine-tune: the pipeline runs the folder's UNet, not the base's
+        saved = UNet2DConditionModel.from_pretrained(folder)
+        torch.testing.assert_close(unet.conv_out.bias, saved.conv_out.bias, rtol=0, atol=0)
+        base = UNet2DConditionModel.from_pretrained(Path(base_folder) / "unet")
+        assert not torch.equal(unet.conv_out.bias, base.conv_out.bias)
+    return card
 
 
 def test_full_finetune_exports_a_unet(tmp_path, cache_dir):
-    train(compose([*FAST, "trainer.max_epochs=1"], tmp_path, cache_dir))
+    trainer = train(compose([*FAST, "trainer.max_epochs=1"], tmp_path, cache_dir))
     assert (tmp_path / "trained" / "config.json").exists()
     assert any((tmp_path / "trained").glob("*.safetensors"))
+    card = check_model_card(tmp_path / "trained", trainer.lightning_module.components.source)
+    assert "| weights | the whole UNet (full fine-tune) |" in card
+
+
+def test_model_card_of_hub_models_names_the_base_and_its_sampler():
+    """A hub base goes into the front matter; the snippet pins the revision, loads SDXL's fp16-safe VAE, and
+    samples an LCM with its guidance at 4 steps, a turbo model at 1 step without guidance."""
+    def card(source: str, step_kind: str, **model) -> str:
+        hparams = {"model": {"lora": {"enabled": True, "rank": 4, "alpha": None, "targets": ["to_q"]},
+                             "spacing": "trailing", **model},
+                   "algo": {"num_steps": 50, "eta": 1.0}, "reward": {"name": "aesthetic"}, "optim": {"lr": 1e-4}}
+        text = model_card(hparams, source, step_kind, 100, 10_000, [], "my_lora")
+        compile(re.findall(r"```python\n(.*?)```", text, flags=re.S)[0], "snippet", "exec")  # valid Python
+        return text
+
+    sdxl = card("stabilityai/sdxl-turbo", "ddim", revision="abc123", vae_source="madebyollin/sdxl-vae-fp16-fix")
+    assert sdxl.startswith("---\nbase_model: stabilityai/sdxl-turbo\n")
+    assert "vae = AutoencoderKL.from_pretrained('madebyollin/sdxl-vae-fp16-fix', torch_dtype=dtype)" in sdxl
+    assert "from_pretrained('stabilityai/sdxl-turbo', revision='abc123', vae=vae, torch_dtype=dtype)" in sdxl
+    assert "num_inference_steps=1, guidance_scale=0.0" in sdxl and "LoRA r4 (alpha 4) on to_q" in sdxl
+    lcm = card("SimianLuo/LCM_Dreamshaper_v7", "lcm", guidance_scale=8.0)
+    assert "num_inference_steps=4, guidance_scale=8.0" in lcm and "No complete iteration was recorded." in lcm
 
 
 def test_export_cli_says_what_a_path_is_not_and_writes_nothing(tmp_path):

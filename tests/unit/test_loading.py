@@ -53,6 +53,12 @@ def test_cache_reuses_and_distinguishes_specs(tmp_path):
     assert ensure_tiny_pipeline(tmp_path, SPEC) == a
     b = ensure_tiny_pipeline(tmp_path, TinySpec(latent_size=8, words=["cat"], seed=1))
     assert a != b
+    index = (a / "model_index.json").read_text()
+    (a / "model_index.json").unlink()  # a folder cached before model_index.json was written
+    weights = (a / "unet" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns
+    assert ensure_tiny_pipeline(tmp_path, SPEC) == a
+    assert (a / "model_index.json").read_text() == index  # written back, the weights left as they were
+    assert (a / "unet" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns == weights
 
 
 def test_decoder_images_differ_and_have_range(tmp_path):
