@@ -4,7 +4,8 @@
 every (prompt, image) starts from the same initial noise in both (``sdpo.evaluation.item_seed``), so the two
 scores of an image form a pair. A paired difference cancels what the prompt and the noise contribute, and its
 confidence interval is far tighter than one read off two separate tables. Reported per (reward, step count): both
-means, the mean difference with its 95% CI, and the share of images the policy scores higher (ties count half).
+means, the mean difference with its 95% CI, and the share of images the policy scores higher (ties count half);
+per prompt, the change of its mean, so that prompts the policy got worse on do not hide behind the average.
 """
 
 from __future__ import annotations
@@ -61,6 +62,35 @@ class Comparison:
                 })
         return rows
 
+    def by_prompt(self) -> list[dict[str, Any]]:
+        """One row per (reward, step count, prompt): base and policy means over the prompt's images and their
+        change. A change that is positive on average can still be negative for some prompts; these rows show which."""
+        rows = []
+        for reward in self.policy.reward_names:
+            for k in self.policy.step_counts:
+                base, policy = self.base.scores_for(reward, k).double(), self.policy.scores_for(reward, k).double()
+                for p, prompt in enumerate(self.policy.prompts):
+                    b, q = float(base[p].mean()), float(policy[p].mean())
+                    rows.append({"reward": reward, "steps": k, "prompt": prompt, "base": b, "policy": q,
+                                 "delta": q - b})
+        return rows
+
+    def prompt_markdown(self, reward: str | None = None, limit: int = 10) -> str:
+        """The ``limit`` prompts whose mean change over the step counts is lowest for ``reward`` (default: the
+        first), with their change at each step count: where the policy got worse, if anywhere."""
+        reward = reward or self.policy.reward_names[0]
+        steps = self.policy.step_counts
+        changes: dict[str, dict[int, float]] = {}
+        for row in self.by_prompt():
+            if row["reward"] == reward:
+                changes.setdefault(row["prompt"], {})[row["steps"]] = row["delta"]
+        ranked = sorted(changes.items(), key=lambda item: sum(item[1].values()) / len(steps))[:limit]
+        lines = [f"| prompt | {' | '.join(f'change at {k}' for k in steps)} |", "|---|" + "---:|" * len(steps)]
+        lines += [f"| {shorten(prompt, 60)} | {' | '.join(f'{by_step[k]:+.4f}' for k in steps)} |"
+                  for prompt, by_step in ranked]
+        shown = "all" if len(changes) <= limit else f"the {limit} lowest of {len(changes)}"
+        return f"{reward}, {shown} prompts by their mean change over step counts:\n\n" + "\n".join(lines)
+
     def means(self) -> dict[str, float]:
         """``compare/<reward>/<k>step_delta`` -> mean paired difference (W&B scalars)."""
         return {f"compare/{r['reward']}/{r['steps']}step_delta": r["delta"] for r in self.table()}
@@ -99,18 +129,26 @@ class Comparison:
         """Write comparison.csv, comparison.json, comparison.md and grid_compare.png into ``out_dir``."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        names = ("comparison.csv", "comparison.json", "comparison.md", "grid_compare.png")
+        names = ("comparison.csv", "comparison_by_prompt.csv", "comparison.json", "comparison.md",
+                 "grid_compare.png")
         paths = {name: out / name for name in names}
         rows = self.table()
         with open(paths["comparison.csv"], "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(rows[0]))
             writer.writeheader()
             writer.writerows(rows)
+        prompt_rows = self.by_prompt()
+        with open(paths["comparison_by_prompt.csv"], "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(prompt_rows[0]))
+            writer.writeheader()
+            writer.writerows(prompt_rows)
         origin = {"base": self.base.meta.get("policy"), "policy": self.policy.meta.get("policy")}
         finite = [{k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}
                   for row in rows]  # one image per prompt has no std: JSON has no NaN
         paths["comparison.json"].write_text(json.dumps({**origin, "table": finite}, indent=1))
-        paths["comparison.md"].write_text(f"# {origin['policy']} against {origin['base']}\n\n{self.to_markdown()}\n")
+        by_prompt = "\n\n".join(self.prompt_markdown(reward) for reward in self.policy.reward_names)
+        paths["comparison.md"].write_text(f"# {origin['policy']} against {origin['base']}\n\n{self.to_markdown()}\n\n"
+                                          f"## By prompt\n\n{by_prompt}\n")
         if self.policy.images.shape[2] and self.base.images.shape[2]:
             self.grid(max_prompts=grid_prompts).save(paths["grid_compare.png"])
         else:

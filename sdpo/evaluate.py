@@ -171,7 +171,8 @@ def evaluate(cfg: DictConfig) -> EvalResult | Comparison:
         base.save(out_dir / "baseline", grid_prompts=cfg.grid_prompts)
         comparison = Comparison(base, result)
         paths.update(comparison.save(out_dir, grid_prompts=cfg.grid_prompts))
-        print(f"\n{policy.origin} against its {base.meta['policy']}\n\n{comparison.to_markdown()}")
+        print(f"\n{policy.origin} against its {base.meta['policy']}\n\n{comparison.to_markdown()}\n\n"
+              f"{comparison.prompt_markdown()}")
     print(f"\nwrote {out_dir}")
     if cfg.wandb.enabled:
         log_to_wandb(result, cfg, paths.get("grid.png"), comparison, paths.get("grid_compare.png"))

@@ -273,7 +273,17 @@ def test_baseline_compares_image_by_image_with_the_base_model(lora_run, tmp_path
         assert float(row["policy_better"]) == pytest.approx((diffs > 0).mean() + 0.5 * (diffs == 0).mean())
         assert float(row["base"]) == pytest.approx(np.mean(base[row["reward"]][row["steps"]]), abs=1e-6)
     assert any(abs(float(r["delta"])) > 1e-3 for r in rows)  # the trained policy does differ from its base
-    assert "| brightness | 4 |" in (out / "comparison.md").read_text()
+    by_prompt = list(csv.DictReader(open(out / "comparison_by_prompt.csv")))
+    assert len(by_prompt) == 2 * 2 * 3  # rewards x step counts x prompts
+    for row in by_prompt:
+        p = ["cow", "goat", "lion"].index(row["prompt"])
+        change = np.mean(policy[row["reward"]][row["steps"]][p]) - np.mean(base[row["reward"]][row["steps"]][p])
+        assert float(row["delta"]) == pytest.approx(change, abs=1e-6)
+    report = (out / "comparison.md").read_text()
+    assert "| brightness | 4 |" in report and "brightness, all prompts by their mean change" in report
+    worst = min(("cow", "goat", "lion"), key=lambda prompt: sum(
+        float(r["delta"]) for r in by_prompt if r["prompt"] == prompt and r["reward"] == "colorfulness"))
+    assert report.split("colorfulness, all prompts")[1].split("\n| ")[2].startswith(worst)  # lowest change first
     side = 16 * grid_scale(16)  # 3 prompts x (2 step counts x base, policy)
     assert Image.open(out / "grid_compare.png").size == (GRID_LABEL_WIDTH + 4 * side, GRID_HEADER_HEIGHT + 3 * side)
 
