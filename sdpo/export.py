@@ -2,8 +2,9 @@
 
 ``python -m sdpo.export outputs/<run>/checkpoints/last.ckpt outputs/<run>/lora``
 
-LoRA runs give a folder for ``pipe.load_lora_weights(folder)``; full fine-tuning runs give a ``unet/`` folder for
-``UNet2DConditionModel.from_pretrained``. The base model is loaded from the checkpoint's own config.
+LoRA runs give a folder for ``pipe.load_lora_weights(folder)``; full fine-tuning runs give a folder for
+``UNet2DConditionModel.from_pretrained(folder)``. Both come with a model card (README.md). The base model is loaded
+from the checkpoint's own config. A folder that already holds files is refused unless ``--overwrite`` is given.
 """
 
 from __future__ import annotations
@@ -45,6 +46,24 @@ def load_trained_module(ckpt_path: str | Path):
     return module
 
 
+def check_out_dir(out_dir: str | Path, overwrite: bool) -> None:
+    """Refuse a folder that holds files: an export mixed into another (a LoRA next to a full UNet) loads the wrong
+    weights without a word. ``overwrite`` replaces an earlier export there, and only that."""
+    from sdpo.policy.lora import earlier_export
+
+    folder = Path(out_dir)
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"{folder} is a file: give a folder to write the weights into")
+    present = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+    others = sorted(set(present) - {p.name for p in earlier_export(folder)})
+    if present and not overwrite:
+        raise ValueError(f"{folder} already holds {', '.join(present[:5])}{' ...' if len(present) > 5 else ''}: "
+                         f"choose a new folder, or pass --overwrite to replace an earlier export there")
+    if others:
+        raise ValueError(f"{folder} holds files that are not an earlier export ({', '.join(others[:5])}): "
+                         f"choose a new folder")
+
+
 def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path) -> Path:
     """Write the checkpoint's LoRA (or UNet) into ``out_dir`` with its model card, as a finished run does."""
     from sdpo.data import PromptDataModule
@@ -64,12 +83,14 @@ def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path) -> Path:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", help="a .ckpt written by sdpo.train")
-    parser.add_argument("out_dir", help="folder to write the LoRA (or full UNet) into")
+    parser.add_argument("out_dir", help="folder to write the LoRA (or full UNet) into; new or empty")
+    parser.add_argument("--overwrite", action="store_true", help="replace an earlier export in out_dir")
     args = parser.parse_args(argv)
     from sdpo.train import quiet_libraries
 
     quiet_libraries()
     try:
+        check_out_dir(args.out_dir, args.overwrite)
         path = export_checkpoint(args.checkpoint, args.out_dir)
     except (FileNotFoundError, ValueError) as error:  # nothing written yet: say what to fix, without a traceback
         sys.exit(f"sdpo.export: {error}")

@@ -85,9 +85,23 @@ def save_lora(unet: UNet2DConditionModel, directory: str | Path) -> Path:
     return directory
 
 
+# What save_trained_unet (and the model card) write: a LoRA file, or a full UNet's config and (sharded) weights
+EXPORT_PATTERNS = ("pytorch_lora_weights.safetensors", "config.json", "diffusion_pytorch_model*.safetensors",
+                   "diffusion_pytorch_model.safetensors.index.json", "README.md")
+
+
+def earlier_export(directory: str | Path) -> list[Path]:
+    """The files of an earlier export in ``directory``."""
+    return sorted({f for pattern in EXPORT_PATTERNS for f in Path(directory).glob(pattern)})
+
+
 def save_trained_unet(unet: UNet2DConditionModel, directory: str | Path) -> Path:
-    """What a run ships: the LoRA (diffusers format) or, after full fine-tuning, the whole UNet (safetensors)."""
+    """What a run ships: the LoRA (diffusers format) or, after full fine-tuning, the whole UNet (safetensors), at
+    the folder's root. An earlier export there is replaced, not mixed in: a stale LoRA file next to a full UNet
+    would be what loaders pick."""
     directory = Path(directory)
+    for stale in earlier_export(directory):
+        stale.unlink()
     if has_lora(unet):
         return save_lora(unet, directory)
     unet.save_pretrained(directory, safe_serialization=True)

@@ -85,6 +85,20 @@ def test_full_finetune_exports_a_unet(tmp_path, cache_dir):
     card = check_model_card(tmp_path / "trained", trainer.lightning_module.components.source)
     assert "| weights | the whole UNet (full fine-tune) |" in card
 
+    # an export never mixes into another: a stale LoRA file next to a full UNet is what loaders would pick
+    ckpt, out = str(tmp_path / "checkpoints" / "last.ckpt"), tmp_path / "shipped"
+    out.mkdir()
+    (out / "pytorch_lora_weights.safetensors").write_bytes(b"an earlier LoRA export")
+    with pytest.raises(SystemExit, match=r"already holds pytorch_lora_weights.safetensors: choose a new folder, or "
+                                         r"pass --overwrite"):
+        main([ckpt, str(out)])
+    main([ckpt, str(out), "--overwrite"])
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in (tmp_path / "trained").iterdir())
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(SystemExit, match=r"holds files that are not an earlier export \(notes.txt\)"):
+        main([ckpt, str(out), "--overwrite"])
+    assert (out / "notes.txt").exists() and (out / "config.json").exists()  # refused before writing anything
+
 
 def test_model_card_of_hub_models_names_the_base_and_its_sampler():
     """A hub base goes into the front matter; the snippet pins the revision, loads SDXL's fp16-safe VAE, and
