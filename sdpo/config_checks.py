@@ -9,12 +9,14 @@ import torch
 from omegaconf import DictConfig
 
 from sdpo.algo.dense import STRATEGIES
+from sdpo.config_keys import unknown_keys
 from sdpo.policy.attention import CUDA_ONLY, attention_backend
 from sdpo.policy.speed import compile_mode, inductor_mode
 from sdpo.policy.steps import SPACINGS
 from sdpo.rewards import available_rewards
 
 PRECISIONS = ("32-true", "32", "bf16-mixed", "16-mixed")
+CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 LIGHTNING_CKPT_NAMES = ("last", "best", "hpc", "registry")  # ckpt_path values Lightning resolves itself
 
 
@@ -160,5 +162,6 @@ def validate_config(cfg: DictConfig) -> None:
         inductor_mode(a.get("compile_mode"), a.get("compile"), a.get("compile_backend", "inductor"))
     except ValueError as error:
         problems.append(str(error))
+    problems += unknown_keys(cfg, CONFIG_DIR)
     if problems:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))

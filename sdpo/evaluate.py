@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from sdpo.comparison import Comparison
 from sdpo.config_checks import ConfigError
+from sdpo.config_keys import unknown_keys
 from sdpo.data import PromptDataModule
 from sdpo.evaluation import (
     EvalResult,
@@ -110,6 +111,7 @@ def validate_eval_config(cfg: DictConfig) -> tuple[list[str], list[int], list[tu
         need(device.type != "cuda" or torch.cuda.is_available(), f"device={cfg.device}: no CUDA device here")
     except RuntimeError as err:
         problems.append(f"device={cfg.device}: {err}")
+    problems += unknown_keys(cfg, CONFIG_DIR, primary="evaluate")
     if problems:
         raise ConfigError("invalid evaluation config:\n  - " + "\n  - ".join(problems))
     return prompts, [int(k) for k in steps], specs

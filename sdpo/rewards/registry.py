@@ -39,6 +39,11 @@ def available_rewards() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def reward_factory(name: str | None) -> Callable[..., RewardModel] | None:
+    """The class registered as ``name`` (None if there is none): what its config's keys are passed to."""
+    return _REGISTRY.get(name) if isinstance(name, str) else None
+
+
 def build_reward(name: str, **kwargs: Any) -> RewardModel:
     """Instantiate the reward registered as ``name`` with ``kwargs``."""
     try:

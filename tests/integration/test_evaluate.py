@@ -151,6 +151,7 @@ def test_bad_inputs_fail_early(tmp_path, cache_dir):
         "resolution=36": "resolution=36: use null or a positive multiple of 8",
         "grid_prompts=0": "grid_prompts=0: need >= 1",
         "baseline=true": "baseline=true compares a trained policy with its base model: give checkpoint=",
+        "+step=[1]": "step is not a setting .conf/evaluate.yaml has no such key; did you mean steps",
     }
     for override, message in cases.items():
         cfg = compose_eval([override], tmp_path, cache_dir)

@@ -35,6 +35,18 @@ def problems(overrides: list[str], tmp_path) -> str:
     (["ckpt_path=/no/such/last.ckpt"], "ckpt_path=/no/such/last.ckpt: no such file"),
     (["trainer.max_epochs=0"], "trainer.max_epochs=0 trains nothing: use a positive limit, or -1"),
     (["trainer.max_steps=0"], "trainer.max_steps=0 trains nothing"),
+    # a key added with + that nothing reads (Hydra suggests the + form for any unknown key)
+    (["+algo.num_step=8"], "algo.num_step is not a setting (conf/algo/ has no such key; did you mean algo.num_steps?)"),
+    (["+model.lora.rnk=4"], "model.lora.rnk is not a setting (conf/model/ has no such key; did you mean "
+                            "model.lora.rank?)"),
+    (["+trainer.max_epoch=3"], "trainer.max_epoch is not a setting (lightning.Trainer takes no such argument; did "
+                               "you mean trainer.max_epochs?)"),
+    (["+seeed=1"], "seeed is not a setting (conf/train.yaml has no such key; did you mean seed?)"),
+    (["reward=aesthetic", "+reward.clip_modle=x"], "reward.clip_modle is not a setting (reward aesthetic takes no "
+                                                   "such argument; did you mean reward.clip_model?)"),
+    (["+reward.clip_model=x"], "reward.clip_model is not a setting (reward brightness takes no such argument)"),
+    (["reward=multi", "+reward.components.pickscore.procesor=x"], "reward.components.pickscore.procesor is not a "
+                                                                  "setting (reward pickscore takes no such argument"),
     (["+trainer.accumulate_grad_batches=4"], "set algo.gradient_accumulation_steps instead"),
     (["+trainer.gradient_clip_val=0.5"], "set algo.max_grad_norm instead"),
     (["algo.max_grad_norm=0"], "algo.max_grad_norm=0: clipping to 0 would zero every gradient"),
@@ -148,3 +160,21 @@ def test_every_registered_reward_has_its_config(tmp_path) -> None:
         cfg = compose([f"reward={name}"], tmp_path, tmp_path)
         assert cfg.reward.name == name
         validate_config(cfg)
+
+
+def test_every_shipped_config_uses_only_keys_something_reads(tmp_path) -> None:
+    """The key check accepts every experiment and option the repo ships, and the keys the tests add with +."""
+    from pathlib import Path
+
+    from sdpo.config_checks import CONFIG_DIR
+    from sdpo.config_keys import unknown_keys
+
+    experiments = sorted(p.stem for p in (Path(CONFIG_DIR) / "experiment").glob("*.yaml"))
+    for overrides in ([f"+experiment={name}"] for name in experiments):
+        assert unknown_keys(compose(overrides, tmp_path, tmp_path), CONFIG_DIR) == [], overrides
+    for group in ("model", "reward", "trainer", "data", "logger", "callbacks"):
+        for option in sorted(p.stem for p in (Path(CONFIG_DIR) / group).glob("*.yaml")):
+            assert unknown_keys(compose([f"{group}={option}"], tmp_path, tmp_path), CONFIG_DIR) == [], option
+    added = compose(["+trainer.accumulate_grad_batches=1", "reward=multi", "+reward.components.brightness.weight=1",
+                     "+reward.components.aesthetic.clip_model=/models/clip"], tmp_path, tmp_path)
+    assert unknown_keys(added, CONFIG_DIR) == []
