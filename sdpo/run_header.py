@@ -35,6 +35,20 @@ def optimizer_steps_per_iteration(pairs_per_rank: int, algo: dict[str, Any]) -> 
                                algo["gradient_accumulation_steps"], algo.get("num_inner_epochs", 1))
 
 
+def update_sizes(pairs_per_rank: int, micro: int, accumulation: int, world: int) -> str:
+    """How many pairs each optimizer step covers: micro-batch x accumulation (x ranks), except where a step column
+    has fewer pairs left (``sdpo.algo.shuffle.update_groups`` cuts each column's pairs into such groups)."""
+    group = micro * accumulation
+    sizes = [min(group, pairs_per_rank - start) for start in range(0, pairs_per_rank, group)]
+    split = f"micro-batch {micro} x {accumulation} accumulation" + (f" x {world} ranks" if world > 1 else "")
+    if sizes == [group] * len(sizes):
+        return f"each on {group * world} pairs ({split})"
+    if len(sizes) == 1:
+        return (f"each on the {sizes[0] * world} pairs of a step column (all of them: fewer than {split} = "
+                f"{group * world})")
+    return f"each on {group * world} pairs ({split}), the last of each step column on {sizes[-1] * world}"
+
+
 def queried_steps(algo: dict[str, Any]) -> str:
     """Which steps of each trajectory get an exact reward (the rest are interpolated), in words."""
     t, dense = algo["num_steps"], algo["dense"]
@@ -121,9 +135,8 @@ def run_header(module: Any, trainer: L.Trainer, pairs_per_rank: int) -> str:
         f"  iteration   per rank: {pairs_per_rank} prompts x 2 trajectories x T = {steps} steps "
         f"(timesteps {timesteps[0]}..{timesteps[-1]}), {world * pairs_per_rank} prompts over all ranks",
         f"  rewards     exact at {queried_steps(a)}",
-        f"  updates     {steps_per_iteration} optimizer steps per iteration, each on "
-        f"{micro * accumulation * world} pairs (micro-batch {micro} x {accumulation} accumulation"
-        f"{f' x {world} ranks' if world > 1 else ''}), lr {module.optim_cfg.get('lr')}",
+        f"  updates     {steps_per_iteration} optimizer steps per iteration, "
+        f"{update_sizes(pairs_per_rank, micro, accumulation, world)}, lr {module.optim_cfg.get('lr')}",
         f"  length      "
         f"{run_length(trainer, steps_per_iteration, 2 * world * pairs_per_rank, resumed_iterations(trainer))}",
     ])

@@ -11,18 +11,22 @@ from sdpo.train import train
 from tests.conftest import FAST, compose, read_metrics
 
 
-@pytest.mark.parametrize("overrides", [
-    ["algo.micro_batch_pairs=2", "algo.gradient_accumulation_steps=2"],  # 4 pairs: one group per column
-    ["data.prompts_per_batch=5", "algo.micro_batch_pairs=2", "algo.gradient_accumulation_steps=1",
-     "algo.num_inner_epochs=2", "algo.num_steps=3"],  # uneven: each column ends on a 1-pair group
-    ["model.lora.enabled=true", "algo.dense.anchor=all"],
+@pytest.mark.parametrize("overrides,sizes", [
+    (["algo.micro_batch_pairs=2", "algo.gradient_accumulation_steps=2"],  # 4 pairs: one group per column
+     "each on 4 pairs (micro-batch 2 x 2 accumulation)"),
+    (["data.prompts_per_batch=5", "algo.micro_batch_pairs=2", "algo.gradient_accumulation_steps=1",
+      "algo.num_inner_epochs=2", "algo.num_steps=3"],  # uneven: each column ends on a 1-pair group
+     "each on 2 pairs (micro-batch 2 x 1 accumulation), the last of each step column on 1"),
+    (["model.lora.enabled=true", "algo.dense.anchor=all", "algo.micro_batch_pairs=8"],  # more than the 4 pairs
+     "each on the 4 pairs of a step column (all of them: fewer than micro-batch 8 x 2 accumulation = 16)"),
 ])
-def test_header_matches_the_run(overrides, tmp_path, cache_dir, capsys):
+def test_header_matches_the_run(overrides, sizes, tmp_path, cache_dir, capsys):
     trainer = train(compose([*FAST, "trainer.max_epochs=1", *overrides], tmp_path, cache_dir))
     out = capsys.readouterr().out
     header = out[out.index("SDPO run:"):]
     steps = int(re.search(r"(\d+) optimizer steps per iteration", header).group(1))
     assert steps == read_metrics(tmp_path)[0]["train/optimizer_steps"]  # counted by the module as it stepped
+    assert f"optimizer steps per iteration, {sizes}, lr" in header
     module = trainer.lightning_module
     trainable = sum(p.numel() for p in module.unet.parameters() if p.requires_grad)
     total = sum(p.numel() for p in module.unet.parameters())
