@@ -109,6 +109,13 @@ def validate_config(cfg: DictConfig) -> None:
     need(guidance is None or guidance >= 1, f"model.guidance_scale={guidance}: use null or a value >= 1")
     need(cfg.reward.name in available_rewards(),
          f"reward.name={cfg.reward.name!r}: available rewards are {available_rewards()}")
+    accelerator = str(cfg.trainer.get("accelerator", "auto"))
+    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    if (accelerator == "cuda" and not torch.cuda.is_available()) or (
+            accelerator == "gpu" and not torch.cuda.is_available() and not mps):  # Lightning's gpu: CUDA or MPS
+        problems.append(f"trainer.accelerator={accelerator} (trainer=gpu and trainer=ddp ask for one), but this "
+                        f"machine has no GPU: add trainer.accelerator=cpu (with trainer=ddp also "
+                        f"trainer.devices=<processes>, e.g. 2), or run it where there is a GPU")
     precision = str(cfg.trainer.get("precision", "32-true"))
     need(precision in PRECISIONS, f"trainer.precision={precision}: use one of {list(PRECISIONS)}")
     if precision == "16-mixed" and runs_on_cpu(cfg.trainer.get("accelerator")):  # Lightning would switch to bf16

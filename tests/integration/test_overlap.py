@@ -74,7 +74,8 @@ def test_overlap_without_a_second_chunk_is_refused(tmp_path):
                             tmp_path, tmp_path))
     # the reference experiment: 8 prompts x 4 sampling batches per iteration, so chunks of 16 leave a second one
     validate_config(compose(["+experiment=sd_turbo_aesthetic", "algo.overlap_scoring=true",
-                             "algo.sample_batch_size=16"], tmp_path, tmp_path))
+                             "algo.sample_batch_size=16", "trainer.accelerator=cpu", "trainer.precision=bf16-mixed"],
+                            tmp_path, tmp_path))
 
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]

@@ -178,3 +178,12 @@ def test_every_shipped_config_uses_only_keys_something_reads(tmp_path) -> None:
     added = compose(["+trainer.accumulate_grad_batches=1", "reward=multi", "+reward.components.brightness.weight=1",
                      "+reward.components.aesthetic.clip_model=/models/clip"], tmp_path, tmp_path)
     assert unknown_keys(added, CONFIG_DIR) == []
+
+
+@pytest.mark.skipif(torch.cuda.is_available() or torch.backends.mps.is_available(), reason="this machine has a GPU")
+def test_a_gpu_trainer_on_a_machine_without_one_names_the_cpu_override(tmp_path) -> None:
+    """Lightning would say only "No supported gpu backend found!", from inside the trainer's instantiation."""
+    for trainer in ("ddp", "gpu"):
+        assert "trainer.accelerator=gpu (trainer=gpu and trainer=ddp ask for one), but this machine has no GPU: add " \
+               "trainer.accelerator=cpu" in problems([f"trainer={trainer}"], tmp_path)
+    assert problems(["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"], tmp_path) == ""
