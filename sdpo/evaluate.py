@@ -34,6 +34,7 @@ from sdpo.evaluation import (
     load_policy,
     parse_reward_specs,
 )
+from sdpo.export import read_checkpoint
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 log = logging.getLogger(__name__)
@@ -85,7 +86,13 @@ def validate_eval_config(cfg: DictConfig) -> tuple[list[str], list[int], list[tu
          "baseline=true compares a trained policy with its base model: give checkpoint=<run>/checkpoints/last.ckpt "
          "or lora=<run>/trained (without either, the base model is what is evaluated)")
     if cfg.checkpoint is not None:
-        need(Path(str(cfg.checkpoint)).expanduser().is_file(), f"checkpoint={cfg.checkpoint}: no such file")
+        checkpoint = Path(str(cfg.checkpoint)).expanduser()
+        need(checkpoint.is_file(), f"checkpoint={cfg.checkpoint}: no such file")
+        if checkpoint.is_file():
+            try:
+                read_checkpoint(checkpoint, mmap=True)
+            except ValueError as err:
+                problems.append(f"checkpoint={err}")
     if cfg.lora is not None:
         need(Path(str(cfg.lora)).expanduser().exists(), f"lora={cfg.lora}: no such file or folder")
     try:

@@ -28,6 +28,7 @@ import inspect
 import json
 import logging
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -485,13 +486,12 @@ def _load_checkpoint(path: Path, current: dict) -> LoadedPolicy:
     Mirrors ``sdpo.export.load_trained_module`` without building the training reward model (a CLIP reward would
     be loaded just to be dropped). A tiny model is built in the current cache, not the training run's.
     """
+    from sdpo.export import read_checkpoint
     from sdpo.module import SDPOModule
     from sdpo.policy.lora import make_trainable
 
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    if "hyper_parameters" not in ckpt or "model" not in ckpt["hyper_parameters"]:
+    ckpt = read_checkpoint(path)
+    if "model" not in ckpt["hyper_parameters"]:
         raise ValueError(f"{path} is not a checkpoint written by sdpo.train (no hyper_parameters.model)")
     hp = ckpt["hyper_parameters"]
     model_cfg = dict(hp["model"])
@@ -542,5 +542,15 @@ def load_lora_into(components: PolicyComponents, path: str | Path) -> None:
         raise ValueError(f"{path} holds no UNet LoRA weights (keys like 'unet.*')")
     if any(not k.startswith("unet.") for k in state_dict):
         log.warning("%s also holds text-encoder LoRA weights: only the UNet's are loaded", path)
-    mixin.load_lora_into_unet(state_dict, alphas, components.unet, metadata=metadata)
+    try:
+        mixin.load_lora_into_unet(state_dict, alphas, components.unet, metadata=metadata)
+    except RuntimeError as error:  # torch lists every mismatched tensor: a screenful that hides the cause
+        mismatch = next((line.strip() for line in str(error).splitlines() if "size mismatch" in line), str(error))
+        card = folder / "README.md"  # written next to weights that sdpo exported
+        named = re.search(r"^\| base model \| (.+?) \|$", card.read_text(), re.M) if card.is_file() else None
+        trained_on = f" ({card.name} says: {named.group(1)})" if named else ""
+        raise ValueError(
+            f"the LoRA in {path} does not fit the UNet of {components.source}: {mismatch}. Evaluate it on the "
+            f"base model it was trained from{trained_on}, with model=<that model's config> or model.source=..."
+        ) from None
     components.unet.requires_grad_(False).eval()

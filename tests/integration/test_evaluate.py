@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -142,9 +143,12 @@ def test_cli_writes_run_folder(tmp_path, cache_dir):
 def test_bad_inputs_fail_early(tmp_path, cache_dir):
     ckpt = tmp_path / "x.ckpt"
     ckpt.write_bytes(b"")
+    (tmp_path / "w.safetensors").write_bytes(b"")
     cases = {
         "rewards=[brightness,sharpness]": "unknown reward 'sharpness'",
-        f"checkpoint={ckpt}": None,  # fine on its own (as far as validation goes)
+        f"checkpoint={ckpt}": f"checkpoint={ckpt}: not a checkpoint torch can load safely",
+        f"checkpoint={tmp_path / 'w.safetensors'}": f"exported weights, not a training checkpoint .* lora={tmp_path}",
+        "prompts=[cat]": None,  # fine on its own
         "steps=[0,2]": "steps=[0, 2]",
         "checkpoint=/nope.ckpt": "checkpoint=/nope.ckpt: no such file",
         "prompts=/nope.txt": "prompts:",
@@ -245,6 +249,15 @@ def test_checkpoint_and_exported_lora_evaluate_alike(lora_run, tmp_path, cache_d
     last = read_metrics(lora_run)[-1]
     for key, value in from_ckpt.means().items():
         assert last[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+
+
+def test_a_lora_on_another_base_model_names_the_one_it_was_trained_on(lora_run, cache_dir):
+    """torch would list every mismatched tensor; the error names the first and the base from the model card."""
+    card_base = re.search(r"^\| base model \| (.+?) \|$", (lora_run / "trained" / "README.md").read_text(), re.M)
+    with pytest.raises(ValueError, match=r"does not fit the UNet of .*: size mismatch for .*lora.*\. Evaluate it on "
+                                         r"the base model it was trained from \(README.md says: ") as error:
+        load_policy(model_cfg("tiny_sdxl", cache_dir), lora=lora_run / "trained")
+    assert card_base.group(1) in str(error.value) and str(error.value).count("size mismatch") == 1
 
 
 def test_baseline_compares_image_by_image_with_the_base_model(lora_run, tmp_path, cache_dir):
