@@ -16,6 +16,7 @@ import sys
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import hydra
 import lightning as L
@@ -127,6 +128,21 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\(.*sync_dist=True")
 
 
+def log_config(logger: Any, cfg: DictConfig) -> None:
+    """The composed config as the logger's hyperparameters. This starts a W&B run, so a missing W&B login surfaces
+    here, before any iteration: say how to log in or go offline instead of wandb's bare 'No API key configured'."""
+    try:
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    except Exception as error:
+        if type(error).__name__ != "UsageError" or "API key" not in str(error):
+            raise
+        raise ConfigError(
+            f"logger=wandb found no W&B login on this machine (wandb: {error}) Log in with `wandb login` or set "
+            f"WANDB_API_KEY; or log offline with logger.wandb.offline=true (no account needed) and upload later "
+            f"with `wandb sync <run>/wandb/offline-run-*`"
+        ) from None
+
+
 def train(cfg: DictConfig) -> L.Trainer:
     """Train with a composed config; returns the fitted Trainer (tests read its metrics)."""
     validate_config(cfg)
@@ -167,7 +183,7 @@ def train(cfg: DictConfig) -> L.Trainer:
     trainer = instantiate(cfg.trainer, logger=loggers, callbacks=callbacks, plugins=slurm_plugins() or None,
                           **no_checkpoints)
     for logger in trainer.loggers:  # not ``loggers``: trainer.fast_dev_run swaps them for a logger that writes nothing
-        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        log_config(logger, cfg)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     return trainer
 

@@ -180,6 +180,23 @@ def test_a_resumed_run_logs_into_the_w_and_b_run_of_its_checkpoint(tmp_path, cac
     assert other != first
 
 
+def test_wandb_without_a_login_says_how_to_log_in_or_go_offline(tmp_path, cache_dir, monkeypatch):
+    """Real wandb, online mode, on a machine with no W&B credentials: the run stops before its first iteration."""
+    import wandb
+
+    for name in ("WANDB_API_KEY", "WANDB_MODE", "NETRC"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # no ~/.netrc, no wandb settings
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))
+    try:
+        with pytest.raises(ConfigError, match=r"logger=wandb found no W&B login on this machine .* "
+                                              r"logger.wandb.offline=true"):
+            train(compose([*FAST, "trainer.max_epochs=1", "logger=wandb"], tmp_path / "run", cache_dir))
+    finally:
+        wandb.finish()
+    assert not (tmp_path / "run" / "csv" / "metrics.csv").exists()
+
+
 class SignalAtEpoch(Callback):
     """Sends ``SIGUSR1`` to this process as epoch ``epoch`` starts, as sbatch --signal does before a time limit."""
 
