@@ -81,7 +81,8 @@ def model_card(hparams: Mapping[str, Any], source: str, step_kind: str, iteratio
         ("base model", base),
         ("weights", weights),
         ("reward", str(reward.get("name"))),
-        ("training", f"{iterations} iterations, {optimizer_steps} optimizer steps, T = {algo.get('num_steps')} "
+        ("training", f"{iterations} iteration{'' if iterations == 1 else 's'}, {optimizer_steps} optimizer "
+                     f"step{'' if optimizer_steps == 1 else 's'}, T = {algo.get('num_steps')} "
                      f"{step_kind} steps (η = {algo.get('eta')}), {model.get('spacing')} spacing, lr "
                      f"{optim.get('lr')}, seed {hparams.get('seed', 0)}"),
         *([("prompts", pairs)] if pairs else []),

@@ -16,10 +16,12 @@ T = TypeVar("T")
 
 def _hint(source: str, filename: str | None, config_key: str | None) -> str:
     target = f"{source} {filename}" if filename else source
-    key = f"`{config_key}`" if config_key else "the config key"
+    where = (f"the reward's `{config_key}` setting to a local path (training: reward.{config_key}=<path>; a part "
+             f"of reward=multi: reward.components.<name>.{config_key}=<path>)") if config_key \
+        else "the config key to a local path"
     return (
         f"No network here? Pre-download it with `hf download {target}` (it is then found in the Hugging Face "
-        f"cache) or set {key} to a local path."
+        f"cache) or set {where}."
     )
 
 

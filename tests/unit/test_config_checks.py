@@ -47,8 +47,8 @@ def problems(overrides: list[str], tmp_path) -> str:
     (["+reward.clip_model=x"], "reward.clip_model is not a setting (reward brightness takes no such argument)"),
     (["reward=multi", "+reward.components.pickscore.procesor=x"], "reward.components.pickscore.procesor is not a "
                                                                   "setting (reward pickscore takes no such argument"),
-    (["+trainer.accumulate_grad_batches=4"], "set algo.gradient_accumulation_steps instead"),
-    (["+trainer.gradient_clip_val=0.5"], "set algo.max_grad_norm instead"),
+    (["trainer.accumulate_grad_batches=4"], "set algo.gradient_accumulation_steps instead"),
+    (["trainer.gradient_clip_val=0.5"], "set algo.max_grad_norm instead"),
     (["algo.max_grad_norm=0"], "algo.max_grad_norm=0: clipping to 0 would zero every gradient"),
     (["algo.max_grad_norm=-1.0"], "algo.max_grad_norm=-1.0: clipping to -1.0 would"),
     (["algo.decode_batch_size=0"], "algo.decode_batch_size=0: need >= 1"),
@@ -68,7 +68,7 @@ def test_refused_before_loading(overrides: list[str], expected: str, tmp_path) -
     ["model.lora.enabled=false", "model.lora.alpha=0"],  # no adapter: its settings are unused
     ["seed=4294967295"],
     ["ckpt_path=last"],  # Lightning finds the run's last checkpoint itself
-    ["+trainer.accumulate_grad_batches=1"],
+    ["trainer.accumulate_grad_batches=1"],
     ["algo.max_grad_norm=null"],
 ])
 def test_sound_neighbours_pass(overrides: list[str], tmp_path) -> None:
@@ -175,7 +175,7 @@ def test_every_shipped_config_uses_only_keys_something_reads(tmp_path) -> None:
     for group in ("model", "reward", "trainer", "data", "logger", "callbacks"):
         for option in sorted(p.stem for p in (Path(CONFIG_DIR) / group).glob("*.yaml")):
             assert unknown_keys(compose([f"{group}={option}"], tmp_path, tmp_path), CONFIG_DIR) == [], option
-    added = compose(["+trainer.accumulate_grad_batches=1", "reward=multi", "+reward.components.brightness.weight=1",
+    added = compose(["+trainer.limit_train_batches=1", "reward=multi", "+reward.components.brightness.weight=1",
                      "+reward.components.aesthetic.clip_model=/models/clip"], tmp_path, tmp_path)
     assert unknown_keys(added, CONFIG_DIR) == []
 

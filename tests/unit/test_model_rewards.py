@@ -192,15 +192,17 @@ def test_fetch_file_missing_repo_fails_fast_with_hint(tmp_path: Path, monkeypatc
     message = str(info.value)
     assert "No network here?" in message
     assert "hf download no-such-org/no-such-repo head.pth" in message
-    assert "`head_source` to a local path" in message
+    assert "the reward's `head_source` setting to a local path (training: reward.head_source=<path>" in message
     with pytest.raises(FileNotFoundError, match="hf download"):
         fetch_file("no-such-org/no-such-repo")  # a repo id without a file name
 
 
 def test_missing_model_names_the_fix(tiny_clip_dir: Path) -> None:
-    with pytest.raises(FileNotFoundError, match=r"hf download no-such-org/no-such-clip.*`model` to a local path"):
+    with pytest.raises(FileNotFoundError,
+                       match=r"hf download no-such-org/no-such-clip.*`model` setting to a local path .training: "
+                             r"reward.model="):
         build_reward("clip_score", model="no-such-org/no-such-clip", tokenizer=str(tiny_clip_dir))
-    with pytest.raises(FileNotFoundError, match="`head_source` to a local path"):
+    with pytest.raises(FileNotFoundError, match="`head_source` setting to a local path"):
         build_reward("aesthetic", clip_model=str(tiny_clip_dir), head_source="no-such-org/no-such-head")
 
 
