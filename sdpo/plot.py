@@ -13,6 +13,9 @@ the training rewards: the 1-step image (``train/reward_1step``) and the T-step i
 The x axis is the cumulative number of generated samples (``train/samples``) and/or of reward-model queries
 (``train/reward_queries``) — SDPO's claim is a higher reward at equal queries, at every step count.
 
+A run resumed with ``ckpt_path=`` (a new folder that logs only its own iterations) is drawn with the iterations of
+the run it resumed, which is then not drawn separately.
+
 Next to the curves it writes ``phase_times.png``: seconds per iteration by phase for each group
 (``sdpo.phase_times``), to compare what speed settings buy.
 
@@ -183,7 +186,8 @@ def load_run(path: str | Path) -> Run:
 
 
 def load_runs(paths: Iterable[str | Path]) -> list[Run]:
-    """Every run at or below ``paths`` that has logged at least one iteration, sorted by folder."""
+    """Every run at or below ``paths`` that has logged at least one iteration, sorted by folder; a resumed run
+    carries the iterations of the run it resumed (``stitch_resumed``)."""
     runs = []
     for run_dir in find_run_dirs(paths):
         run = load_run(run_dir)
@@ -191,7 +195,45 @@ def load_runs(paths: Iterable[str | Path]) -> list[Run]:
             print(f"sdpo.plot: skipping {run_dir} (no iteration logged yet)", file=sys.stderr)
             continue
         runs.append(run)
-    return runs
+    return stitch_resumed(runs)
+
+
+def resumed_from(run: Run) -> Path | None:
+    """The run folder of the checkpoint ``run`` resumed from (``<run>/checkpoints/<file>.ckpt``), when it is still
+    there with its metrics. A relative ``ckpt_path`` is read from the current folder, where runs are launched."""
+    ckpt = run.config.get("ckpt_path")
+    if not ckpt or not isinstance(ckpt, str):
+        return None
+    folder = Path(ckpt).expanduser().absolute().parent.parent
+    return folder if (folder / METRICS_FILE).is_file() and folder.resolve() != run.path.resolve() else None
+
+
+def stitch_resumed(runs: Sequence[Run]) -> list[Run]:
+    """A run resumed with ``ckpt_path=`` writes a new folder that logs only its own iterations: give it the earlier
+    iterations of the run it resumed (and of that run's own parent), so its curves start at iteration 0, and drop
+    that parent from the list when it was loaded too (it is now part of the resumed run's curve)."""
+    by_path = {run.path.resolve(): run for run in runs}
+    absorbed: set[Path] = set()
+    done: dict[Path, pd.DataFrame] = {}
+
+    def full_metrics(run: Run, seen: frozenset[Path]) -> pd.DataFrame:
+        key = run.path.resolve()
+        if key in done:
+            return done[key]
+        parent_dir = resumed_from(run)
+        metrics = run.metrics
+        if parent_dir is not None and parent_dir.resolve() not in seen and "epoch" in metrics.columns:
+            parent = by_path.get(parent_dir.resolve()) or load_run(parent_dir)
+            earlier = full_metrics(parent, seen | {key})
+            earlier = earlier[earlier["epoch"] < metrics["epoch"].min()]
+            metrics = pd.concat([earlier, metrics], ignore_index=True)
+            absorbed.add(parent_dir.resolve())
+        done[key] = metrics
+        return metrics
+
+    for run in runs:
+        run.metrics = full_metrics(run, frozenset())
+    return [run for run in runs if run.path.resolve() not in absorbed]
 
 
 # ------------------------------------------------------------------------------------------------ grouping
@@ -475,7 +517,9 @@ def step_table(runs: Sequence[Run], metric: str = "auto", reward: str | None = N
 def main(argv: Sequence[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(prog="python -m sdpo.plot", description=__doc__.split("\n\n")[0])
     parser.add_argument("paths", nargs="+", help="run folders, or folders to search for runs (outputs/, a multirun)")
-    parser.add_argument("--out", type=Path, default=None, help="PNG to write (default: <first run>/reward_curves.png)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="PNG to write (default: reward_curves.png in the one folder searched, else in the first "
+                             "run's)")
     parser.add_argument("--x", choices=[*X_AXES, "both"], default="both", help="x axis (default: both, two rows)")
     parser.add_argument("--metric", choices=["auto", "train", "eval"], default="auto",
                         help="eval/<reward>/<k>step panels or the training 1-step and T-step ones (default: auto)")
@@ -493,7 +537,9 @@ def main(argv: Sequence[str] | None = None) -> Path:
         table = step_table(runs, metric=args.metric, reward=args.reward, groups=groups)
     except (ValueError, FileNotFoundError) as err:
         parser.exit(2, f"sdpo.plot: {err}\n")
-    out = args.out or runs[0].path / "reward_curves.png"
+    searched = [Path(p) for p in args.paths]  # one parent folder (a multirun, outputs/train): the figures go there
+    parent = searched[0] if len(searched) == 1 and not (searched[0] / METRICS_FILE).is_file() else None
+    out = args.out or (parent or runs[0].path) / "reward_curves.png"
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120)
     with pd.option_context("display.width", 160, "display.max_columns", 20):
@@ -503,7 +549,8 @@ def main(argv: Sequence[str] | None = None) -> Path:
         if not times.empty:
             times_png = out.with_name("phase_times.png")
             plot_phase_times(times).savefig(times_png, dpi=120)
-            print("\nseconds per iteration by phase (after the first iteration):")
+            print("\nseconds per iteration by phase (the first iteration, which compiles, left out of runs with "
+                  "more than one):")
             print(times.to_string(float_format=lambda v: f"{v:.4g}"))
             print(times_png)
     print(out)

@@ -55,16 +55,18 @@ def last_row(run_dir: Path) -> pd.Series:
     return pd.read_csv(run_dir / "csv" / "metrics.csv").iloc[-1]
 
 
-def test_cli_writes_the_png_next_to_the_first_run(runs_root):
+def test_cli_writes_the_png_into_the_folder_it_searched(runs_root):
     result = subprocess.run([sys.executable, "-m", "sdpo.plot", str(runs_root)], cwd=REPO, capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     out = Path(result.stdout.strip().splitlines()[-1])
-    assert out == (runs_root / "seed0" / "reward_curves.png").resolve()
+    assert out.resolve() == (runs_root / "reward_curves.png").resolve()  # a multirun's figures go in its folder
     assert out.read_bytes()[:8] == PNG_MAGIC
     assert "3 run(s) in 2 group(s)" in result.stdout and SEEDS in result.stdout
-    assert (runs_root / "seed0" / "phase_times.png").read_bytes()[:8] == PNG_MAGIC
+    assert (runs_root / "phase_times.png").read_bytes()[:8] == PNG_MAGIC
     assert "seconds per iteration by phase" in result.stdout
+    assert plot.main([str(runs_root / "steps2"), str(runs_root / "seed1")]) == runs_root / "seed1" / \
+        "reward_curves.png"  # several folders: next to the first run (folders sorted)
 
     explicit = runs_root / "figs" / "curves.png"
     assert plot.main([str(runs_root / "seed0"), str(runs_root / "seed1"), "--out", str(explicit), "--x",
@@ -128,6 +130,22 @@ def test_step_table_is_the_mean_of_the_last_rows(runs_root):
     assert table.loc[(OTHER, 2), "mean"] == pytest.approx(c["train/reward_2step"], rel=1e-12)
     assert table.loc[(OTHER, 2), "reward_queries"] == c["train/reward_queries"]
     assert np.isnan(table.loc[(OTHER, 1), "std"])
+
+
+def test_a_resumed_run_is_drawn_with_the_iterations_it_resumed(runs_root, tmp_path, cache_dir):
+    """``ckpt_path=`` writes a new folder that logs only iterations 3 and 4: the curve starts at iteration 0."""
+    ckpt = runs_root / "seed0" / "checkpoints" / "last.ckpt"
+    train(compose([*FAST, "trainer.max_epochs=5", "callbacks.eval=null", *RUNS["seed0"], f"ckpt_path={ckpt}"],
+                  tmp_path / "more", cache_dir))
+    parent, own = (plot.read_metrics(folder / "csv" / "metrics.csv") for folder in (runs_root / "seed0",
+                                                                                    tmp_path / "more"))
+    assert list(own["epoch"]) == [3, 4]
+    (run,) = plot.load_runs([tmp_path / "more"])  # the parent is read from disk
+    assert list(run.metrics["epoch"]) == [0, 1, 2, 3, 4]
+    expected = pd.concat([parent, own], ignore_index=True)["train/reward_1step"]
+    pd.testing.assert_series_equal(run.metrics["train/reward_1step"], expected)
+    both = plot.load_runs([runs_root / "seed0", tmp_path / "more"])  # the parent is drawn as part of it, not alone
+    assert [r.path.name for r in both] == ["more"] and len(both[0].metrics) == 5
 
 
 def test_phase_times_are_the_logged_means_after_the_first_iteration(runs_root):
