@@ -188,12 +188,14 @@ def test_wandb_without_a_login_says_how_to_log_in_or_go_offline(tmp_path, cache_
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))  # no ~/.netrc, no wandb settings
     monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))
+    wandb.teardown()  # wandb keeps the settings of this process's earlier (offline) runs: read them again
     try:
         with pytest.raises(ConfigError, match=r"logger=wandb found no W&B login on this machine .* "
                                               r"logger.wandb.offline=true"):
             train(compose([*FAST, "trainer.max_epochs=1", "logger=wandb"], tmp_path / "run", cache_dir))
     finally:
         wandb.finish()
+        wandb.teardown()  # nor leave this test's settings to later ones
     assert not (tmp_path / "run" / "csv" / "metrics.csv").exists()
 
 
