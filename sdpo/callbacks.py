@@ -223,6 +223,11 @@ class EvalDuringTraining(L.Callback):
     Logs ``eval/<reward>/<k>step`` (means over prompts x images) into the epoch's metrics row (CSV, W&B) and
     ``time/eval``; with a W&B logger also the full table (std, 95% CI) as a ``wandb.Table`` and a JPEG grid.
 
+    With ``compare_to_start`` it also evaluates the policy once as training starts (the base model: LoRA adapters
+    start at B = 0) and logs ``eval/<reward>/<k>step_change``, the mean paired change since then: the same prompts
+    and initial noise, image by image, so the curve shows what training changed without the noise of the prompts
+    and images. The start scores travel in the checkpoint, so a resumed run goes on measuring from the same start.
+
     Runs on rank 0 with its own generators (``sdpo.evaluation``) inside ``fork_rng``: training's RNG, weights
     and train/eval mode are left as they were, so a run with this callback trains exactly as one without. A
     compiled UNet runs eagerly here, so evaluation never compiles a graph.
@@ -241,6 +246,7 @@ class EvalDuringTraining(L.Callback):
         batch_size: int = 16,
         include_training_reward: bool = True,
         dirpath: str | None = None,
+        compare_to_start: bool = True,
     ) -> None:
         from sdpo.data import load_prompts
         from sdpo.evaluation import parse_reward_specs
@@ -261,7 +267,36 @@ class EvalDuringTraining(L.Callback):
         self.batch_size = batch_size
         self.include_training_reward = include_training_reward
         self.dirpath = Path(dirpath) if dirpath else None
+        self.compare_to_start = compare_to_start
         self._held_out: dict[str, torch.nn.Module] = {}
+        self._start: dict[str, torch.Tensor] = {}  # reward -> [S, P, n] scores of the policy as training started
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"start_scores": dict(self._start)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._start = {name: torch.as_tensor(scores) for name, scores in state_dict.get("start_scores", {}).items()}
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Score the policy before its first update (a resumed run has the scores from its checkpoint)."""
+        if trainer.global_rank != 0 or not self.compare_to_start or self._start or trainer.current_epoch > 0:
+            return
+        result = self.evaluate(pl_module)
+        self._start = {name: scores.clone() for name, scores in result.scores.items()}
+        if self.dirpath is not None:
+            result.save(self.dirpath / "start")
+
+    def changes(self, result: Any) -> dict[str, float]:
+        """``eval/<reward>/<k>step_change``: mean over prompts x images of the score minus the start score of the
+        same prompt and image (rewards and shapes the start scores do not cover are left out)."""
+        out = {}
+        for name, scores in result.scores.items():
+            start = self._start.get(name)
+            if start is None or start.shape != scores.shape:
+                continue
+            for s, k in enumerate(result.step_counts):
+                out[f"eval/{name}/{k}step_change"] = float((scores[s].double() - start[s].double()).mean())
+        return out
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         from sdpo.evaluation import check_step_counts
@@ -328,7 +363,7 @@ class EvalDuringTraining(L.Callback):
         tic = time.perf_counter()
         result = self.evaluate(pl_module)
         elapsed = time.perf_counter() - tic
-        for key, value in {**result.means(), "time/eval": elapsed}.items():
+        for key, value in {**result.means(), **self.changes(result), "time/eval": elapsed}.items():
             pl_module.log(key, float(value), on_step=False, on_epoch=True, batch_size=1, rank_zero_only=True)
         if self.dirpath is not None:
             result.save(self.dirpath / f"epoch_{epoch:04d}")

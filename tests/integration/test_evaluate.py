@@ -322,6 +322,32 @@ def test_callback_logs_held_out_rewards_and_leaves_training_alone(lora_run, tmp_
         assert torch.equal(with_eval[name], value.detach()), name
 
 
+def test_callback_measures_the_change_since_training_started(lora_run, tmp_path, cache_dir):
+    """``eval/<reward>/<k>step_change`` is each evaluation's mean minus that of the policy before its first update,
+    which for a LoRA run is the base model: checked against ``python -m sdpo.evaluate`` on the base model with the
+    callback's settings. A resumed run measures from the same start, from its checkpoint, without a new one."""
+    args = ["prompts=[cow,goat,lion,tiger]", "steps=[1,2,4]", "images_per_prompt=2",
+            "rewards=[brightness,colorfulness]"]
+    base = evaluate(compose_eval(args, tmp_path / "base", cache_dir)).means()
+    assert (lora_run / "eval" / "start" / "results.json").exists()
+
+    def check(rows: list[dict[str, float]]) -> None:
+        for row in rows:
+            for reward in ("brightness", "colorfulness"):
+                for k in (1, 2, 4):
+                    key = f"eval/{reward}/{k}step"
+                    assert row[f"{key}_change"] == pytest.approx(row[key] - base[key], abs=1e-6), (row["epoch"], key)
+
+    rows = read_metrics(lora_run)
+    check(rows)
+    assert abs(rows[-1]["eval/brightness/1step_change"]) > 1e-3  # training changed the policy
+    resumed = tmp_path / "resumed"
+    train(compose([*LORA_RUN, *EVAL_EVERY_EPOCH, "trainer.max_epochs=3",
+                   f"ckpt_path={lora_run / 'checkpoints' / 'last.ckpt'}"], resumed, cache_dir))
+    assert [r["epoch"] for r in read_metrics(resumed)] == [2] and not (resumed / "eval" / "start").exists()
+    check(read_metrics(resumed))
+
+
 def test_callback_reuses_the_training_reward():
     from sdpo.rewards import build_reward
 
