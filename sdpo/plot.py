@@ -1,7 +1,7 @@
 """Reward curves of SDPO runs, laid out like the paper: one panel per sampling step count.
 
 ``python -m sdpo.plot <run dirs or parent dirs...> [--out PNG] [--x samples|reward_queries|both]
-[--metric auto|train|eval] [--reward NAME]``
+[--metric auto|train|eval|change] [--reward NAME]``
 
 A run folder is any folder holding ``csv/metrics.csv``; a parent folder (``outputs/``, a multirun folder) is
 searched recursively. Runs whose configs are equal once the seed, paths and logging settings are removed form one
@@ -50,6 +50,7 @@ X_AXES = {
 }
 EVAL_COLUMN = re.compile(r"^eval/(?P<reward>.+)/(?P<steps>\d+)step$")
 TRAIN_STEP_COLUMN = re.compile(r"^train/reward_(?P<steps>\d+)step$")
+METRICS = ("auto", "train", "eval", "change")
 
 # Config keys that do not change what a run learns: the seed (and the data seed derived from it), where things are
 # written, and how progress is logged. Runs equal up to these keys are seeds of one configuration.
@@ -332,11 +333,12 @@ def eval_steps(runs: Sequence[Run]) -> dict[str, list[int]]:
 
 
 def step_panels(runs: Sequence[Run], metric: str = "auto", reward: str | None = None) -> tuple[list[Panel], str]:
-    """The panels to draw and the y-axis label. ``metric``: ``auto`` (eval when logged), ``train`` or ``eval``."""
-    if metric not in ("auto", "train", "eval"):
-        raise ValueError(f"metric={metric!r}: choose auto, train or eval")
+    """The panels to draw and the y-axis label. ``metric``: ``auto`` (eval when logged), ``train``, ``eval`` or
+    ``change`` (``eval/<reward>/<k>step_change``: the paired change since the first update)."""
+    if metric not in METRICS:
+        raise ValueError(f"metric={metric!r}: choose {', '.join(METRICS)}")
     evals = eval_steps(runs)
-    if metric == "eval" or (metric == "auto" and evals and (reward is None or reward in evals)):
+    if metric in ("eval", "change") or (metric == "auto" and evals and (reward is None or reward in evals)):
         if not evals:
             raise ValueError("these runs log no eval/<reward>/<k>step metrics; use --metric train")
         if reward is None:
@@ -344,8 +346,13 @@ def step_panels(runs: Sequence[Run], metric: str = "auto", reward: str | None = 
             reward = trained[0] if trained else next(iter(evals))
         if reward not in evals:
             raise ValueError(f"no eval metrics for reward {reward!r}; these runs log: {', '.join(evals)}")
-        panels = [Panel(steps_title(k), k, lambda run, c=f"eval/{reward}/{k}step": c) for k in evals[reward]]
-        return panels, f"eval reward ({reward})"
+        suffix = "_change" if metric == "change" else ""
+        if suffix and not any(f"eval/{reward}/{k}step_change" in run.metrics.columns
+                              for run in runs for k in evals[reward]):
+            raise ValueError(f"these runs log no eval/{reward}/<k>step_change (callbacks.eval.compare_to_start); "
+                             f"use --metric eval")
+        panels = [Panel(steps_title(k), k, lambda run, c=f"eval/{reward}/{k}step{suffix}": c) for k in evals[reward]]
+        return panels, (f"eval change since the first update ({reward})" if suffix else f"eval reward ({reward})")
 
     trained = sorted({r.reward for r in runs if r.reward is not None})
     first, last = "train/reward_1step", "train/reward_last"
@@ -521,8 +528,10 @@ def main(argv: Sequence[str] | None = None) -> Path:
                         help="PNG to write (default: reward_curves.png in the one folder searched, else in the first "
                              "run's)")
     parser.add_argument("--x", choices=[*X_AXES, "both"], default="both", help="x axis (default: both, two rows)")
-    parser.add_argument("--metric", choices=["auto", "train", "eval"], default="auto",
-                        help="eval/<reward>/<k>step panels or the training 1-step and T-step ones (default: auto)")
+    parser.add_argument("--metric", choices=METRICS, default="auto",
+                        help="eval/<reward>/<k>step panels, their change since the first update "
+                             "(eval/<reward>/<k>step_change), or the training 1-step and T-step ones (default: auto, "
+                             "eval when logged)")
     parser.add_argument("--reward", default=None, help="which reward's metrics (default: the training reward)")
     parser.add_argument("--smooth", type=int, default=1, help="rolling mean over this many logged points (default 1)")
     args = parser.parse_args(argv)

@@ -179,6 +179,7 @@ def test_eval_metrics_give_one_panel_per_evaluated_step_count(runs_root, tmp_pat
         evals = df.loc[df["epoch"] % 2 == 0, ["epoch", "step"]].copy()
         for k in (1, 2, 4):
             evals[f"eval/brightness/{k}step"] = 0.1 * k + evals["epoch"] + (name == "seed1")
+            evals[f"eval/brightness/{k}step_change"] = 0.01 * k * evals["epoch"]
         evals["eval/colorfulness/1step"] = 5.0
         pd.concat([df, evals]).sort_values("epoch", kind="stable").to_csv(run / "csv" / "metrics.csv", index=False)
 
@@ -193,6 +194,12 @@ def test_eval_metrics_give_one_panel_per_evaluated_step_count(runs_root, tmp_pat
         assert line.get_label() == "seed0 (n=2 seeds)"  # nothing differs: the folder name
         np.testing.assert_allclose(line.get_xdata(), runs[0].metrics["train/samples"].to_numpy()[[0, 2]])
         np.testing.assert_allclose(line.get_ydata(), [0.1 * k + 0.5, 0.1 * k + 2.5])
+    change = plot.plot_runs(runs, x="samples", metric="change").get_axes()  # the _change columns are not step counts
+    assert [ax.get_title() for ax in change] == ["1 step", "2 steps", "4 steps"]
+    assert change[0].get_ylabel() == "eval change since the first update (brightness)"
+    np.testing.assert_allclose(change[2].get_lines()[0].get_ydata(), [0.0, 0.04 * 2])
+    with pytest.raises(ValueError, match="no eval/colorfulness/<k>step_change"):
+        plot.plot_runs(runs, metric="change", reward="colorfulness")
     table = plot.step_table(runs)
     assert table.loc[("seed0", 4), "mean"] == pytest.approx(0.4 + 2.5)
     assert table.loc[("seed0", 4), "epoch"] == 2
