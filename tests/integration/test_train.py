@@ -329,7 +329,8 @@ def test_a_pinned_attention_kernel_trains_and_one_the_device_lacks_stops_at_fit_
     assert pinned_backend(trainer.lightning_module.unet) == SDPBackend.MATH
     (probe,) = [c for c in trainer.callbacks if isinstance(c, ProcessorsSeen)]
     pinned, torchs = "PinnedAttnProcessor", "AttnProcessor2_0"
-    assert probe.seen == [pinned, torchs, pinned, torchs]  # epoch 0, its evaluation, epoch 1, the final evaluation
+    # the evaluation before the first update, epoch 0, its evaluation, epoch 1, the final evaluation
+    assert probe.seen == [torchs, pinned, torchs, pinned, torchs]
     assert "eval/brightness/1step" in read_metrics(tmp_path / "math")[0]
     assert torch.isfinite(torch.tensor(float(trainer.callback_metrics["train/loss"])))
     if torch.cuda.is_available():
@@ -394,7 +395,7 @@ def test_the_final_iteration_gets_its_checkpoint_grid_and_evaluation_whatever_li
     assert [int(r["epoch"]) for r in read_metrics(tmp_path) if "train/reward_1step" in r] == [0, 1, 2]
     assert (tmp_path / "checkpoints" / "last.ckpt").resolve().name == "epoch=2-step=12.ckpt"
     assert sorted(p.name for p in (tmp_path / "samples").glob("*.png")) == ["epoch_0000.png", "epoch_0002.png"]
-    assert sorted(p.name for p in (tmp_path / "eval").iterdir()) == ["epoch_0000", "epoch_0002"]
+    assert sorted(p.name for p in (tmp_path / "eval").iterdir()) == ["epoch_0000", "epoch_0002", "start"]
 
 
 class RequestStopAtEpoch(Callback):
