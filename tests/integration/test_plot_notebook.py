@@ -254,8 +254,10 @@ def test_notebook_executes_top_to_bottom(runs_root, tmp_path, monkeypatch, cache
         (cell,) = [c for c in code if marker in c.source]
         return cell.outputs
 
-    curves = [o for o in outputs("plot.plot_runs(") if "image/png" in o.get("data", {})]
+    curves = [o for o in outputs('plot.plot_runs(runs, x="both"') if "image/png" in o.get("data", {})]
     assert len(curves) == 1 and base64.b64decode(curves[0]["data"]["image/png"])[:8] == PNG_MAGIC
+    change = "".join(o.get("text", "") for o in outputs('metric="change"'))  # these runs evaluated nothing
+    assert change.startswith("no change curves: these runs log no eval/<reward>/<k>step metrics"), change
     printed = "".join(o.get("text", "") for o in outputs("plot.group_runs("))
     assert f"{SEEDS}: 2 run(s), seeds [0, 1]" in printed and f"{OTHER}: 1 run(s)" in printed
     table = outputs("plot.step_table(")[-1]["data"]["text/plain"]
