@@ -10,9 +10,7 @@ per prompt, the change of its mean, so that prompts the policy got worse on do n
 
 from __future__ import annotations
 
-import csv
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +18,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from sdpo.evaluation import EvalResult, mean_ci, shorten
+from sdpo.evaluation import EvalResult, json_rows, mean_ci, shorten, write_csv
 from sdpo.grids import fit_to_grid, image_grid
 
 
@@ -62,16 +60,17 @@ class Comparison:
                 })
         return rows
 
-    def by_prompt(self) -> list[dict[str, Any]]:
-        """One row per (reward, step count, prompt): base and policy means over the prompt's images and their
-        change. A change that is positive on average can still be negative for some prompts; these rows show which."""
+    def by_prompt(self, reward: str | None = None) -> list[dict[str, Any]]:
+        """One row per (reward, step count, prompt) (of ``reward`` alone if given): base and policy means over the
+        prompt's images and their change. A change that is positive on average can still be negative for some
+        prompts; these rows show which."""
         rows = []
-        for reward in self.policy.reward_names:
+        for name in [reward] if reward else self.policy.reward_names:
             for k in self.policy.step_counts:
-                base, policy = self.base.scores_for(reward, k).double(), self.policy.scores_for(reward, k).double()
+                base, policy = self.base.scores_for(name, k).double(), self.policy.scores_for(name, k).double()
                 for p, prompt in enumerate(self.policy.prompts):
                     b, q = float(base[p].mean()), float(policy[p].mean())
-                    rows.append({"reward": reward, "steps": k, "prompt": prompt, "base": b, "policy": q,
+                    rows.append({"reward": name, "steps": k, "prompt": prompt, "base": b, "policy": q,
                                  "delta": q - b})
         return rows
 
@@ -81,9 +80,8 @@ class Comparison:
         reward = reward or self.policy.reward_names[0]
         steps = self.policy.step_counts
         changes: dict[str, dict[int, float]] = {}
-        for row in self.by_prompt():
-            if row["reward"] == reward:
-                changes.setdefault(row["prompt"], {})[row["steps"]] = row["delta"]
+        for row in self.by_prompt(reward):
+            changes.setdefault(row["prompt"], {})[row["steps"]] = row["delta"]
         ranked = sorted(changes.items(), key=lambda item: sum(item[1].values()) / len(steps))[:limit]
         lines = [f"| prompt | {' | '.join(f'change at {k}' for k in steps)} |", "|---|" + "---:|" * len(steps)]
         lines += [f"| {shorten(prompt, 60)} | {' | '.join(f'{by_step[k]:+.4f}' for k in steps)} |"
@@ -133,19 +131,10 @@ class Comparison:
                  "grid_compare.png")
         paths = {name: out / name for name in names}
         rows = self.table()
-        with open(paths["comparison.csv"], "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-        prompt_rows = self.by_prompt()
-        with open(paths["comparison_by_prompt.csv"], "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(prompt_rows[0]))
-            writer.writeheader()
-            writer.writerows(prompt_rows)
+        write_csv(paths["comparison.csv"], rows)
+        write_csv(paths["comparison_by_prompt.csv"], self.by_prompt())
         origin = {"base": self.base.meta.get("policy"), "policy": self.policy.meta.get("policy")}
-        finite = [{k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}
-                  for row in rows]  # one image per prompt has no std: JSON has no NaN
-        paths["comparison.json"].write_text(json.dumps({**origin, "table": finite}, indent=1))
+        paths["comparison.json"].write_text(json.dumps({**origin, "table": json_rows(rows)}, indent=1))
         by_prompt = "\n\n".join(self.prompt_markdown(reward) for reward in self.policy.reward_names)
         paths["comparison.md"].write_text(f"# {origin['policy']} against {origin['base']}\n\n{self.to_markdown()}\n\n"
                                           f"## By prompt\n\n{by_prompt}\n")

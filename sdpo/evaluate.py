@@ -50,12 +50,6 @@ def resolve_device(name: str) -> torch.device:
 TRAINING_PROMPTS = "training"
 
 
-def training_prompts(checkpoint: Path) -> list[str]:
-    """The prompt list a training checkpoint was trained on (stored by ``PromptDataModule``); [] if absent."""
-    saved = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
-    return list(saved.get(PromptDataModule.__qualname__, {}).get("training_prompts", []))
-
-
 def validate_eval_config(cfg: DictConfig) -> tuple[list[str], list[int], list[tuple[str, str, dict]]]:
     """Check every value before any model loads; returns the prompts, the step counts and the reward specs."""
     from sdpo.data import load_prompts
@@ -85,12 +79,13 @@ def validate_eval_config(cfg: DictConfig) -> tuple[list[str], list[int], list[tu
     need(not cfg.get("baseline") or cfg.checkpoint is not None or cfg.lora is not None,
          "baseline=true compares a trained policy with its base model: give checkpoint=<run>/checkpoints/last.ckpt "
          "or lora=<run>/trained (without either, the base model is what is evaluated)")
+    saved = None  # the checkpoint, memory-mapped: is it one, and which prompts did it train on
     if cfg.checkpoint is not None:
         checkpoint = Path(str(cfg.checkpoint)).expanduser()
         need(checkpoint.is_file(), f"checkpoint={cfg.checkpoint}: no such file")
         if checkpoint.is_file():
             try:
-                read_checkpoint(checkpoint, mmap=True)
+                saved = read_checkpoint(checkpoint, mmap=True)
             except ValueError as err:
                 problems.append(f"checkpoint={err}")
     if cfg.lora is not None:
@@ -103,8 +98,8 @@ def validate_eval_config(cfg: DictConfig) -> tuple[list[str], list[int], list[tu
         if cfg.checkpoint is None:
             problems.append("prompts=training needs checkpoint=<run>/checkpoints/last.ckpt (it reads the prompts "
                             "stored there; a LoRA folder carries none): give a list, a built-in set or a file")
-        elif Path(str(cfg.checkpoint)).expanduser().is_file():
-            prompts = training_prompts(Path(str(cfg.checkpoint)).expanduser())
+        elif saved is not None:
+            prompts = PromptDataModule.stored_prompts(saved)
             need(bool(prompts), f"prompts=training: {cfg.checkpoint} stores no training prompts (a checkpoint "
                                 "written before they were stored): give the list or file it trained on")
     else:

@@ -28,7 +28,6 @@ import inspect
 import json
 import logging
 import math
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -252,15 +251,12 @@ class EvalResult:
         return image_grid(rows, captions, header, scale=scale, cell_captions=cells, corner=f"cells: {reward}")
 
     def to_json(self) -> dict[str, Any]:
-        def clean(value: Any) -> Any:
-            return None if isinstance(value, float) and not math.isfinite(value) else value
-
         return {
             "meta": self.meta,
             "ci_method": self.ci_method,
             "prompts": self.prompts,
             "step_counts": list(self.step_counts),
-            "table": [{k: clean(v) for k, v in row.items()} for row in self.table()],
+            "table": json_rows(self.table()),
             "scores": {name: {str(k): values[s].tolist() for s, k in enumerate(self.step_counts)}
                        for name, values in self.scores.items()},  # [P][n] per step count
         }
@@ -271,11 +267,7 @@ class EvalResult:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         paths = {name: out / name for name in ("results.csv", "results.json", "results.md", "grid.png")}
-        rows = self.table()
-        with open(paths["results.csv"], "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
+        write_csv(paths["results.csv"], self.table())
         paths["results.json"].write_text(json.dumps(self.to_json(), indent=1))
         meta = "\n".join(f"- {k}: {v}" for k, v in self.meta.items())
         paths["results.md"].write_text(f"# Evaluation\n\n{meta}\n\n{self.to_markdown()}\n")
@@ -284,6 +276,19 @@ class EvalResult:
         else:
             del paths["grid.png"]
         return paths
+
+
+def write_csv(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
+    """``rows`` (dicts with the same keys) as a CSV file with a header."""
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def json_rows(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """``rows`` with NaN and inf as null: JSON has neither (a std of one image is NaN)."""
+    return [{k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()} for row in rows]
 
 
 def shorten(text: str, n: int) -> str:
@@ -546,9 +551,10 @@ def load_lora_into(components: PolicyComponents, path: str | Path) -> None:
         mixin.load_lora_into_unet(state_dict, alphas, components.unet, metadata=metadata)
     except RuntimeError as error:  # torch lists every mismatched tensor: a screenful that hides the cause
         mismatch = next((line.strip() for line in str(error).splitlines() if "size mismatch" in line), str(error))
-        card = folder / "README.md"  # written next to weights that sdpo exported
-        named = re.search(r"^\| base model \| (.+?) \|$", card.read_text(), re.M) if card.is_file() else None
-        trained_on = f" ({card.name} says: {named.group(1)})" if named else ""
+        from sdpo.model_card import CARD_NAME, recorded_base_model
+
+        named = recorded_base_model(folder)  # the card sdpo writes next to the weights it exports
+        trained_on = f" ({CARD_NAME} says: {named})" if named else ""
         raise ValueError(
             f"the LoRA in {path} does not fit the UNet of {components.source}: {mismatch}. Evaluate it on the "
             f"base model it was trained from{trained_on}, with model=<that model's config> or model.source=..."

@@ -39,9 +39,13 @@ def read_checkpoint(ckpt_path: str | Path, mmap: bool = False) -> dict:
 
 def load_trained_module(ckpt_path: str | Path):
     """Rebuild the SDPOModule a checkpoint was written by, with its trained weights (safe loading only)."""
+    return module_from_checkpoint(read_checkpoint(ckpt_path))
+
+
+def module_from_checkpoint(checkpoint: dict):
+    """The SDPOModule of a checkpoint ``read_checkpoint`` returned, with its trained weights."""
     from sdpo.module import SDPOModule
 
-    checkpoint = read_checkpoint(ckpt_path)
     hp = checkpoint["hyper_parameters"]
     module = SDPOModule(hp["model"], hp["algo"], hp["reward"], hp["optim"], seed=hp.get("seed", 0))
     module.on_load_checkpoint(checkpoint)
@@ -71,17 +75,17 @@ def check_out_dir(out_dir: str | Path, overwrite: bool) -> None:
 
 def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path) -> Path:
     """Write the checkpoint's LoRA (or UNet) into ``out_dir`` with its model card, as a finished run does."""
+    from sdpo.callbacks import RewardSummary
     from sdpo.data import PromptDataModule
     from sdpo.model_card import write_model_card
-    from sdpo.resume import iterations_done, read_resume_state
+    from sdpo.resume import iterations_done
 
-    module = load_trained_module(ckpt_path)
+    checkpoint = read_checkpoint(ckpt_path)
+    module = module_from_checkpoint(checkpoint)
     path = save_trained_unet(module.unet, out_dir)
-    state = read_resume_state(ckpt_path)
-    history = state.get("callbacks", {}).get("RewardSummary", {}).get("history", [])
-    prompts = state.get(PromptDataModule.__qualname__, {}).get("training_prompts", [])
-    write_model_card(path, module, iterations_done(state), int(state.get("global_step", 0)), history, prompts,
-                     str(ckpt_path))
+    history = checkpoint.get("callbacks", {}).get(RewardSummary.__qualname__, {}).get("history", [])
+    write_model_card(path, module, iterations_done(checkpoint), int(checkpoint.get("global_step", 0)), history,
+                     PromptDataModule.stored_prompts(checkpoint), str(ckpt_path))
     return path
 
 

@@ -8,11 +8,20 @@ and a loading snippet that runs as written (tested on the tiny model).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 CARD_NAME = "README.md"
+BASE_ROW = re.compile(r"^\| base model \| (.+?) \|$", re.M)  # the facts table's row, as ``model_card`` writes it
+
+
+def recorded_base_model(folder: str | Path) -> str | None:
+    """The base model the card in ``folder`` names (None: no card there, or not one of ours)."""
+    card = Path(folder) / CARD_NAME
+    found = BASE_ROW.search(card.read_text()) if card.is_file() else None
+    return found.group(1) if found else None
 
 
 def _is_local(source: str) -> bool:

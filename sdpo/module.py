@@ -44,6 +44,7 @@ from sdpo.policy.rollout import PairTrajectories, sample_pair_chunks, transition
 from sdpo.policy.speed import apply_speed_options, cast_frozen_layers, inductor_mode
 from sdpo.policy.steps import check_training_schedule, make_policy_scheduler, timestep_schedule
 from sdpo.progress import PhaseProgress
+from sdpo.resume import iterations_done
 from sdpo.rewards import build_reward
 from sdpo.scoring import PairRewards, score_pairs, synchronize, synchronize_stream
 
@@ -112,6 +113,7 @@ class SDPOModule(L.LightningModule):
         self.tracker = PerStepPromptStatTracker(tracker["buffer_size"], tracker["min_count"])
         self.total_queries = 0  # reward-model calls, all ranks
         self.total_samples = 0  # trajectories (images) generated, all ranks
+        self.resumed_iterations: int | None = None  # iterations of the checkpoint this fit resumes (the header says)
         self._grad_norms: list[Tensor] = []  # pre-clip gradient norms of this iteration's optimizer steps
         self.last_iteration: dict[str, Any] = {}  # phase times and counts of the last iteration (benchmarks)
         self.latest: dict[str, Any] = {}  # last iteration's images and rewards, for callbacks (rank-local, CPU)
@@ -514,6 +516,7 @@ class SDPOModule(L.LightningModule):
             self.tracker.load_state_dict(state["tracker"])
         self.total_queries = int(state.get("total_queries", 0))
         self.total_samples = int(state.get("total_samples", 0))
+        self.resumed_iterations = iterations_done(checkpoint)
         if "torch_rng" in state:
             torch.set_rng_state(state["torch_rng"])
 

@@ -18,7 +18,6 @@ from lightning.pytorch.callbacks import Timer
 from lightning.pytorch.utilities import rank_zero_only
 
 from sdpo.algo.shuffle import count_update_groups
-from sdpo.resume import iterations_done, read_resume_state
 
 
 def count(n: int) -> str:
@@ -39,14 +38,14 @@ def update_sizes(pairs_per_rank: int, micro: int, accumulation: int, world: int)
     """How many pairs each optimizer step covers: micro-batch x accumulation (x ranks), except where a step column
     has fewer pairs left (``sdpo.algo.shuffle.update_groups`` cuts each column's pairs into such groups)."""
     group = micro * accumulation
-    sizes = [min(group, pairs_per_rank - start) for start in range(0, pairs_per_rank, group)]
     split = f"micro-batch {micro} x {accumulation} accumulation" + (f" x {world} ranks" if world > 1 else "")
-    if sizes == [group] * len(sizes):
+    if pairs_per_rank % group == 0:
         return f"each on {group * world} pairs ({split})"
-    if len(sizes) == 1:
-        return (f"each on the {sizes[0] * world} pairs of a step column (all of them: fewer than {split} = "
+    if pairs_per_rank < group:
+        return (f"each on the {pairs_per_rank * world} pairs of a step column (all of them: fewer than {split} = "
                 f"{group * world})")
-    return f"each on {group * world} pairs ({split}), the last of each step column on {sizes[-1] * world}"
+    return (f"each on {group * world} pairs ({split}), the last of each step column on "
+            f"{pairs_per_rank % group * world}")
 
 
 def queried_steps(algo: dict[str, Any]) -> str:
@@ -87,12 +86,6 @@ def run_length(trainer: L.Trainer, steps_per_iteration: int, trajectories_per_it
         text += (f"; trainer.max_steps={max_steps} falls inside an iteration and is checked only at its end, "
                  f"so the run makes {iterations * steps_per_iteration}")
     return text
-
-
-def resumed_iterations(trainer: L.Trainer) -> int | None:
-    """Iterations completed by the checkpoint the trainer resumes from (None for a fresh run)."""
-    state = read_resume_state(trainer.ckpt_path)
-    return iterations_done(state) if state else None
 
 
 def _dtype(module: torch.nn.Module) -> str:
@@ -138,7 +131,7 @@ def run_header(module: Any, trainer: L.Trainer, pairs_per_rank: int) -> str:
         f"  updates     {steps_per_iteration} optimizer steps per iteration, "
         f"{update_sizes(pairs_per_rank, micro, accumulation, world)}, lr {module.optim_cfg.get('lr')}",
         f"  length      "
-        f"{run_length(trainer, steps_per_iteration, 2 * world * pairs_per_rank, resumed_iterations(trainer))}",
+        f"{run_length(trainer, steps_per_iteration, 2 * world * pairs_per_rank, module.resumed_iterations)}",
     ])
 
 
