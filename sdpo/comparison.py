@@ -4,7 +4,8 @@
 every (prompt, image) starts from the same initial noise in both (``sdpo.evaluation.item_seed``), so the two
 scores of an image form a pair. A paired difference cancels what the prompt and the noise contribute, and its
 confidence interval is far tighter than one read off two separate tables. Reported per (reward, step count): both
-means, the mean difference with its 95% CI, and the share of images the policy scores higher (ties count half);
+means, the mean difference with its 95% CI (over the prompts' mean differences, like ``sdpo.evaluation``), and the
+share of images the policy scores higher (ties count half);
 per prompt, the change of its mean, so that prompts the policy got worse on do not hide behind the average.
 """
 
@@ -18,7 +19,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from sdpo.evaluation import EvalResult, json_rows, mean_ci, shorten, write_csv
+from sdpo.evaluation import EvalResult, json_rows, prompt_mean_ci, shorten, write_csv
 from sdpo.grids import fit_to_grid, image_grid
 
 
@@ -43,12 +44,12 @@ class Comparison:
 
     def table(self) -> list[dict[str, Any]]:
         """One row per (reward, step count): base and policy means, the paired difference's mean, std and 95% CI,
-        the share of images the policy scores higher, and n."""
+        the share of images the policy scores higher, n images and the number of prompts."""
         rows = []
         for reward in self.policy.reward_names:
             for k in self.policy.step_counts:
                 diff = self.differences(reward, k)
-                stats = mean_ci(diff)
+                stats = prompt_mean_ci(diff)
                 win = float(((diff > 0).double() + 0.5 * (diff == 0).double()).mean())
                 rows.append({
                     "reward": reward, "steps": k,
@@ -56,7 +57,7 @@ class Comparison:
                     "policy": float(self.policy.scores_for(reward, k).double().mean()),
                     "delta": stats["mean"], "delta_std": stats["std"],
                     "delta_ci95_low": stats["ci95_low"], "delta_ci95_high": stats["ci95_high"],
-                    "policy_better": win, "n": stats["n"],
+                    "policy_better": win, "n": stats["n"], "prompts": stats["prompts"],
                 })
         return rows
 
@@ -102,7 +103,7 @@ class Comparison:
                          f"{r['policy_better']:.0%} | {r['n']} |")
         lines += ["", f"change: policy minus base on the same prompt and initial noise, image by image "
                       f"({len(self.policy.prompts)} prompts x {self.policy.images_per_prompt} images, seed "
-                      f"{self.policy.meta.get('seed')}); CI: {self.policy.ci_method}, images treated as independent."]
+                      f"{self.policy.meta.get('seed')}); CI: {self.policy.ci_method}."]
         return "\n".join(lines)
 
     def grid(self, reward: str | None = None, max_prompts: int = 16) -> Image.Image:

@@ -14,7 +14,10 @@ deterministic. So evaluation runs that native sampler, for each step count, on h
   (for LCM the last step's ``denoised``, as the LCM pipeline does).
 - Results are mean, standard deviation and a 95% confidence interval of the mean per (reward, step count), with
   Student's t quantile (scipy when installed, else a built-in quadrature that agrees with it to 1e-6). The
-  ``P x n`` images are treated as independent draws; prompts with very different rewards make that optimistic.
+  interval comes from the P prompt means, not the ``P x n`` images: images of one prompt are correlated (a prompt
+  that scores high does so on every noise), so treating them as independent draws makes the interval too narrow,
+  and the question a researcher asks is whether the result holds on other prompts. With one prompt, the interval
+  falls back to its images (it then covers new noise only).
 
 No Hydra here: ``sdpo.evaluate`` (the CLI) and ``sdpo.callbacks.EvalDuringTraining`` both call
 ``evaluate_policy``.
@@ -78,14 +81,14 @@ def _t_quantile_builtin(p: float, df: int) -> float:
 try:  # scipy is optional; the built-in quantile matches it to ~1e-6
     from scipy.stats import t as _student_t
 
-    CI_METHOD = "Student t, n-1 degrees of freedom (scipy)"
+    T_QUANTILE_SOURCE = "scipy"
 
     def t_quantile(p: float, df: int) -> float:
         """Quantile ``p`` of Student's t with ``df`` degrees of freedom."""
         return float(_student_t.ppf(p, df))
 
 except ImportError:
-    CI_METHOD = "Student t, n-1 degrees of freedom (built-in quadrature; scipy not installed)"
+    T_QUANTILE_SOURCE = "built-in quadrature; scipy not installed"
 
     @functools.lru_cache(maxsize=256)
     def t_quantile(p: float, df: int) -> float:
@@ -103,6 +106,27 @@ def mean_ci(values: Tensor, level: float = 0.95) -> dict[str, float]:
     std = float(x.std(correction=1))
     half = t_quantile(0.5 + level / 2, n - 1) * std / math.sqrt(n)
     return {"mean": mean, "std": std, "ci95_low": mean - half, "ci95_high": mean + half, "n": n}
+
+
+def ci_method(prompts: int) -> str:
+    """How ``prompt_mean_ci`` builds its interval for ``prompts`` prompts: the footer of every results table."""
+    unit = ("the prompt means, prompts-1 degrees of freedom" if prompts >= 2
+            else "the images of the single prompt, images-1 degrees of freedom")
+    return f"Student t over {unit} ({T_QUANTILE_SOURCE})"
+
+
+def prompt_mean_ci(values: Tensor, level: float = 0.95) -> dict[str, float]:
+    """Mean and std over all images of ``values`` [P, n] (prompt, image), with the ``level`` confidence interval
+    from the P prompt means (t with P-1 degrees of freedom): the prompt is the sampled unit, so its images do not
+    count as independent evidence. One prompt: the interval of its images. Adds ``prompts`` = P."""
+    if values.dim() != 2:
+        raise ValueError(f"expected scores [prompts, images], got shape {tuple(values.shape)}")
+    stats = mean_ci(values)
+    if values.shape[0] >= 2:
+        over_prompts = mean_ci(values.double().mean(dim=1), level)
+        stats["ci95_low"], stats["ci95_high"] = over_prompts["ci95_low"], over_prompts["ci95_high"]
+    stats["prompts"] = values.shape[0]
+    return stats
 
 
 # ------------------------------------------------------------------------------------------------ sampling
@@ -194,7 +218,10 @@ class EvalResult:
     scores: dict[str, Tensor]  # reward -> [S, P, n] float32
     images: Tensor  # uint8 [S, P, m, 3, H, W]: the first m images of each prompt at each step count
     meta: dict[str, Any] = field(default_factory=dict)
-    ci_method: str = CI_METHOD
+
+    @property
+    def ci_method(self) -> str:
+        return ci_method(len(self.prompts))
 
     @property
     def reward_names(self) -> list[str]:
@@ -209,9 +236,10 @@ class EvalResult:
         return self.images[self.step_counts.index(steps), prompt_index, image_index].float() / 255
 
     def table(self) -> list[dict[str, Any]]:
-        """One row per (reward, step count): mean, std, 95% CI of the mean, n."""
+        """One row per (reward, step count): mean and std over images, 95% CI of the mean over prompts, n images,
+        the number of prompts."""
         return [
-            {"reward": name, "steps": k, **mean_ci(values[s])}
+            {"reward": name, "steps": k, **prompt_mean_ci(values[s])}
             for name, values in self.scores.items()
             for s, k in enumerate(self.step_counts)
         ]
@@ -228,7 +256,7 @@ class EvalResult:
         n = self.images_per_prompt
         lines.append("")
         lines.append(f"{len(self.prompts)} prompts x {n} images per step count, seed {self.meta.get('seed')}, "
-                     f"sampler {self.meta.get('scheduler')}; CI: {self.ci_method}, images treated as independent.")
+                     f"sampler {self.meta.get('scheduler')}; CI: {self.ci_method}.")
         return "\n".join(lines)
 
     @property

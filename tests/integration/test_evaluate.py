@@ -107,10 +107,13 @@ def test_deterministic_and_independent_of_batching(cache_dir):
     expected = [(n, k) for n in ("brightness", "colorfulness") for k in (1, 2)]
     assert [(r["reward"], r["steps"]) for r in table] == expected
     row = table[0]
-    values = base.scores["brightness"][0].double().flatten()
-    half = _t_quantile_builtin(0.975, 5) * float(values.std()) / 6**0.5
-    assert row["n"] == 6 and row["mean"] == pytest.approx(float(values.mean()))
+    values = base.scores["brightness"][0].double()  # [2 prompts, 3 images]
+    prompt_means = [float(values[p].sum()) / 3 for p in range(2)]
+    half = _t_quantile_builtin(0.975, 1) * abs(prompt_means[0] - prompt_means[1]) / 2  # std of 2 means / sqrt(2)
+    assert row["n"] == 6 and row["prompts"] == 2 and row["mean"] == pytest.approx(float(values.mean()))
+    assert row["std"] == pytest.approx(float(values.flatten().std()))
     assert row["ci95_high"] - row["mean"] == pytest.approx(half, rel=1e-5)
+    assert row["mean"] - row["ci95_low"] == pytest.approx(half, rel=1e-5)
 
 
 def test_t_quantile_matches_tables():
@@ -280,8 +283,11 @@ def test_baseline_compares_image_by_image_with_the_base_model(lora_run, tmp_path
     rows = list(csv.DictReader(open(out / "comparison.csv")))
     assert [(r["reward"], r["steps"]) for r in rows] == [(n, k) for n in ("brightness", "colorfulness") for k in "14"]
     for row in rows:
-        diffs = (np.array(policy[row["reward"]][row["steps"]]) - np.array(base[row["reward"]][row["steps"]])).ravel()
-        half = t_quantile(0.975, diffs.size - 1) * diffs.std(ddof=1) / np.sqrt(diffs.size)
+        diffs = np.array(policy[row["reward"]][row["steps"]]) - np.array(base[row["reward"]][row["steps"]])  # [3, 3]
+        prompt_changes = diffs.mean(axis=1)  # the interval is over the 3 prompts' mean changes
+        half = t_quantile(0.975, 2) * prompt_changes.std(ddof=1) / np.sqrt(3)
+        diffs = diffs.ravel()
+        assert int(row["n"]) == 9 and int(row["prompts"]) == 3
         assert float(row["delta"]) == pytest.approx(diffs.mean(), abs=1e-6)
         assert float(row["delta_ci95_high"]) - float(row["delta_ci95_low"]) == pytest.approx(2 * half, rel=1e-5)
         assert float(row["policy_better"]) == pytest.approx((diffs > 0).mean() + 0.5 * (diffs == 0).mean())
