@@ -35,6 +35,7 @@ from sdpo.evaluation import (
     parse_reward_specs,
 )
 from sdpo.export import read_checkpoint
+from sdpo.run_folder import refuse
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 log = logging.getLogger(__name__)
@@ -211,7 +212,10 @@ def log_to_wandb(result: EvalResult, cfg: DictConfig, grid_path: Path | None, co
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="evaluate")
 def main(cfg: DictConfig) -> None:
-    evaluate(cfg)
+    try:
+        evaluate(cfg)
+    except ConfigError as error:
+        raise refuse(error) from None
 
 
 if __name__ == "__main__":

@@ -29,7 +29,8 @@ from sdpo.cluster import restart_checkpoint, slurm_plugins
 from sdpo.config_checks import ConfigError, pairs_per_rank, runs_on_cpu, validate_config
 from sdpo.loggers import continue_wandb_run
 from sdpo.policy.speed import compile_mode, use_compile_cache
-from sdpo.resume import check_resume, check_work_left, read_resume_state
+from sdpo.resume import NothingToResume, ResumeMismatch, check_resume, check_work_left, read_resume_state
+from sdpo.run_folder import refuse
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 log = logging.getLogger(__name__)
@@ -190,7 +191,10 @@ def train(cfg: DictConfig) -> L.Trainer:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def hydra_main(cfg: DictConfig) -> None:
-    train(cfg)
+    try:
+        train(cfg)
+    except (ConfigError, ResumeMismatch, NothingToResume) as error:
+        raise refuse(error) from None
 
 
 def main() -> None:

@@ -21,10 +21,12 @@ EXPERIMENTS = sorted(p.stem for p in (Path(CONFIG_DIR) / "experiment").glob("*.y
 
 
 
-def run_cli(args: list[str], cache_dir: Path, timeout: int = 1500) -> subprocess.CompletedProcess:
-    env = {**os.environ, "SDPO_CACHE": str(cache_dir), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
-    return subprocess.run([sys.executable, "-m", "sdpo.train", *args], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+def run_cli(args: list[str], cache_dir: Path, timeout: int = 1500, cwd: Path = REPO,
+            module: str = "sdpo.train") -> subprocess.CompletedProcess:
+    env = {**os.environ, "SDPO_CACHE": str(cache_dir), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline",
+           "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout)
 
 
 
@@ -285,6 +287,22 @@ def test_bad_config_fails_before_loading(tmp_path, cache_dir):
     assert "algo.compile='fast'" in message
     result = run_cli(["algo.num_steps=0", f"hydra.run.dir={tmp_path / 'x'}"], cache_dir, timeout=120)
     assert result.returncode != 0 and "algo.num_steps=0" in result.stderr
+    assert "Traceback" not in result.stderr  # the message alone
+    assert (tmp_path / "x" / "train.log").exists()  # a folder the user named is never removed
+
+
+@pytest.mark.parametrize("module,bad", [("sdpo.train", "+algo.num_stepz=3"), ("sdpo.evaluate", "steps=[0]")])
+def test_refused_run_leaves_no_empty_folder(tmp_path, cache_dir, module, bad):
+    """A run refused by its config check did nothing: the folder Hydra named and made for it is removed, the
+    folders of earlier runs next to it are not."""
+    task = module.split(".")[1]
+    earlier = tmp_path / "outputs" / task / "earlier-run"
+    earlier.mkdir(parents=True)
+    (earlier / f"{task}.log").write_text("an earlier run\n")
+    result = run_cli([bad], cache_dir, timeout=120, cwd=tmp_path, module=module)
+    assert result.returncode == 1 and bad.lstrip("+").split("=")[0] in result.stderr
+    assert "empty run folder" in result.stderr and "Traceback" not in result.stderr
+    assert [p.name for p in (tmp_path / "outputs" / task).iterdir()] == ["earlier-run"]
 
 
 def test_bf16_autocast_run_keeps_log_probs_fp32(tmp_path, cache_dir):
