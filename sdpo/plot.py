@@ -6,7 +6,8 @@
 A run folder is any folder holding ``csv/metrics.csv``; a parent folder (``outputs/``, a multirun folder) is
 searched recursively. Runs whose configs are equal once the seed, paths and logging settings are removed form one
 group: one line per group, the mean over its seeds with a ±1 std band. Groups are labelled by the config keys that
-differ between them (``algo.num_steps=8, algo.dense.anchor=uniform``), or by the folder name when nothing differs.
+differ between them (``algo.num_steps=8, algo.dense.anchor=uniform``); when nothing differs, a lone run by its
+folder name and seeds by what they trained (``brightness, T=4``).
 
 Panels: one per step count ``k`` of the eval metrics ``eval/<reward>/<k>step`` when the runs log them, otherwise
 the training rewards: the 1-step image (``train/reward_1step``) and the T-step image (``train/reward_last``).
@@ -278,6 +279,16 @@ def _format(value: Any) -> str:
     return "null" if value is None else str(value)
 
 
+def same_config_label(members: Sequence[Run]) -> str:
+    """The label of a group when no config key tells the groups apart. One run: its folder name. Several seeds:
+    what they trained (a folder name like ``0_seed=0`` would name one seed of several)."""
+    first = members[0]
+    if len(members) == 1:
+        return first.label
+    parts = [part for part in (first.reward, None if first.num_steps is None else f"T={first.num_steps}") if part]
+    return ", ".join(parts) or first.path.parent.name
+
+
 def group_runs(runs: Sequence[Run], ignore: Sequence[str] = IGNORED_KEYS) -> list[Group]:
     """Group runs whose configs are equal up to ``ignore``; label each group by the keys that differ."""
     buckets: dict[Any, tuple[dict[str, Any], list[Run]]] = {}
@@ -294,7 +305,7 @@ def group_runs(runs: Sequence[Run], ignore: Sequence[str] = IGNORED_KEYS) -> lis
     groups = []
     for flat, members in buckets.values():
         parts = [f"{k}={_format(flat[k])}" for k in shown if k in flat]
-        groups.append(Group(label=", ".join(parts) or members[0].label, runs=members, config=flat))
+        groups.append(Group(label=", ".join(parts) or same_config_label(members), runs=members, config=flat))
     seen: dict[str, int] = {}
     for group in groups:  # labels must tell groups apart (e.g. two runs without a config in same-named folders)
         seen[group.label] = seen.get(group.label, 0) + 1

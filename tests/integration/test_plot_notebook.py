@@ -191,7 +191,7 @@ def test_eval_metrics_give_one_panel_per_evaluated_step_count(runs_root, tmp_pat
     assert axes[0].get_ylabel() == "eval reward (brightness)"
     for k, ax in zip((1, 2, 4), axes, strict=True):
         (line,) = ax.get_lines()  # one group: the configs agree once seeds and paths are left out
-        assert line.get_label() == "seed0 (n=2 seeds)"  # nothing differs: the folder name
+        assert line.get_label() == "brightness, T=4 (n=2 seeds)"  # nothing differs: what the seeds trained
         np.testing.assert_allclose(line.get_xdata(), runs[0].metrics["train/samples"].to_numpy()[[0, 2]])
         np.testing.assert_allclose(line.get_ydata(), [0.1 * k + 0.5, 0.1 * k + 2.5])
     change = plot.plot_runs(runs, x="samples", metric="change").get_axes()  # the _change columns are not step counts
@@ -201,8 +201,8 @@ def test_eval_metrics_give_one_panel_per_evaluated_step_count(runs_root, tmp_pat
     with pytest.raises(ValueError, match="no eval/colorfulness/<k>step_change"):
         plot.plot_runs(runs, metric="change", reward="colorfulness")
     table = plot.step_table(runs)
-    assert table.loc[("seed0", 4), "mean"] == pytest.approx(0.4 + 2.5)
-    assert table.loc[("seed0", 4), "epoch"] == 2
+    assert table.loc[("brightness, T=4", 4), "mean"] == pytest.approx(0.4 + 2.5)
+    assert table.loc[("brightness, T=4", 4), "epoch"] == 2
     assert [ax.get_title() for ax in plot.plot_runs(runs, reward="colorfulness").get_axes()] == ["1 step"] * 2
     assert [ax.get_title() for ax in plot.plot_runs(runs, metric="train", x="samples").get_axes()] == [
         "1 step", "4 steps"]
