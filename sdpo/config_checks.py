@@ -6,7 +6,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from sdpo.algo.dense import STRATEGIES
 from sdpo.config_keys import unknown_keys
@@ -80,7 +80,9 @@ def validate_config(cfg: DictConfig) -> None:
     need(a.gradient_accumulation_steps >= 1,
          f"algo.gradient_accumulation_steps={a.gradient_accumulation_steps}: need >= 1")
     need(a.num_inner_epochs >= 1, f"algo.num_inner_epochs={a.num_inner_epochs}: need >= 1")
-    need(a.sample_batch_size >= 1, f"algo.sample_batch_size={a.sample_batch_size}: need >= 1")
+    # by default sample_batch_size follows data.prompts_per_batch, whose own check below names the key to change
+    derived = OmegaConf.is_interpolation(a, "sample_batch_size")
+    need(a.sample_batch_size >= 1 or derived, f"algo.sample_batch_size={a.sample_batch_size}: need >= 1")
     need(a.decode_batch_size >= 1, f"algo.decode_batch_size={a.decode_batch_size}: need >= 1")
     need(a.tracker.buffer_size >= 1, f"algo.tracker.buffer_size={a.tracker.buffer_size}: need >= 1 (the paper: 32)")
     clip = a.get("max_grad_norm")
@@ -141,8 +143,8 @@ def validate_config(cfg: DictConfig) -> None:
     need(isinstance(seed, int) and 0 <= seed < 2**32, f"seed={seed!r}: use an integer in [0, 2**32)")
     if m.lora.enabled:
         check_lora(m.lora, need)
-    need(cfg.data.prompts_per_batch >= 1 and cfg.data.batches_per_epoch >= 1,
-         "data.prompts_per_batch and data.batches_per_epoch must be >= 1")
+    for key in ("prompts_per_batch", "batches_per_epoch"):
+        need(cfg.data[key] >= 1, f"data.{key}={cfg.data[key]}: need >= 1")
     overlap = a.get("overlap_scoring", False)
     need(isinstance(overlap, bool), f"algo.overlap_scoring={overlap!r}: use true or false")
     pairs = pairs_per_rank(cfg)

@@ -35,6 +35,7 @@ from sdpo.evaluation import (
     parse_reward_specs,
 )
 from sdpo.export import read_checkpoint
+from sdpo.rewards import UnscorablePrompts
 from sdpo.run_folder import refuse
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
@@ -214,7 +215,7 @@ def log_to_wandb(result: EvalResult, cfg: DictConfig, grid_path: Path | None, co
 def main(cfg: DictConfig) -> None:
     try:
         evaluate(cfg)
-    except ConfigError as error:
+    except (ConfigError, UnscorablePrompts) as error:
         raise refuse(error) from None
 
 

@@ -30,6 +30,7 @@ from sdpo.config_checks import ConfigError, pairs_per_rank, runs_on_cpu, validat
 from sdpo.loggers import continue_wandb_run
 from sdpo.policy.speed import compile_mode, use_compile_cache
 from sdpo.resume import NothingToResume, ResumeMismatch, check_resume, check_work_left, read_resume_state
+from sdpo.rewards import UnscorablePrompts
 from sdpo.run_folder import refuse
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
@@ -193,7 +194,7 @@ def train(cfg: DictConfig) -> L.Trainer:
 def hydra_main(cfg: DictConfig) -> None:
     try:
         train(cfg)
-    except (ConfigError, ResumeMismatch, NothingToResume) as error:
+    except (ConfigError, ResumeMismatch, NothingToResume, UnscorablePrompts) as error:
         raise refuse(error) from None
 
 

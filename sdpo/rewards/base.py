@@ -27,6 +27,11 @@ class _FrozenAfterInit(abc.ABCMeta):
         return instance
 
 
+class UnscorablePrompts(ValueError):
+    """Some of a run's prompts cannot be scored by its reward: raised before any sampling, and reported by the
+    entry points as a message (no traceback), like a config error."""
+
+
 class RewardModel(nn.Module, metaclass=_FrozenAfterInit):
     """Base class of every reward: ``reward(images[B,3,H,W] in [0,1], prompts) -> float32[B]``.
 
@@ -92,7 +97,8 @@ class RewardModel(nn.Module, metaclass=_FrozenAfterInit):
         return images.float().clamp(0.0, 1.0), prompt_list
 
     def check_prompts(self, prompts: Sequence[str], where: str = "prompts") -> None:
-        """Raise ValueError if this reward cannot score some of ``prompts`` (the config key ``where`` names them).
+        """Raise ``UnscorablePrompts`` if this reward cannot score some of ``prompts`` (the config key ``where``
+        names them).
         Called with a run's whole prompt list before any sampling, so such a prompt stops the run at once rather
         than at the first scoring, minutes later; the default accepts every prompt."""
 

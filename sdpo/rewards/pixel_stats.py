@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
-from sdpo.rewards.base import RewardModel
+from sdpo.rewards.base import RewardModel, UnscorablePrompts
 from sdpo.rewards.registry import register_reward
 
 #: Target RGB (in [0, 1]) of each colour word ``color_match`` understands.
@@ -107,8 +107,9 @@ class ColorMatch(RewardModel):
         colourless = [p for p in dict.fromkeys(prompts) if self.colour_word(p) is None]
         if colourless:
             shown = ", ".join(repr(p) for p in colourless[:5]) + (" ..." if len(colourless) > 5 else "")
-            raise ValueError(f"reward {self.name!r}: {len(colourless)} prompt(s) of {where} name no known colour "
-                             f"({shown}); every prompt needs one of: {', '.join(self.colors)}")
+            raise UnscorablePrompts(
+                f"reward {self.name!r}: {len(colourless)} prompt(s) of {where} name no known colour ({shown}); "
+                f"set {where} to prompts that each name one of: {', '.join(self.colors)}")
 
     def score(self, images: Tensor, prompts: list[str]) -> Tensor:
         targets = torch.tensor(

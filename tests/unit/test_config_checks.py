@@ -75,6 +75,15 @@ def test_sound_neighbours_pass(overrides: list[str], tmp_path) -> None:
     assert problems(overrides, tmp_path) == ""
 
 
+def test_a_bad_batch_size_is_reported_at_the_key_that_was_set(tmp_path) -> None:
+    """algo.sample_batch_size follows data.prompts_per_batch by default: a bad prompts_per_batch names that key
+    alone, not the derived one the user never set; a sample_batch_size set by hand is still checked."""
+    lines = problems(["data.prompts_per_batch=0"], tmp_path).splitlines()[1:]
+    assert lines == ["  - data.prompts_per_batch=0: need >= 1"]
+    both = problems(["algo.sample_batch_size=0", "data.batches_per_epoch=0"], tmp_path)
+    assert "algo.sample_batch_size=0: need >= 1" in both and "data.batches_per_epoch=0: need >= 1" in both
+
+
 def test_fp16_autocast_is_refused_where_the_run_lands_on_the_cpu(tmp_path) -> None:
     """Lightning would quietly train in bf16 instead: refused for accelerator=cpu, and for auto without CUDA."""
     assert "trainer.precision=16-mixed needs a GPU" in problems(

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from sdpo.rewards import RewardModel, available_rewards, build_reward, jpeg_size_kb
+from sdpo.rewards import RewardModel, UnscorablePrompts, available_rewards, build_reward, jpeg_size_kb
 from sdpo.rewards import registry as registry_module
 from sdpo.rewards.pixel_stats import COLOR_TARGETS
 
@@ -98,11 +98,12 @@ def test_color_match_unknown_prompt_lists_words() -> None:
 def test_prompts_a_reward_cannot_score_are_named_before_any_image() -> None:
     reward = build_reward("color_match")
     reward.check_prompts(["a red cat", "Blue sky", "green, then white"], "data.source")  # each names a colour
-    with pytest.raises(ValueError, match=r"2 prompt\(s\) of data.source name no known colour \('cat', 'teal dog'\)"):
+    with pytest.raises(UnscorablePrompts, match=r"2 prompt\(s\) of data.source name no known colour \('cat', "
+                                                 r"'teal dog'\); set data.source to prompts that each name one of"):
         reward.check_prompts(["red cat", "cat", "teal dog", "cat"], "data.source")
     build_reward("brightness").check_prompts(["cat"])  # prompt-free rewards accept any prompt
     mixed = build_reward("multi", components={"brightness": {}, "color_match": {"weight": 0.5}})
-    with pytest.raises(ValueError, match="of callbacks.eval.prompts name no known colour"):
+    with pytest.raises(UnscorablePrompts, match="of callbacks.eval.prompts name no known colour"):
         mixed.check_prompts(["dog"], "callbacks.eval.prompts")  # a weighted sum asks every part
 
 
