@@ -15,10 +15,13 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from PIL import Image
 
+from sdpo.commands import cli_arg, shell_quote
 from sdpo.grids import fit_to_grid, image_grid
 from sdpo.policy.attention import torch_attention
+from sdpo.run_log import report
 
 
 def is_final_iteration(trainer: L.Trainer) -> bool:
@@ -150,11 +153,12 @@ class RewardSummary(L.Callback):
 
     @rank_zero_only
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        cause = "Ctrl-C" if isinstance(exception, KeyboardInterrupt) else type(exception).__name__
-        stopped = f"{cause} during epoch {trainer.current_epoch}"
-        if self.history:  # nothing to report for a run that fails before its first iteration ends
+        stopped = f"{stop_cause(exception)} during epoch {trainer.current_epoch}"
+        if self.history:
             self._report(pl_module, stopped)
-            print(stop_notice(trainer, stopped), flush=True)
+            report(stop_notice(trainer, stopped, exception))
+        elif isinstance(exception, KeyboardInterrupt | SIGTERMException):  # stopped before an iteration ended
+            report(stop_notice(trainer, stopped, exception))
 
     def _report(self, pl_module: L.LightningModule, stopped: str | None) -> None:
         if not self.history:
@@ -171,27 +175,49 @@ class RewardSummary(L.Callback):
             change = last[key] - first[key]
             values = f"{first[key]:>10.4f}{last[key]:>10.4f}{change:>+10.4f}{first.get(spread, 0):>10.4f}"
             lines.append(f"{label:<10}{values}")
-        lines.append("(spread: std of the reward across the first epoch's samples)")
+        lines.append("(spread: std of the reward over the first epoch's prompts; T-step: of each pair's mean)")
         table = "\n".join(lines)
-        print("\n" + table + "\n", flush=True)
+        report("\n" + table + "\n")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         summary = {"first": first, "last": last, "history": self.history, **({"stopped": stopped} if stopped else {})}
         self.path.write_text(json.dumps(summary, indent=1))
 
 
-def stop_notice(trainer: L.Trainer, stopped: str) -> str:
-    """What a run that stopped early kept, and the commands that continue or export it."""
+def stop_cause(exception: BaseException) -> str:
+    """What stopped a run, in words: the signal rather than Lightning's exception class for it."""
+    if isinstance(exception, KeyboardInterrupt):
+        return "Ctrl-C"
+    if isinstance(exception, SIGTERMException):
+        return "SIGTERM"
+    if isinstance(exception, FloatingPointError):
+        return "non-finite values"
+    return type(exception).__name__
+
+
+def stop_notice(trainer: L.Trainer, stopped: str, exception: BaseException | None = None) -> str:
+    """What a run that stopped early kept, and the commands that continue or export it. A run that diverged is not
+    told to run the same command again, which would diverge the same way."""
     saved = trainer.checkpoint_callback
     path = (getattr(saved, "last_model_path", "") or getattr(saved, "best_model_path", "")) if saved else ""
     if not path:
         why = ("callbacks.checkpoint is off" if saved is None
-               else "none was due yet (callbacks.checkpoint.every_n_epochs)")
+               else "none was due yet (callbacks.checkpoint.every_n_epochs)" if trainer.current_epoch
+               else "the first iteration had not ended")
         return f"run stopped ({stopped}) with no checkpoint written ({why}): nothing to continue from"
-    return "\n".join([
-        f"run stopped ({stopped}); newest checkpoint: {path} ({Path(path).resolve().stem})",
-        f"  continue: the same command with ckpt_path={path}",
-        f"  export:   python -m sdpo.export {path} {Path(path).parent.parent / 'trained'}",
-    ])
+    resume, trained = cli_arg("ckpt_path", path), Path(path).parent.parent / "trained"
+    lines = [f"run stopped ({stopped}); newest checkpoint: {path} ({Path(path).resolve().stem})"]
+    if isinstance(exception, FloatingPointError):
+        lr = getattr(trainer.lightning_module, "optim_cfg", {}).get("lr", "?")
+        lines += [
+            "  the run diverged (the error below says where): the same command would diverge the same way.",
+            f"  continue: the same command with a lower optim.lr (now {lr}) and {resume}",
+            f"  check first that checkpoint's policy still samples finite images: python -m sdpo.evaluate "
+            f"{cli_arg('checkpoint', path)}",
+        ]
+    else:
+        lines.append(f"  continue: the same command with {resume}")
+    lines.append(f"  export:   python -m sdpo.export {shell_quote(path)} {shell_quote(str(trained))}")
+    return "\n".join(lines)
 
 
 class ExportTrained(L.Callback):
@@ -211,7 +237,7 @@ class ExportTrained(L.Callback):
         write_model_card(path, pl_module, trainer.fit_loop.epoch_progress.current.processed, trainer.global_step,
                          summary.history if summary else [], getattr(trainer.datamodule, "prompts", ()),
                          (getattr(saved, "last_model_path", "") or None) if saved else None)
-        print(f"trained weights for diffusers: {path} (README.md: how they were trained, how to load them)")
+        report(f"trained weights for diffusers: {path} (README.md: how they were trained, how to load them)")
 
 
 class EvalDuringTraining(L.Callback):

@@ -32,7 +32,10 @@ UNSEEN_EXAMPLES: tuple[str, ...] = (
 
 
 def load_prompts(source: str | Sequence[str]) -> list[str]:
-    """A prompt list from a built-in name ("simple_animals", "unseen_examples"), a text file, or a list."""
+    """A prompt list from a built-in name ("simple_animals", "unseen_examples"), a text file, or a list.
+
+    A text file holds one prompt per line; blank lines and lines whose first non-blank character is ``#`` (comments)
+    are skipped, surrounding spaces removed. A prompt listed twice is kept twice: it is drawn twice as often."""
     if not isinstance(source, str):
         prompts = [str(p) for p in source]
     elif source == "simple_animals":
@@ -41,7 +44,7 @@ def load_prompts(source: str | Sequence[str]) -> list[str]:
         prompts = list(UNSEEN_EXAMPLES)
     elif Path(source).expanduser().is_file():
         lines = Path(source).expanduser().read_text().splitlines()
-        prompts = [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+        prompts = [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
     else:
         raise ValueError(
             f"prompt source {source!r} is neither a built-in set ('simple_animals', 'unseen_examples') "
@@ -119,6 +122,10 @@ class PromptDataModule(L.LightningDataModule):
         self.batches_per_epoch = batches_per_epoch
         self.seed = seed
         self.prompts = load_prompts(source)
+        repeated = len(self.prompts) - len(set(self.prompts))
+        if repeated:
+            log.info("data.source: %d prompts, %d distinct; a prompt listed k times is drawn k times as often",
+                     len(self.prompts), len(set(self.prompts)))
 
     @property
     def prompts_per_iteration(self) -> int:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -35,10 +35,12 @@ from sdpo.evaluation import (
     parse_reward_specs,
 )
 from sdpo.export import read_checkpoint
+from sdpo.model_card import recorded_reward
 from sdpo.rewards import UnscorablePrompts
 from sdpo.run_folder import refuse
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+DEFAULT_REWARD = "brightness"  # rewards=null without a trained policy: the tiny default's reward
 log = logging.getLogger(__name__)
 
 
@@ -93,7 +95,7 @@ def validate_eval_config(cfg: DictConfig) -> tuple[list[str], list[int], list[tu
     if cfg.lora is not None:
         need(Path(str(cfg.lora)).expanduser().exists(), f"lora={cfg.lora}: no such file or folder")
     try:
-        specs = parse_reward_specs(cfg.rewards, key="rewards")
+        specs = parse_reward_specs(trained_rewards(cfg, saved) if cfg.rewards is None else cfg.rewards, key="rewards")
     except ValueError as err:
         problems.append(str(err))
     if cfg.prompts == TRAINING_PROMPTS:
@@ -119,6 +121,18 @@ def validate_eval_config(cfg: DictConfig) -> tuple[list[str], list[int], list[tu
     if problems:
         raise ConfigError("invalid evaluation config:\n  - " + "\n  - ".join(problems))
     return prompts, [int(k) for k in steps], specs
+
+
+def trained_rewards(cfg: DictConfig, saved: Mapping[str, Any] | None) -> Any:
+    """``rewards=null``: what the policy was trained on, so that its own objective is what gets measured. A checkpoint
+    stores its reward with every setting; an exported folder's model card names it; a base model gets brightness
+    (the tiny default's reward)."""
+    reward = ((saved or {}).get("hyper_parameters") or {}).get("reward")
+    if reward and reward.get("name"):
+        return {str(reward["name"]): dict(reward)}
+    if cfg.lora is not None and (name := recorded_reward(Path(str(cfg.lora)).expanduser())):
+        return [name]
+    return [DEFAULT_REWARD]
 
 
 @contextmanager

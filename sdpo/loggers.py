@@ -1,8 +1,11 @@
 """Loggers that continue a resumed run's records: the run folder's metrics.csv, and its W&B run.
 
-Lightning's CSVLogger deletes an existing metrics.csv when a run starts in its folder. A requeued or restarted job
-(``sdpo.cluster``) continues in the same folder, so it would wipe the rows of every iteration before it; with
-``append=True`` the rows are added to the file instead, under its existing columns.
+Lightning's CSVLogger deletes an existing metrics.csv when a run starts in its folder. A run resumed in the folder
+its checkpoint lies in (a requeued or restarted job, ``sdpo.cluster``, or ``ckpt_path=`` with the same
+``hydra.run.dir=``) would wipe the rows of every iteration before it; with ``append=True`` the rows are added to
+the file instead, under its existing columns, after dropping the rows of iterations the checkpoint does not hold
+(the resumed run repeats those). A run that would start over another run's metrics.csv is refused
+(``continue_metrics``).
 
 W&B starts a new run, with a new id, every time a process starts; a resumed job would split one training run's
 curves across several W&B runs. Checkpoints therefore record the W&B run they were written under
@@ -14,6 +17,7 @@ from __future__ import annotations
 import csv
 import logging
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from lightning.pytorch.loggers import CSVLogger
@@ -24,30 +28,93 @@ from omegaconf import DictConfig, open_dict
 log = logging.getLogger(__name__)
 
 
+def drop_rows_from_epoch(path: Path, epoch: int) -> int:
+    """Remove the rows of ``path`` (a metrics.csv) whose ``epoch`` is ``epoch`` or later; returns how many."""
+    with open(path, newline="") as file:
+        reader = csv.DictReader(file)
+        header, rows = list(reader.fieldnames or []), list(reader)
+    kept = [row for row in rows if not (row.get("epoch") or "").strip() or int(float(row["epoch"])) < epoch]
+    if len(kept) < len(rows):
+        with open(path, "w", newline="") as file:
+            writer = csv.DictWriter(file, fieldnames=header)
+            writer.writeheader()
+            writer.writerows(kept)
+    return len(rows) - len(kept)
+
+
 class _AppendingWriter(ExperimentWriter):
     """Keeps an existing metrics.csv and starts from its columns, so new rows (and new columns) extend it."""
 
+    def __init__(self, log_dir: str, keep_epochs_below: int | None = None) -> None:
+        self.keep_epochs_below = keep_epochs_below  # read by _check_log_dir_exists, which the parent's init calls
+        super().__init__(log_dir=log_dir)
+
     def _check_log_dir_exists(self) -> None:
         if self._fs.isfile(self.metrics_file_path):
+            if self.keep_epochs_below is not None:
+                dropped = drop_rows_from_epoch(Path(self.metrics_file_path), self.keep_epochs_below)
+                if dropped:
+                    log.info("%s: dropped %d row(s) of iterations from %d on, which the checkpoint does not hold "
+                             "(they run again)", self.metrics_file_path, dropped, self.keep_epochs_below)
             with self._fs.open(self.metrics_file_path, "r", newline="") as file:
                 self.metrics_keys = list(next(csv.reader(file), []))
 
 
 class RunCSVLogger(CSVLogger):
-    """``CSVLogger``; ``append=True`` continues the folder's metrics.csv (train.py sets it for a restarted job)."""
+    """``CSVLogger``; ``append=True`` continues the folder's metrics.csv (train.py sets it for a run resumed in its
+    own folder), keeping only the rows of the first ``keep_epochs_below`` iterations when that is set."""
 
-    def __init__(self, *args, append: bool = False, **kwargs) -> None:
+    def __init__(self, *args, append: bool = False, keep_epochs_below: int | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.append = append
+        self.keep_epochs_below = keep_epochs_below
 
     @property
     @rank_zero_experiment
     def experiment(self) -> ExperimentWriter:
         if self._experiment is None:
             self._fs.makedirs(self.root_dir, exist_ok=True)
-            writer = _AppendingWriter if self.append else ExperimentWriter
-            self._experiment = writer(log_dir=self.log_dir)
+            if self.append:
+                self._experiment = _AppendingWriter(self.log_dir, keep_epochs_below=self.keep_epochs_below)
+            else:
+                self._experiment = ExperimentWriter(log_dir=self.log_dir)
         return self._experiment
+
+
+def csv_metrics_path(cfg: DictConfig) -> Path | None:
+    """Where the CSV logger of ``cfg`` writes metrics.csv (None without one)."""
+    csv_cfg = (cfg.get("logger") or {}).get("csv")
+    if csv_cfg is None:
+        return None
+    return Path(str(csv_cfg.save_dir)) / str(csv_cfg.get("name") or "") / str(csv_cfg.get("version") or "") / \
+        "metrics.csv"
+
+
+def continue_metrics(cfg: DictConfig, ckpt_path: str | None, done: int | None) -> bool:
+    """Decide what the CSV logger does with a metrics.csv already in the run folder, before anything is written.
+
+    - Resumed from a checkpoint inside this run folder (``done`` iterations): continue it (append), without the rows
+      of later iterations. Returns True.
+    - Any other run: Lightning would delete it, so refuse with the folder to change (``ConfigError``).
+    - No metrics.csv, or no CSV logger: nothing to decide (False).
+    """
+    from sdpo.config_checks import ConfigError
+
+    path = csv_metrics_path(cfg)
+    if path is None or not path.is_file() or path.stat().st_size == 0:
+        return False
+    run_dir = Path(str(cfg.paths.output_dir)).resolve()
+    own = ckpt_path is not None and (str(ckpt_path) in ("last", "hpc")
+                                     or Path(str(ckpt_path)).absolute().resolve().is_relative_to(run_dir))
+    if not own:
+        resume = f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}"
+        raise ConfigError(f"the run folder {run_dir} already holds a run's metrics ({path}), which this run would "
+                          f"delete: choose another folder (hydra.run.dir=...), or continue that run with {resume}")
+    with open_dict(cfg):
+        cfg.logger.csv.append = True
+        if done is not None:
+            cfg.logger.csv.keep_epochs_below = done
+    return True
 
 
 def wandb_run_id(loggers: list[Any]) -> str | None:

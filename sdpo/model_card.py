@@ -13,14 +13,24 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from sdpo.commands import cli_arg
+
 CARD_NAME = "README.md"
-BASE_ROW = re.compile(r"^\| base model \| (.+?) \|$", re.M)  # the facts table's row, as ``model_card`` writes it
+BASE_ROW = re.compile(r"^\| base model \| (.+?) \|$", re.M)  # the facts table's rows, as ``model_card`` writes them
+REWARD_ROW = re.compile(r"^\| reward \| (.+?) \|$", re.M)
 
 
 def recorded_base_model(folder: str | Path) -> str | None:
     """The base model the card in ``folder`` names (None: no card there, or not one of ours)."""
     card = Path(folder) / CARD_NAME
     found = BASE_ROW.search(card.read_text()) if card.is_file() else None
+    return found.group(1) if found else None
+
+
+def recorded_reward(folder: str | Path) -> str | None:
+    """The training reward's name the card in ``folder`` states (None: no card there, or not one of ours)."""
+    card = Path(folder) / CARD_NAME
+    found = REWARD_ROW.search(card.read_text()) if card.is_file() else None
     return found.group(1) if found else None
 
 
@@ -100,7 +110,7 @@ def model_card(hparams: Mapping[str, Any], source: str, step_kind: str, iteratio
     snippet = usage_snippet(source, folder, bool(lora.get("enabled")), step_kind, model.get("guidance_scale"),
                             model.get("revision"), model.get("vae_source"))
     compare = (f"\n\nTo compare it with its base model at 1, 2, 4 and 8 steps, image by image:\n\n```bash\n"
-               f"python -m sdpo.evaluate checkpoint={checkpoint} baseline=true\n```") if checkpoint else ""
+               f"python -m sdpo.evaluate {cli_arg('checkpoint', checkpoint)} baseline=true\n```") if checkpoint else ""
     return "\n".join([
         *front, "",
         f"# SDPO-aligned {'LoRA' if lora.get('enabled') else 'UNet'} for {source}", "",

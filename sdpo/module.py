@@ -18,7 +18,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterator
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import lightning as L
@@ -423,18 +423,36 @@ class SDPOModule(L.LightningModule):
     def training_step(self, batch: list[str], batch_idx: int) -> None:
         prompts = list(batch)
         timings: dict[str, float] = {}
-        traj, rewards = self.sample_and_score(prompts, timings)
+        with self._diverged_in("sampling"):
+            traj, rewards = self.sample_and_score(prompts, timings)
         tic = self._lap(timings, None, 0.0)
 
         adv = self.advantages(prompts, rewards.dense)
         tic = self._lap(timings, "advantages", tic)
 
-        stats = self.train_on_pairs(traj, adv)
+        with self._diverged_in("training"):
+            stats = self.train_on_pairs(traj, adv)
         self._lap(timings, "training", tic)
         self._log_iteration(prompts, rewards, stats, timings)
         # what benchmarks/epoch.py needs to time the same work in isolation (this rank's counts)
         self.last_iteration = {"timings": timings, "num_pairs": traj.num_pairs, "num_queries": rewards.num_queries,
                                "optimizer_steps": int(stats["optimizer_steps"])}
+
+    @contextmanager
+    def _diverged_in(self, phase: str) -> Iterator[None]:
+        """Say where a non-finite value arose: the iteration, its phase, and what the policy was then. A NaN while
+        sampling means the weights the last optimizer step left (and so the newest checkpoint) have diverged."""
+        try:
+            yield
+        except FloatingPointError as error:
+            epoch, steps, lr = self.current_epoch, self.global_step, self.optim_cfg.get("lr")
+            if phase == "sampling":
+                where = (f"while sampling iteration {epoch}, with the policy after {steps} optimizer steps: those "
+                         f"weights have diverged (so has a checkpoint written after them)")
+            else:
+                where = (f"while training on iteration {epoch}'s samples, after {steps} optimizer steps: the "
+                         f"checkpoint of the iteration before may still be sound")
+            raise FloatingPointError(f"{error}; {where}. Lower optim.lr (now {lr}) or algo.max_grad_norm") from error
 
     def _lap(self, timings: dict[str, float], name: str | None, tic: float) -> float:
         """Record the seconds since ``tic`` as phase ``name`` (GPU work included) and restart the clock."""
@@ -502,7 +520,13 @@ class SDPOModule(L.LightningModule):
             "total_samples": self.total_samples,
             "torch_rng": torch.get_rng_state(),
             "wandb_run_id": wandb_run_id(self.trainer.loggers),  # a resumed run logs into the same W&B run
+            "global_pairs": self._global_pairs(),  # a resume with another global batch is told it differs
         }
+
+    def _global_pairs(self) -> int | None:
+        """Prompt pairs per iteration over all processes (None without the framework's datamodule)."""
+        per_rank = getattr(getattr(self.trainer, "datamodule", None), "prompts_per_iteration", None)
+        return None if per_rank is None else int(per_rank) * self.trainer.world_size
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         missing = self._trainable_names() - set(checkpoint["state_dict"])
@@ -517,6 +541,11 @@ class SDPOModule(L.LightningModule):
         self.total_queries = int(state.get("total_queries", 0))
         self.total_samples = int(state.get("total_samples", 0))
         self.resumed_iterations = iterations_done(checkpoint)
+        saved_pairs, pairs = state.get("global_pairs"), self._global_pairs()
+        if saved_pairs and pairs and saved_pairs != pairs and self.global_rank == 0:
+            log.warning("the checkpoint trained on %d prompt pairs per iteration over all processes, this run draws %d "
+                        "(data.prompts_per_batch x data.batches_per_epoch x processes): it continues, but not as the "
+                        "original run would have; keep the product equal to resume exactly", saved_pairs, pairs)
         if "torch_rng" in state:
             torch.set_rng_state(state["torch_rng"])
 

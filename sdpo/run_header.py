@@ -18,6 +18,7 @@ from lightning.pytorch.callbacks import Timer
 from lightning.pytorch.utilities import rank_zero_only
 
 from sdpo.algo.shuffle import count_update_groups
+from sdpo.run_log import report
 
 
 def count(n: int) -> str:
@@ -142,4 +143,4 @@ class RunHeader(L.Callback):
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         pairs = getattr(trainer.datamodule, "prompts_per_iteration", None)  # sdpo.data.PromptDataModule
         if pairs is not None:
-            print(run_header(pl_module, trainer, pairs) + "\n", flush=True)
+            report(run_header(pl_module, trainer, pairs) + "\n")

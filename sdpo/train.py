@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 import warnings
 from collections.abc import Mapping, Sequence
@@ -23,15 +24,24 @@ import lightning as L
 import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
-from omegaconf import DictConfig, OmegaConf, open_dict
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from omegaconf import DictConfig, OmegaConf
 
 from sdpo.cluster import restart_checkpoint, slurm_plugins
 from sdpo.config_checks import ConfigError, pairs_per_rank, runs_on_cpu, validate_config
-from sdpo.loggers import continue_wandb_run
+from sdpo.loggers import continue_metrics, continue_wandb_run
 from sdpo.policy.speed import compile_mode, use_compile_cache
-from sdpo.resume import NothingToResume, ResumeMismatch, check_resume, check_work_left, read_resume_state
+from sdpo.resume import (
+    NothingToResume,
+    ResumeMismatch,
+    check_resume,
+    check_work_left,
+    iterations_done,
+    read_resume_state,
+)
 from sdpo.rewards import UnscorablePrompts
 from sdpo.run_folder import refuse
+from sdpo.run_log import log_fatal_error, to_log_files
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 log = logging.getLogger(__name__)
@@ -162,16 +172,15 @@ def train(cfg: DictConfig) -> L.Trainer:
 
     ckpt_path = cfg.get("ckpt_path")
     restart = restart_checkpoint(cfg, os.environ)
-    if restart is not None:  # the same run folder: continue its metrics.csv rather than start a new one
+    if restart is not None:
         log.info("restarted job (SLURM requeue or torchrun restart): continuing from %s", restart)
         ckpt_path = restart
-        if (cfg.get("logger") or {}).get("csv") is not None:
-            with open_dict(cfg):
-                cfg.logger.csv.append = True
     if compile_mode(cfg.algo.get("compile")) != "off" and cfg.algo.get("compile_backend", "inductor") == "inductor":
         use_compile_cache(cfg.algo.get("compile_cache_dir"))  # before anything compiles (and before DDP launches)
     resumed = read_resume_state(ckpt_path)  # read once: the resume checks and the W&B run id
     check_work_left(cfg, resumed, ckpt_path)
+    # resumed in its own folder: continue its metrics.csv rather than let Lightning delete it
+    continue_metrics(cfg, ckpt_path, iterations_done(resumed) if resumed else None)
     for difference in check_resume(cfg, resumed, ckpt_path):  # raises unless resume_check=false
         log.warning("resuming %s with a changed setting (resume_check=false): %s", ckpt_path, difference)
     continue_wandb_run(cfg, resumed, ckpt_path)
@@ -196,6 +205,13 @@ def hydra_main(cfg: DictConfig) -> None:
         train(cfg)
     except (ConfigError, ResumeMismatch, NothingToResume, UnscorablePrompts) as error:
         raise refuse(error) from None
+    except SIGTERMException:
+        # Lightning's SystemExit without a code would exit 0: a killed run must not read as a finished one
+        to_log_files("run stopped by SIGTERM", logging.WARNING)
+        raise SystemExit(128 + signal.SIGTERM) from None
+    except Exception:
+        log_fatal_error()
+        raise
 
 
 def main() -> None:

@@ -409,3 +409,22 @@ def test_wandb_offline_run_holds_eval_table_and_images(tmp_path, cache_dir, monk
     content = json.loads(table.read_text())
     assert content["columns"][:5] == ["reward", "steps", "base", "policy", "delta"] and len(content["data"]) == 2
     assert list((compare_run / "files" / "media" / "images" / "compare").glob("grid_*.png"))
+
+
+def test_without_rewards_a_trained_policy_is_measured_on_its_own_reward(tmp_path, cache_dir):
+    """rewards=null (the default): a checkpoint's training reward with its settings, an exported LoRA's reward from
+    its model card, and brightness for the base model; never a reward the policy was not trained on, silently."""
+    run = tmp_path / "run"
+    train(compose([*FAST, "model.lora.enabled=true", "trainer.max_epochs=1", "callbacks.eval=null",
+                   "reward=jpeg_compressibility", "reward.quality=80"], run, cache_dir))
+    args = ["prompts=[cat]", "steps=[1]", "images_per_prompt=1"]
+    ckpt = run / "checkpoints" / "last.ckpt"
+    _, _, specs = validate_eval_config(compose_eval([*args, f"checkpoint={ckpt}"], tmp_path / "a", cache_dir))
+    assert specs == [("jpeg_compressibility", "jpeg_compressibility", {"quality": 80})]
+    from_ckpt = evaluate(compose_eval([*args, f"checkpoint={ckpt}"], tmp_path / "ckpt", cache_dir))
+    from_lora = evaluate(compose_eval([*args, f"lora={run / 'trained'}"], tmp_path / "lora", cache_dir))
+    base = evaluate(compose_eval(args, tmp_path / "base", cache_dir))
+    assert from_ckpt.reward_names == from_lora.reward_names == ["jpeg_compressibility"]
+    assert base.reward_names == ["brightness"]
+    chosen = evaluate(compose_eval([*args, f"checkpoint={ckpt}", "rewards=[colorfulness]"], tmp_path / "c", cache_dir))
+    assert chosen.reward_names == ["colorfulness"]  # a list given is what is measured

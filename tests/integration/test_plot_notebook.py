@@ -266,6 +266,6 @@ def test_notebook_executes_top_to_bottom(runs_root, tmp_path, monkeypatch, cache
     assert len(grids) == 2 * len(RUNS)  # first and latest grid of each run
     held_out = outputs('glob("eval/epoch_*")')
     printed = "".join(o.get("text", "") for o in held_out)
-    assert printed.count("no held-out evaluation") == 2 and "steps2: epoch_0002 (of 1 evaluations)" in printed
+    assert printed.count("no held-out evaluation") == 2 and "steps2: epoch_0002, the latest of 1 after updates" in printed
     assert any("image/png" in o.get("data", {}) for o in held_out)
     assert any("brightness" in o.get("data", {}).get("text/plain", "") for o in held_out)  # the results table

@@ -80,6 +80,19 @@ def test_resume_check_false_resumes_and_says_what_changed(checkpoint, tmp_path, 
     assert "changed setting (resume_check=false): algo.num_steps: 4 in the checkpoint, 3 here" in caplog.text
 
 
+def test_a_resume_with_another_global_batch_is_told_so(checkpoint, tmp_path, cache_dir, caplog):
+    """Allowed (the README's exact resume needs the same global batch, but a smaller GPU count is a fair reason),
+    and said once, with the two counts."""
+    with caplog.at_level(logging.WARNING, logger="sdpo.module"):
+        train(compose([*BASE, f"ckpt_path={checkpoint}", "trainer.max_epochs=2", "data.prompts_per_batch=2",
+                       "algo.micro_batch_pairs=2"], tmp_path / "smaller", cache_dir))
+    assert "trained on 4 prompt pairs per iteration over all processes, this run draws 2" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="sdpo.module"):
+        train(compose([*BASE, f"ckpt_path={checkpoint}", "trainer.max_epochs=2"], tmp_path / "same", cache_dir))
+    assert "prompt pairs per iteration" not in caplog.text
+
+
 def test_reward_identity_ignores_where_weights_live_but_not_weights(tmp_path, cache_dir):
     cfg = compose(["reward=multi"], tmp_path, cache_dir)
     saved = {"model": cfg.model, "algo": cfg.algo, "reward": cfg.reward}

@@ -8,11 +8,13 @@ import re
 import signal
 
 import pytest
+import torch
 from lightning.pytorch import Callback
 
 from sdpo.export import main as export_main
 from sdpo.train import train
 from tests.conftest import FAST, compose, read_metrics
+from tests.integration.test_train import run_cli
 
 
 class StopAtEpoch(Callback):
@@ -25,6 +27,13 @@ class StopAtEpoch(Callback):
         if trainer.current_epoch == self.epoch:
             if self.how == "ctrl-c":
                 os.kill(os.getpid(), signal.SIGINT)
+            if self.how == "sigterm":  # Lightning's handler stops the run at the next batch
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+            if self.how == "diverge":  # the policy diverges: its next sampling meets non-finite values
+                with torch.no_grad():
+                    next(pl_module.unet.parameters()).fill_(float("nan"))
+                return
             raise RuntimeError("stopped by the test")
 
 
@@ -81,3 +90,38 @@ def test_an_error_before_the_first_iteration_ends_adds_nothing(tmp_path, cache_d
         train(compose([*FAST, "trainer.max_epochs=2", *stop_at(0, "error")], tmp_path, cache_dir))
     assert "stopped by" not in capsys.readouterr().out
     assert not (tmp_path / "summary.json").exists()
+
+
+def test_sigterm_exits_non_zero_and_the_run_folder_keeps_the_record(tmp_path, cache_dir):
+    """A scheduler's SIGTERM: the run stops after its complete iterations with status 143 (Lightning's own exit would
+    be 0, which reads as success), and the run's train.log holds what the console showed: header, table, notice."""
+    run = tmp_path / "run"
+    result = run_cli([*FAST, "trainer.max_epochs=6", "callbacks.eval=null", *stop_at(2, "sigterm"),
+                      f"hydra.run.dir={run}"], cache_dir, timeout=300)
+    assert result.returncode == 128 + signal.SIGTERM, result.stderr[-3000:]
+    # Lightning acts on SIGTERM after the iteration it arrived in: epoch 2 completes, the stop comes as 3 starts
+    assert "epoch 0 -> epoch 2 (stopped by SIGTERM during epoch 3)" in result.stdout
+    log = (run / "train.log").read_text()
+    for text in ("SDPO run:", "epoch 0 -> epoch 2 (stopped by SIGTERM during epoch 3)",
+                 f"newest checkpoint: {run / 'checkpoints' / 'last.ckpt'}", "run stopped by SIGTERM"):
+        assert text in log, text
+
+
+def test_ctrl_c_in_the_first_iteration_says_nothing_was_saved(tmp_path, cache_dir, capsys, restore_sigint):
+    with pytest.raises(SystemExit):
+        train(compose([*FAST, "trainer.max_epochs=3", *stop_at(0, "ctrl-c")], tmp_path, cache_dir))
+    out = capsys.readouterr().out
+    assert "run stopped (Ctrl-C during epoch 0) with no checkpoint written (the first iteration had not ended)" in out
+
+
+def test_a_diverged_policy_says_where_and_is_not_told_to_run_again_as_is(tmp_path, cache_dir, capsys):
+    with pytest.raises(FloatingPointError) as error:
+        train(compose([*FAST, "trainer.max_epochs=4", "callbacks.eval=null", *stop_at(2, "diverge")], tmp_path,
+                      cache_dir))
+    message = str(error.value)
+    assert "while sampling iteration 2, with the policy after 8 optimizer steps" in message  # 4 steps per iteration
+    assert "Lower optim.lr (now 0.0003)" in message
+    out = capsys.readouterr().out
+    assert "(stopped by non-finite values during epoch 2)" in out
+    assert "the same command would diverge the same way" in out and "with a lower optim.lr (now 0.0003) and " in out
+    assert "continue: the same command with ckpt_path" not in out

@@ -14,8 +14,18 @@ import torch
 from lightning.pytorch import Callback
 
 from sdpo.config_checks import ConfigError, validate_config
+from sdpo.evaluate import validate_eval_config
 from sdpo.train import train
-from tests.conftest import CONFIG_DIR, FAST, REPO, assert_weights_match, compose, read_metrics, trainable_state
+from tests.conftest import (
+    CONFIG_DIR,
+    FAST,
+    REPO,
+    assert_weights_match,
+    compose,
+    compose_eval,
+    read_metrics,
+    trainable_state,
+)
 
 EXPERIMENTS = sorted(p.stem for p in (Path(CONFIG_DIR) / "experiment").glob("*.yaml"))
 
@@ -103,12 +113,14 @@ class CrashAtEpoch(Callback):
             raise RuntimeError(f"simulated crash at epoch {self.epoch}")
 
 
-@pytest.mark.parametrize("how", ["ckpt_path", "requeued"])
+@pytest.mark.parametrize("how", ["ckpt_path", "same_folder", "requeued"])
 def test_resume_after_a_crash_equals_uninterrupted(how, tmp_path, cache_dir, monkeypatch):
     """A 4-epoch run killed as epoch 2 starts, resumed from its last.ckpt, == 4 epochs straight: LoRA weights,
     optimizer, tracker, counters, RNG. Also proves last.ckpt is written during the run, not only at its end.
-    ``ckpt_path``: resumed into a new folder. ``requeued``: the same command run again in the same folder as a
-    requeued SLURM job (``SLURM_RESTART_COUNT``): it finds last.ckpt itself and continues the folder's metrics.csv."""
+    ``ckpt_path``: resumed into a new folder. ``same_folder``: ``ckpt_path=`` with the same run folder (what the
+    stop report's "the same command" means with ``hydra.run.dir=``): it continues the folder's metrics.csv, without
+    a row the checkpoint does not cover. ``requeued``: the same command run again in the same folder as a requeued
+    SLURM job (``SLURM_RESTART_COUNT``): it finds last.ckpt itself and continues the folder's metrics.csv."""
     base = [*FAST, "model.lora.enabled=true", "optim.lr=1e-2", "algo.tracker.min_count=2", "algo.tracker.buffer_size=4",
             "trainer.max_epochs=4"]
     full = train(compose(base, tmp_path / "full", cache_dir))
@@ -121,6 +133,16 @@ def test_resume_after_a_crash_equals_uninterrupted(how, tmp_path, cache_dir, mon
     if how == "ckpt_path":
         resumed = train(compose([*base, f"ckpt_path={ckpt}"], tmp_path / "resumed", cache_dir))
         run_dir, epochs = tmp_path / "resumed", [2, 3]  # past epochs were not re-sampled
+    elif how == "same_folder":
+        metrics = tmp_path / "part" / "csv" / "metrics.csv"
+        header = metrics.read_text().splitlines()[0].split(",")  # a row of epoch 2 logged before the kill
+        stale = {"epoch": "2", "step": "2", "train/reward_1step": "-1.0"}
+        with open(metrics, "a") as f:
+            f.write(",".join(stale.get(column, "") for column in header) + "\n")
+        with pytest.raises(ConfigError, match="already holds a run's metrics"):  # a fresh start would delete them
+            train(compose(base, tmp_path / "part", cache_dir))
+        resumed = train(compose([*base, f"ckpt_path={ckpt}"], tmp_path / "part", cache_dir))
+        run_dir, epochs = tmp_path / "part", [0, 1, 2, 3]  # the first rows kept, the stale one replaced
     else:
         monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
         resumed = train(compose(base, tmp_path / "part", cache_dir))
@@ -134,7 +156,9 @@ def test_resume_after_a_crash_equals_uninterrupted(how, tmp_path, cache_dir, mon
     assert full.lightning_module.total_queries == resumed.lightning_module.total_queries
     rows_full, rows_resumed = read_metrics(tmp_path / "full"), read_metrics(run_dir)
     assert [r["epoch"] for r in rows_resumed] == epochs
-    assert rows_full[3]["train/reward_1step"] == pytest.approx(rows_resumed[-1]["train/reward_1step"], abs=1e-6)
+    for row in rows_resumed:
+        expected = rows_full[int(row["epoch"])]["train/reward_1step"]
+        assert row["train/reward_1step"] == pytest.approx(expected, abs=1e-6)
 
 
 def test_a_resumed_run_logs_into_the_w_and_b_run_of_its_checkpoint(tmp_path, cache_dir, monkeypatch):
@@ -474,3 +498,41 @@ def test_a_non_finite_loss_stops_training_before_the_weights_move(lora, after_st
     assert seen["steps"] == after_steps + lora  # LoRA: the bad step was taken, then undone
     moved = any(not torch.equal(before[n], seen["initial"][n]) for n in before)
     assert moved == (after_steps > 0)  # the good steps did train
+
+
+def test_a_sweep_runs_each_point_in_a_folder_usable_as_a_path(tmp_path, cache_dir):
+    """`-m` over two settings: one run per point, in folders named after their overrides without the ``=`` and
+    ``,`` that Hydra's grammar refuses in ``checkpoint=``; each point's checkpoint evaluates as printed."""
+    sweep = tmp_path / "sweep"
+    result = run_cli(["-m", "algo.num_steps=2,3", *FAST, "trainer.max_epochs=1", "callbacks.eval=null",
+                      f"hydra.sweep.dir={sweep}"], cache_dir, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    points = sorted(p.name for p in sweep.iterdir() if p.is_dir())
+    assert [p[:2] for p in points] == ["0_", "1_"] and "_algo.num_steps-2_" in points[0], points
+    assert all("=" not in p and "," not in p for p in points)
+    for point, steps in zip(points, (2, 3), strict=True):
+        assert [r[f"train/reward_{steps}step"] > 0 for r in read_metrics(sweep / point)] == [True]
+        ckpt = sweep / point / "checkpoints" / "last.ckpt"
+        validate_eval_config(compose_eval([f"checkpoint={ckpt}"], tmp_path / "eval", cache_dir))  # parses as is
+
+
+def test_continuing_a_run_in_its_own_folder_keeps_its_record(tmp_path, cache_dir):
+    """The README's resume in the same folder (``hydra.run.dir=`` + ``ckpt_path=``) through the CLI: a refused
+    attempt (nothing left to do) leaves the run's .hydra/ record as it was; the real continuation keeps the first
+    command's record in .hydra/earlier/1/ and appends to the run's metrics.csv."""
+    import yaml
+
+    run = tmp_path / "run"
+    first = [*FAST, "callbacks.eval=null", "seed=3", f"hydra.run.dir={run}"]
+    assert run_cli([*first, "trainer.max_epochs=1"], cache_dir, timeout=300).returncode == 0
+    original = (run / ".hydra" / "overrides.yaml").read_text()
+    again = [*first, f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}"]
+    refused = run_cli([*again, "trainer.max_epochs=1"], cache_dir, timeout=300)
+    assert refused.returncode == 1 and "raise it" in refused.stderr, refused.stderr[-2000:]
+    assert (run / ".hydra" / "overrides.yaml").read_text() == original and not (run / ".hydra" / "earlier").exists()
+    assert "already meets trainer.max_epochs=1" in (run / "train.log").read_text()  # the refusal is on record
+    continued = run_cli([*again, "trainer.max_epochs=2"], cache_dir, timeout=300)
+    assert continued.returncode == 0, continued.stderr[-3000:]
+    assert (run / ".hydra" / "earlier" / "1" / "overrides.yaml").read_text() == original
+    assert any(o.startswith("ckpt_path=") for o in yaml.safe_load((run / ".hydra" / "overrides.yaml").read_text()))
+    assert [int(r["epoch"]) for r in read_metrics(run)] == [0, 1]

@@ -10,8 +10,8 @@ from sdpo.data import SIMPLE_ANIMALS, EpochSampler, IterationPrompts, PromptData
 def test_builtin_and_file_sources(tmp_path):
     assert load_prompts("simple_animals") == list(SIMPLE_ANIMALS) and len(SIMPLE_ANIMALS) == 45
     f = tmp_path / "p.txt"
-    f.write_text("# comment\na cat\n\n a dog \n")
-    assert load_prompts(str(f)) == ["a cat", "a dog"]
+    f.write_text("# comment\na cat\n\n a dog \n   # an indented comment\r\na cat\n")
+    assert load_prompts(str(f)) == ["a cat", "a dog", "a cat"]  # comments after stripping; repeats kept
     assert load_prompts(["x", "y"]) == ["x", "y"]
     with pytest.raises(ValueError, match="neither a built-in"):
         load_prompts("nope.txt")

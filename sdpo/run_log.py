@@ -1,0 +1,38 @@
+"""What a run prints for people (its header, the reward table, a stop notice, a fatal error) also goes into the
+run folder's log file.
+
+Hydra gives every run a ``<job>.log``, but these texts are printed, not logged (a log format would wrap every line
+of a table), so the file stayed empty and a dead run's folder held no trace of what it did or why it stopped.
+``report`` prints the text as is and hands it to the file handlers of the root logger alone, which leaves the
+console exactly as before.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from types import TracebackType
+
+log = logging.getLogger("sdpo")
+
+
+def to_log_files(text: str, level: int = logging.INFO,
+                 exc_info: tuple[type[BaseException], BaseException, TracebackType | None] | None = None) -> None:
+    """Write ``text`` (and a traceback, if given) to the root logger's file handlers only, not to the console."""
+    record = log.makeRecord(log.name, level, __file__, 0, text, None, exc_info)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler) and record.levelno >= handler.level:
+            handler.handle(record)
+
+
+def report(text: str) -> None:
+    """Print ``text`` for the person watching, and keep it in the run's log file."""
+    print(text, flush=True)
+    to_log_files(text)
+
+
+def log_fatal_error() -> None:
+    """Put the exception being handled, with its traceback, into the run's log file (the console gets it anyway)."""
+    kind, error, trace = sys.exc_info()
+    if kind is not None and error is not None:
+        to_log_files(f"run failed: {kind.__name__}: {error}", logging.ERROR, (kind, error, trace))
