@@ -30,7 +30,7 @@ import io
 import re
 import sys
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +72,7 @@ class Run:
     config: DictConfig
     label: str
     derived: frozenset[str] = frozenset()  # keys that were interpolations of other keys (e.g. sample_batch_size)
+    start: dict[str, float] = field(default_factory=dict)  # eval/<reward>/<k>step before the first update
 
     @property
     def seed(self) -> Any:
@@ -180,11 +181,21 @@ def _assign(tree: dict, parts: list[str], value: Any) -> None:
     tree[parts[-1]] = value
 
 
+def read_start(run_dir: Path) -> dict[str, float]:
+    """The held-out evaluation before the first update (``eval/start/results.csv``, the base model), by the
+    metric name it would have had: the eval curves start there, at 0 samples."""
+    path = run_dir / "eval" / "start" / "results.csv"
+    if not path.is_file():
+        return {}
+    table = pd.read_csv(path)
+    return {f"eval/{row.reward}/{int(row.steps)}step": float(row.mean) for row in table.itertuples()}
+
+
 def load_run(path: str | Path) -> Run:
     path = Path(path)
     config, derived = load_config(path)
     return Run(path=path, metrics=read_metrics(path / METRICS_FILE), config=config, label=path.name,
-               derived=derived)
+               derived=derived, start=read_start(path))
 
 
 def load_runs(paths: Iterable[str | Path]) -> list[Run]:
@@ -230,6 +241,7 @@ def stitch_resumed(runs: Sequence[Run]) -> list[Run]:
             earlier = earlier[earlier["epoch"] < metrics["epoch"].min()]
             metrics = pd.concat([earlier, metrics], ignore_index=True)
             absorbed.add(parent_dir.resolve())
+            run.start = run.start or parent.start  # the evaluation before the first update is the first run's
         done[key] = metrics
         return metrics
 
@@ -398,6 +410,8 @@ def _series(run: Run, column: str | None, x: str, smooth: int = 1) -> tuple[np.n
     d = df[[x, column]].dropna()
     if d.empty:
         return None
+    if column in run.start and (d[x] > 0).all():  # the base model, at 0 samples and 0 reward queries
+        d = pd.concat([pd.DataFrame({x: [0.0], column: [run.start[column]]}), d], ignore_index=True)
     d = d.groupby(x, as_index=False, sort=True).mean()
     y = d[column]
     if smooth > 1:  # trailing rolling mean over logged points: per-iteration training rewards are noisy

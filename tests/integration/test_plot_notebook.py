@@ -266,6 +266,27 @@ def test_notebook_executes_top_to_bottom(runs_root, tmp_path, monkeypatch, cache
     assert len(grids) == 2 * len(RUNS)  # first and latest grid of each run
     held_out = outputs('glob("eval/epoch_*")')
     printed = "".join(o.get("text", "") for o in held_out)
-    assert printed.count("no held-out evaluation") == 2 and "steps2: epoch_0002, the latest of 1 after updates" in printed
+    assert printed.count("no held-out evaluation") == 2
+    assert "steps2: epoch_0002, the latest of 1 after updates" in printed
     assert any("image/png" in o.get("data", {}) for o in held_out)
     assert any("brightness" in o.get("data", {}).get("text/plain", "") for o in held_out)  # the results table
+
+
+def test_eval_curves_start_at_the_base_model(runs_root, tmp_path):
+    """eval/start/results.csv (the evaluation before the first update) is each eval curve's point at 0 samples and
+    0 reward queries; training-reward curves, which have no such point, are unchanged."""
+    run = tmp_path / "seed0"
+    shutil.copytree(runs_root / "seed0", run, ignore=shutil.ignore_patterns("checkpoints", "trained", "*.png"))
+    df = pd.read_csv(run / "csv" / "metrics.csv")
+    df["eval/brightness/1step"] = 0.6 + 0.01 * df["epoch"]
+    df.to_csv(run / "csv" / "metrics.csv", index=False)
+    (run / "eval" / "start").mkdir(parents=True)
+    pd.DataFrame({"reward": ["brightness"], "steps": [1], "mean": [0.5]}).to_csv(run / "eval" / "start" /
+                                                                                  "results.csv", index=False)
+    runs = plot.load_runs([run])
+    for xkey, ax in zip(("samples", "reward_queries"), plot.plot_runs(runs).get_axes(), strict=True):
+        (line,) = ax.get_lines()
+        assert line.get_xdata()[0] == 0 and line.get_ydata()[0] == pytest.approx(0.5), xkey
+        np.testing.assert_allclose(line.get_xdata()[1:], df[f"train/{xkey}"].to_numpy())
+    (train_line, *_), *_ = (ax.get_lines() for ax in plot.plot_runs(runs, metric="train").get_axes())
+    assert train_line.get_xdata()[0] > 0
