@@ -157,10 +157,25 @@ def log_config(logger: Any, cfg: DictConfig) -> None:
         ) from None
 
 
+def warn_single_pair(cfg: DictConfig) -> bool:
+    """One prompt pair per iteration on one process: until a prompt has ``algo.tracker.min_count`` rewards, its
+    advantages are normalised over that pair's two trajectories, which gives +-1 whatever the reward difference.
+    Legal, but rarely meant; say so once."""
+    devices, nodes = cfg.trainer.get("devices", 1), cfg.trainer.get("num_nodes", 1)
+    single = isinstance(devices, int) and devices * int(nodes or 1) == 1
+    if single and pairs_per_rank(cfg) == 1:
+        log.warning("one prompt pair per iteration: until a prompt has algo.tracker.min_count=%s rewards, its "
+                    "advantages are normalised over that pair alone (+-1, whatever the reward difference); raise "
+                    "data.prompts_per_batch for a meaningful baseline", cfg.algo.tracker.min_count)
+        return True
+    return False
+
+
 def train(cfg: DictConfig) -> L.Trainer:
     """Train with a composed config; returns the fitted Trainer (tests read its metrics)."""
     validate_config(cfg)
     check_distributed(cfg)
+    warn_single_pair(cfg)
     quiet_libraries()
     if "SDPO_NUM_THREADS" in os.environ:  # e.g. 1 per process when several CPU ranks share few cores
         torch.set_num_threads(int(os.environ["SDPO_NUM_THREADS"]))

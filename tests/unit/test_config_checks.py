@@ -196,3 +196,15 @@ def test_a_gpu_trainer_on_a_machine_without_one_names_the_cpu_override(tmp_path)
         assert "trainer.accelerator=gpu (trainer=gpu and trainer=ddp ask for one), but this machine has no GPU: add " \
                "trainer.accelerator=cpu" in problems([f"trainer={trainer}"], tmp_path)
     assert problems(["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"], tmp_path) == ""
+
+
+def test_a_single_pair_per_iteration_is_warned_about(tmp_path, caplog) -> None:
+    from sdpo.train import warn_single_pair
+
+    one = ["data.prompts_per_batch=1", "algo.micro_batch_pairs=1"]
+    with caplog.at_level("WARNING", logger="sdpo.train"):
+        assert warn_single_pair(compose(one, tmp_path, tmp_path))
+    assert "normalised over that pair alone" in caplog.text
+    assert not warn_single_pair(compose([], tmp_path, tmp_path))
+    assert not warn_single_pair(compose([*one, "trainer.devices=2"], tmp_path, tmp_path))  # 2 pairs gathered
+    assert not warn_single_pair(compose([*one, "data.batches_per_epoch=2"], tmp_path, tmp_path))
