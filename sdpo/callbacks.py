@@ -114,7 +114,7 @@ class SampleGrid(L.Callback):
         for p in range(n):
             rows.append([firsts[p], lasts[p, 0], lasts[p, 1]])
             r1, rl = latest["first_rewards"][p], latest["last_rewards"][p]
-            captions.append(f"{latest['prompts'][p][:18]}\n1:{r1:.3f} {t}:{rl[0]:.3f}/{rl[1]:.3f}")
+            captions.append(f"{latest['prompts'][p]}\n1:{r1:.3f} {t}:{rl[0]:.3f}/{rl[1]:.3f}")
         return image_grid(rows, captions, ["1-step x0", f"{t}-step a", f"{t}-step b"], scale=scale)
 
 

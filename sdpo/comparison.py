@@ -121,7 +121,7 @@ class Comparison:
         rows = [[images[s, which, p] for s, which in columns] for p in range(n_rows)]
         cells = [[f"{float(scores[s, which, p]):.3f}" for s, which in columns] for p in range(n_rows)]
         header = [f"{self.policy.step_counts[s]}-step {'policy' if which else 'base'}" for s, which in columns]
-        captions = [shorten(p, 22) for p in self.policy.prompts[:n_rows]]
+        captions = self.policy.prompts[:n_rows]  # wrapped to fit by image_grid
         return image_grid(rows, captions, header, scale=scale, cell_captions=cells, corner=f"cells: {reward}")
 
     def save(self, out_dir: str | Path, grid_prompts: int = 16) -> dict[str, Path]:

@@ -274,7 +274,7 @@ class EvalResult:
         rows = [[images[s, p] for s in range(len(self.step_counts))] for p in range(n_rows)]
         values = self.scores[reward][:, :n_rows, 0]  # [S, R]
         cells = [[f"{float(values[s, p]):.3f}" for s in range(len(self.step_counts))] for p in range(n_rows)]
-        captions = [shorten(p, 22) for p in self.prompts[:n_rows]]
+        captions = self.prompts[:n_rows]  # wrapped to fit by image_grid
         header = [f"{k} step{'s' if k > 1 else ''}" for k in self.step_counts]
         return image_grid(rows, captions, header, scale=scale, cell_captions=cells, corner=f"cells: {reward}")
 

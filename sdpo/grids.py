@@ -36,7 +36,7 @@ def image_grid(rows: list[list[torch.Tensor]], captions: list[str], header: list
     for j, title in enumerate(header):
         draw.text((label_w + j * cell_w + 2, 2), title, fill="black")
     for i, (row, caption) in enumerate(zip(rows, captions, strict=True)):
-        draw.text((2, head_h + i * cell_h + 2), caption, fill="black")
+        draw.text((2, head_h + i * cell_h + 2), fit_caption(draw, caption, label_w - 4, cell_h - 4), fill="black")
         for j, image in enumerate(row):
             array = (image.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
             tile = Image.fromarray(array).resize((cell_w, cell_h), Image.NEAREST)
@@ -47,6 +47,46 @@ def image_grid(rows: list[list[torch.Tensor]], captions: list[str], header: list
                 draw.rectangle(box, fill="white")
                 draw.text((x, y), cell_captions[i][j], fill="black")
     return grid
+
+
+def _wrap(draw: ImageDraw.ImageDraw, paragraph: str, width: int) -> list[str]:
+    """Greedy word wrap to ``width`` pixels; a word wider than the column is cut by character."""
+    lines: list[str] = []
+    line = ""
+    for word in paragraph.split():
+        candidate = f"{line} {word}" if line else word
+        if draw.textlength(candidate) <= width:
+            line = candidate
+            continue
+        if line:
+            lines.append(line)
+        while draw.textlength(word) > width and len(word) > 1:
+            cut = 1
+            while cut < len(word) and draw.textlength(word[: cut + 1]) <= width:
+                cut += 1
+            lines.append(word[:cut])
+            word = word[cut:]
+        line = word
+    return [*lines, line] if line else lines or [""]
+
+
+def fit_caption(draw: ImageDraw.ImageDraw, caption: str, width: int, height: int) -> str:
+    """``caption`` wrapped to the row-caption column, as many lines as the row's height holds. Its last paragraph
+    (e.g. a row's rewards) is kept whole; the first (the prompt) loses its end, marked "...", when space runs out,
+    so long prompts that share a beginning still differ on screen as far as the space allows."""
+    line_height = draw.textbbox((0, 0), "Ag")[3] + 4  # PIL's multiline spacing is 4 px
+    room = max(1, height // line_height)
+    paragraphs = [_wrap(draw, part, width) for part in caption.split("\n")]
+    tail = [line for lines in paragraphs[1:] for line in lines]
+    head_room = max(1, room - len(tail))
+    head = paragraphs[0]
+    if len(head) > head_room:
+        head = head[:head_room]
+        last = head[-1]
+        while last and draw.textlength(last + "...") > width:
+            last = last[:-1]
+        head[-1] = last + "..."
+    return "\n".join([*head, *tail][:max(room, 1 + len(tail))])
 
 
 def grid_scale(side: int) -> int:

@@ -43,3 +43,25 @@ def test_fit_to_grid_averages_what_it_shrinks():
     assert small.mean().item() == pytest.approx(0.5, abs=1e-3) and small.std().item() < 0.01
     tiny, scale = fit_to_grid(board[..., :16, :16])
     assert torch.equal(tiny, board[..., :16, :16]) and scale == 4
+
+
+def test_row_captions_wrap_to_the_label_column_and_keep_the_rewards():
+    """Long prompts were cut to 18-22 characters, so prompts sharing a beginning looked alike; they now wrap over
+    the lines the row has, the rewards line stays whole, and nothing is wider than the column."""
+    from PIL import Image, ImageDraw
+
+    from sdpo.grids import fit_caption
+
+    draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    prompt = "a photograph of an astronaut riding a horse on the moon, highly detailed, trending on artstation"
+    short = fit_caption(draw, f"{prompt}\n1:0.512 4:0.498/0.501", 146, 60)
+    lines = short.split("\n")
+    assert lines[-1] == "1:0.512 4:0.498/0.501" and lines[-2].endswith("...") and len(lines) >= 3
+    assert " ".join(lines[:-1]).startswith("a photograph of an astronaut riding")
+    assert all(draw.textlength(line) <= 146 for line in lines)
+    tall = fit_caption(draw, prompt, 146, 256)  # a 256 px row holds the whole prompt
+    assert tall.replace("\n", " ") == prompt
+    word = fit_caption(draw, "x" * 200, 146, 256)  # one unbreakable word is cut by character
+    assert word.replace("\n", "") == "x" * 200 and all(draw.textlength(line) <= 146 for line in word.split("\n"))
+    grid = SampleGrid(dirpath="unused", max_prompts=2).make_grid(latest(prompts=2, side=16) | {"prompts": [prompt] * 2})
+    assert grid.size == (GRID_LABEL_WIDTH + 3 * 64, GRID_HEADER_HEIGHT + 2 * 64)
