@@ -524,9 +524,11 @@ class SDPOModule(L.LightningModule):
         }
 
     def _global_pairs(self) -> int | None:
-        """Prompt pairs per iteration over all processes (None without the framework's datamodule)."""
-        per_rank = getattr(getattr(self.trainer, "datamodule", None), "prompts_per_iteration", None)
-        return None if per_rank is None else int(per_rank) * self.trainer.world_size
+        """Prompt pairs per iteration over all processes (None outside a Trainer, e.g. in ``sdpo.export``, or
+        without the framework's datamodule)."""
+        trainer = self._trainer
+        per_rank = getattr(getattr(trainer, "datamodule", None), "prompts_per_iteration", None)
+        return None if trainer is None or per_rank is None else int(per_rank) * trainer.world_size
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         missing = self._trainable_names() - set(checkpoint["state_dict"])
@@ -542,7 +544,7 @@ class SDPOModule(L.LightningModule):
         self.total_samples = int(state.get("total_samples", 0))
         self.resumed_iterations = iterations_done(checkpoint)
         saved_pairs, pairs = state.get("global_pairs"), self._global_pairs()
-        if saved_pairs and pairs and saved_pairs != pairs and self.global_rank == 0:
+        if saved_pairs and pairs and saved_pairs != pairs and self._trainer.global_rank == 0:
             log.warning("the checkpoint trained on %d prompt pairs per iteration over all processes, this run draws %d "
                         "(data.prompts_per_batch x data.batches_per_epoch x processes): it continues, but not as the "
                         "original run would have; keep the product equal to resume exactly", saved_pairs, pairs)
