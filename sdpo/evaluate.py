@@ -35,7 +35,7 @@ from sdpo.evaluation import (
     parse_reward_specs,
 )
 from sdpo.export import read_checkpoint
-from sdpo.model_card import recorded_reward
+from sdpo.model_card import recorded_reward, recorded_training
 from sdpo.rewards import UnscorablePrompts
 from sdpo.run_folder import refuse
 
@@ -125,13 +125,15 @@ def validate_eval_config(cfg: DictConfig) -> tuple[list[str], list[int], list[tu
 
 def trained_rewards(cfg: DictConfig, saved: Mapping[str, Any] | None) -> Any:
     """``rewards=null``: what the policy was trained on, so that its own objective is what gets measured. A checkpoint
-    stores its reward with every setting; an exported folder's model card names it; a base model gets brightness
-    (the tiny default's reward)."""
+    and an export store the reward with every setting (an older export's model card names it only); a base model
+    gets brightness (the tiny default's reward)."""
     reward = ((saved or {}).get("hyper_parameters") or {}).get("reward")
+    if cfg.lora is not None:
+        folder = Path(str(cfg.lora)).expanduser()
+        reward = (recorded_training(folder) or {}).get("reward") or (
+            {"name": name} if (name := recorded_reward(folder)) else None)
     if reward and reward.get("name"):
         return {str(reward["name"]): dict(reward)}
-    if cfg.lora is not None and (name := recorded_reward(Path(str(cfg.lora)).expanduser())):
-        return [name]
     return [DEFAULT_REWARD]
 
 

@@ -8,6 +8,7 @@ and a loading snippet that runs as written (tested on the tiny model).
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import Any
 from sdpo.commands import cli_arg
 
 CARD_NAME = "README.md"
+TRAINING_FILE = "sdpo_training.json"  # the settings the card summarises, whole: model, algo, reward, optim, seed
 BASE_ROW = re.compile(r"^\| base model \| (.+?) \|$", re.M)  # the facts table's rows, as ``model_card`` writes them
 REWARD_ROW = re.compile(r"^\| reward \| (.+?) \|$", re.M)
 
@@ -126,10 +128,21 @@ def model_card(hparams: Mapping[str, Any], source: str, step_kind: str, iteratio
 def write_model_card(folder: str | Path, module: Any, iterations: int, optimizer_steps: int,
                      history: Sequence[Mapping[str, float]], prompts: Sequence[str] = (),
                      checkpoint: str | None = None) -> Path:
-    """Write ``README.md`` into ``folder`` for ``module`` (an ``SDPOModule``) after ``iterations``."""
+    """Write ``README.md`` into ``folder`` for ``module`` (an ``SDPOModule``) after ``iterations``, and the
+    training settings it summarises, whole, as ``TRAINING_FILE`` (what ``sdpo.evaluate lora=`` reads)."""
     hparams = {"model": module.model_cfg, "algo": module.algo_cfg, "reward": module.reward_cfg,
                "optim": module.optim_cfg, "seed": module.seed}
     path = Path(folder) / CARD_NAME
     path.write_text(model_card(hparams, module.components.source, module.step_kind, iterations, optimizer_steps,
                                history, str(folder), prompts, checkpoint))
+    record = {**hparams, "base_model": module.components.source, "iterations": iterations,
+              "optimizer_steps": optimizer_steps, "checkpoint": checkpoint}
+    (Path(folder) / TRAINING_FILE).write_text(json.dumps(record, indent=1, default=str) + "\n")
     return path
+
+
+def recorded_training(folder: str | Path) -> dict[str, Any] | None:
+    """The training settings an export in ``folder`` carries (None: none there, e.g. an export of an older version
+    or one made elsewhere)."""
+    path = Path(folder) / TRAINING_FILE
+    return json.loads(path.read_text()) if path.is_file() else None

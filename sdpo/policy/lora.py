@@ -87,7 +87,7 @@ def save_lora(unet: UNet2DConditionModel, directory: str | Path) -> Path:
 
 # What save_trained_unet (and the model card) write: a LoRA file, or a full UNet's config and (sharded) weights
 EXPORT_PATTERNS = ("pytorch_lora_weights.safetensors", "config.json", "diffusion_pytorch_model*.safetensors",
-                   "diffusion_pytorch_model.safetensors.index.json", "README.md")
+                   "diffusion_pytorch_model.safetensors.index.json", "README.md", "sdpo_training.json")
 
 
 def earlier_export(directory: str | Path) -> list[Path]:

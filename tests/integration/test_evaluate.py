@@ -8,6 +8,7 @@ import csv
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -412,8 +413,9 @@ def test_wandb_offline_run_holds_eval_table_and_images(tmp_path, cache_dir, monk
 
 
 def test_without_rewards_a_trained_policy_is_measured_on_its_own_reward(tmp_path, cache_dir):
-    """rewards=null (the default): a checkpoint's training reward with its settings, an exported LoRA's reward from
-    its model card, and brightness for the base model; never a reward the policy was not trained on, silently."""
+    """rewards=null (the default): the training reward with its settings, from a checkpoint or an exported LoRA (an
+    older export without sdpo_training.json: by its model card's name), and brightness for the base model; never
+    a reward the policy was not trained on, silently."""
     run = tmp_path / "run"
     train(compose([*FAST, "model.lora.enabled=true", "trainer.max_epochs=1", "callbacks.eval=null",
                    "reward=jpeg_compressibility", "reward.quality=80"], run, cache_dir))
@@ -421,6 +423,13 @@ def test_without_rewards_a_trained_policy_is_measured_on_its_own_reward(tmp_path
     ckpt = run / "checkpoints" / "last.ckpt"
     _, _, specs = validate_eval_config(compose_eval([*args, f"checkpoint={ckpt}"], tmp_path / "a", cache_dir))
     assert specs == [("jpeg_compressibility", "jpeg_compressibility", {"quality": 80})]
+    _, _, specs = validate_eval_config(compose_eval([*args, f"lora={run / 'trained'}"], tmp_path / "a", cache_dir))
+    assert specs == [("jpeg_compressibility", "jpeg_compressibility", {"quality": 80})]
+    older = tmp_path / "older"
+    shutil.copytree(run / "trained", older)
+    (older / "sdpo_training.json").unlink()
+    _, _, specs = validate_eval_config(compose_eval([*args, f"lora={older}"], tmp_path / "a", cache_dir))
+    assert specs == [("jpeg_compressibility", "jpeg_compressibility", {})]  # the card names it, settings default
     from_ckpt = evaluate(compose_eval([*args, f"checkpoint={ckpt}"], tmp_path / "ckpt", cache_dir))
     from_lora = evaluate(compose_eval([*args, f"lora={run / 'trained'}"], tmp_path / "lora", cache_dir))
     base = evaluate(compose_eval(args, tmp_path / "base", cache_dir))
