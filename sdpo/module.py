@@ -114,6 +114,7 @@ class SDPOModule(L.LightningModule):
         self.total_queries = 0  # reward-model calls, all ranks
         self.total_samples = 0  # trajectories (images) generated, all ranks
         self.resumed_iterations: int | None = None  # iterations of the checkpoint this fit resumes (the header says)
+        self.resumed_optimizer_steps = 0  # its optimizer steps: the header counts the run's length from them
         self._grad_norms: list[Tensor] = []  # pre-clip gradient norms of this iteration's optimizer steps
         self.last_iteration: dict[str, Any] = {}  # phase times and counts of the last iteration (benchmarks)
         self.latest: dict[str, Any] = {}  # last iteration's images and rewards, for callbacks (rank-local, CPU)
@@ -543,6 +544,7 @@ class SDPOModule(L.LightningModule):
         self.total_queries = int(state.get("total_queries", 0))
         self.total_samples = int(state.get("total_samples", 0))
         self.resumed_iterations = iterations_done(checkpoint)
+        self.resumed_optimizer_steps = int(checkpoint.get("global_step", 0))
         saved_pairs, pairs = state.get("global_pairs"), self._global_pairs()
         if saved_pairs and pairs and saved_pairs != pairs and self._trainer.global_rank == 0:
             log.warning("the checkpoint trained on %d prompt pairs per iteration over all processes, this run draws %d "

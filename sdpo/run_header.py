@@ -59,33 +59,39 @@ def queried_steps(algo: dict[str, Any]) -> str:
 
 
 def run_length(trainer: L.Trainer, steps_per_iteration: int, trajectories_per_iteration: int,
-               done: int | None = None) -> str:
+               done: int | None = None, done_trajectories: int = 0, done_steps: int = 0) -> str:
     """How long the run is, in iterations, trajectories (the paper's sample count) and optimizer steps.
 
     ``trainer.max_steps`` counts optimizer steps (the module steps its optimizer by hand), but Lightning checks it
     only between iterations, so a limit inside an iteration ends the run at that iteration's end: say so. ``done``:
-    the iterations a resumed checkpoint has completed, which both limits count.
+    the iterations a resumed checkpoint has completed, which both limits count, with its trajectories and optimizer
+    steps (the checkpoint may have made them at another batch size).
     """
     max_epochs, max_steps = trainer.max_epochs, trainer.max_steps
+    if done is None:
+        done_trajectories = done_steps = 0
     limits = []
     if max_epochs is not None and max_epochs >= 0:
         limits.append((max_epochs, "trainer.max_epochs"))
     if max_steps is not None and max_steps >= 0:
-        limits.append((-(-max_steps // steps_per_iteration), "trainer.max_steps"))
+        to_go = -(-max(max_steps - done_steps, 0) // steps_per_iteration)
+        limits.append(((done or 0) + to_go, "trainer.max_steps"))
     or_time = " (or trainer.max_time, if sooner)" if any(isinstance(c, Timer) for c in trainer.callbacks) else ""
     if not limits:
         return f"no iteration limit (trainer.max_epochs=-1): the run goes on until stopped{or_time}"
     iterations, limit = min(limits)
     if trainer.fast_dev_run:  # Lightning sets max_epochs and max_steps from it
         limit = "trainer.fast_dev_run"
+    to_go = max(iterations - (done or 0), 0)
+    steps = done_steps + to_go * steps_per_iteration
     text = (f"{iterations} iteration{'' if iterations == 1 else 's'} ({limit}) = "
-            f"{count(iterations * trajectories_per_iteration)} trajectories, "
-            f"{iterations * steps_per_iteration} optimizer steps{or_time}")
+            f"{count(done_trajectories + to_go * trajectories_per_iteration)} trajectories, "
+            f"{steps} optimizer steps{or_time}")
     if done is not None:
-        text += f"; resumed after {done}: {max(iterations - done, 0)} to go"
-    if limit == "trainer.max_steps" and max_steps % steps_per_iteration:
+        text += f"; resumed after {done}: {to_go} to go"
+    if limit == "trainer.max_steps" and steps != max_steps:
         text += (f"; trainer.max_steps={max_steps} falls inside an iteration and is checked only at its end, "
-                 f"so the run makes {iterations * steps_per_iteration}")
+                 f"so the run makes {steps}")
     return text
 
 
@@ -121,6 +127,8 @@ def run_header(module: Any, trainer: L.Trainer, pairs_per_rank: int) -> str:
     steps = a["num_steps"]
     micro, accumulation = a["micro_batch_pairs"], a["gradient_accumulation_steps"]
     steps_per_iteration = optimizer_steps_per_iteration(pairs_per_rank, a)
+    length = run_length(trainer, steps_per_iteration, 2 * world * pairs_per_rank, module.resumed_iterations,
+                        module.total_samples, module.resumed_optimizer_steps)
     return "\n".join([
         f"SDPO run: {trainer.default_root_dir} · {world} process{'es' if world > 1 else ''} on {device} · "
         f"precision {trainer.precision}",
@@ -131,8 +139,7 @@ def run_header(module: Any, trainer: L.Trainer, pairs_per_rank: int) -> str:
         f"  rewards     exact at {queried_steps(a)}",
         f"  updates     {steps_per_iteration} optimizer steps per iteration, "
         f"{update_sizes(pairs_per_rank, micro, accumulation, world)}, lr {module.optim_cfg.get('lr')}",
-        f"  length      "
-        f"{run_length(trainer, steps_per_iteration, 2 * world * pairs_per_rank, module.resumed_iterations)}",
+        f"  length      {length}",
     ])
 
 

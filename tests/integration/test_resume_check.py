@@ -80,13 +80,17 @@ def test_resume_check_false_resumes_and_says_what_changed(checkpoint, tmp_path, 
     assert "changed setting (resume_check=false): algo.num_steps: 4 in the checkpoint, 3 here" in caplog.text
 
 
-def test_a_resume_with_another_global_batch_is_told_so(checkpoint, tmp_path, cache_dir, caplog):
+def test_a_resume_with_another_global_batch_is_told_so(checkpoint, tmp_path, cache_dir, caplog, capsys):
     """Allowed (the README's exact resume needs the same global batch, but a smaller GPU count is a fair reason),
-    and said once, with the two counts."""
+    and said once, with the two counts; the header's length counts the checkpoint's own trajectories and steps."""
     with caplog.at_level(logging.WARNING, logger="sdpo.module"):
-        train(compose([*BASE, f"ckpt_path={checkpoint}", "trainer.max_epochs=2", "data.prompts_per_batch=2",
-                       "algo.micro_batch_pairs=2"], tmp_path / "smaller", cache_dir))
+        trainer = train(compose([*BASE, f"ckpt_path={checkpoint}", "trainer.max_epochs=3", "data.prompts_per_batch=2",
+                                 "algo.micro_batch_pairs=2"], tmp_path / "smaller", cache_dir))
     assert "trained on 4 prompt pairs per iteration over all processes, this run draws 2" in caplog.text
+    last = read_metrics(tmp_path / "smaller")[-1]
+    said = (f"3 iterations (trainer.max_epochs) = {int(last['train/samples'])} trajectories, "
+            f"{trainer.global_step} optimizer steps; resumed after 1: 2 to go")
+    assert said in capsys.readouterr().out and last["train/samples"] == 8 + 2 * 4  # 4 pairs, then 2 pairs twice
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="sdpo.module"):
         train(compose([*BASE, f"ckpt_path={checkpoint}", "trainer.max_epochs=2"], tmp_path / "same", cache_dir))
