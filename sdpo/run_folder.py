@@ -4,7 +4,8 @@ Hydra creates the run folder (``.hydra/`` and ``<job>.log``) before our code see
 its config check has done nothing, so that folder is only one more dead entry in ``outputs/`` next to the real
 runs (which ``sdpo.plot`` and the notebook then have to skip). The folder is removed only when Hydra named it
 itself (no ``hydra.run.dir=``: a folder the user chose, or a SLURM or torchrun run folder, may hold earlier work)
-and it holds nothing but those two entries. In a folder that does hold a run, Hydra would overwrite its
+and it holds nothing but those (and the CSV logger's copy of the config, written as fitting starts, when a check
+there refuses the run). In a folder that does hold a run, Hydra would overwrite its
 ``.hydra/`` record: ``KeepEarlierRecord`` copies it aside first, and a refused run puts it back.
 
 Sweep points get folder names without ``=`` and ``,`` (``safe_dirname``).
@@ -89,8 +90,14 @@ def discard_refused_run_folder() -> Path | None:
     if any(override.lstrip("+~").startswith("hydra.run.dir=") for override in hydra_cfg.overrides.hydra):
         return None
     folder = Path(hydra_cfg.runtime.output_dir)
-    hydra_only = {hydra_cfg.output_subdir or ".hydra", f"{hydra_cfg.job.name}.log"}
-    if not folder.is_dir() or any(entry.name not in hydra_only for entry in folder.iterdir()):
+    setup_only = {hydra_cfg.output_subdir or ".hydra", f"{hydra_cfg.job.name}.log"}
+
+    def written_before_any_work(entry: Path) -> bool:  # Hydra's files, and the CSV logger's copy of the config
+        if entry.name == "csv" and entry.is_dir():
+            return all(f.name == "hparams.yaml" for f in entry.iterdir())
+        return entry.name in setup_only
+
+    if not folder.is_dir() or not all(written_before_any_work(entry) for entry in folder.iterdir()):
         return None
     shutil.rmtree(folder, ignore_errors=True)
     return folder

@@ -319,6 +319,8 @@ def test_bad_config_fails_before_loading(tmp_path, cache_dir):
     ("sdpo.train", "+algo.num_stepz=3", "did you mean algo.num_steps?"),
     ("sdpo.evaluate", "steps=[0]", "steps=[0]: every step count must be"),
     ("sdpo.evaluate", "rewards=[color_match]", "set prompts to prompts that each name one of"),  # cannot score them
+    # found as fitting starts, after the CSV logger wrote its copy of the config: still nothing ran
+    ("sdpo.train", "reward=color_match", "set callbacks.eval.prompts to prompts that each name one of"),
 ])
 def test_refused_run_leaves_no_empty_folder(tmp_path, cache_dir, module, bad, says):
     """A run refused by its config check did nothing: the folder Hydra named and made for it is removed, the
