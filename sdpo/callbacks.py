@@ -4,6 +4,7 @@ held-out evaluation at several step counts during training."""
 from __future__ import annotations
 
 import json
+import shlex
 import time
 from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
@@ -18,7 +19,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from PIL import Image
 
-from sdpo.commands import cli_arg, shell_quote
+from sdpo.commands import cli_arg
 from sdpo.grids import fit_to_grid, image_grid
 from sdpo.policy.attention import torch_attention
 from sdpo.run_log import report
@@ -154,10 +155,8 @@ class RewardSummary(L.Callback):
     @rank_zero_only
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         stopped = f"{stop_cause(exception)} during epoch {trainer.current_epoch}"
-        if self.history:
-            self._report(pl_module, stopped)
-            report(stop_notice(trainer, stopped, exception))
-        elif isinstance(exception, KeyboardInterrupt | SIGTERMException):  # stopped before an iteration ended
+        self._report(pl_module, stopped)  # nothing without a complete iteration
+        if self.history or isinstance(exception, KeyboardInterrupt | SIGTERMException):  # a signal: say so anyway
             report(stop_notice(trainer, stopped, exception))
 
     def _report(self, pl_module: L.LightningModule, stopped: str | None) -> None:
@@ -216,7 +215,7 @@ def stop_notice(trainer: L.Trainer, stopped: str, exception: BaseException | Non
         ]
     else:
         lines.append(f"  continue: the same command with {resume}")
-    lines.append(f"  export:   python -m sdpo.export {shell_quote(path)} {shell_quote(str(trained))}")
+    lines.append(f"  export:   python -m sdpo.export {shlex.quote(path)} {shlex.quote(str(trained))}")
     return "\n".join(lines)
 
 

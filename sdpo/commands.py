@@ -18,7 +18,3 @@ def cli_arg(key: str, value: object) -> str:
     word = f"{key}='" + text.replace("'", "\\'") + "'"  # Hydra's quoted string: only the quote is escaped
     return f'"{word}"' if not re.search(r'["$`\\!]', word) else shlex.quote(word)
 
-
-def shell_quote(text: str) -> str:
-    """One shell word (for plain command-line arguments such as ``sdpo.export``'s paths)."""
-    return shlex.quote(text)

@@ -122,10 +122,10 @@ class PromptDataModule(L.LightningDataModule):
         self.batches_per_epoch = batches_per_epoch
         self.seed = seed
         self.prompts = load_prompts(source)
-        repeated = len(self.prompts) - len(set(self.prompts))
-        if repeated:
+        distinct = len(set(self.prompts))
+        if distinct < len(self.prompts):
             log.info("data.source: %d prompts, %d distinct; a prompt listed k times is drawn k times as often",
-                     len(self.prompts), len(set(self.prompts)))
+                     len(self.prompts), distinct)
 
     @property
     def prompts_per_iteration(self) -> int:

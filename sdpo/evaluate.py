@@ -36,8 +36,7 @@ from sdpo.evaluation import (
 )
 from sdpo.export import read_checkpoint
 from sdpo.model_card import recorded_reward, recorded_training
-from sdpo.rewards import UnscorablePrompts
-from sdpo.run_folder import refuse
+from sdpo.run_folder import REFUSALS, refuse
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 DEFAULT_REWARD = "brightness"  # rewards=null without a trained policy: the tiny default's reward
@@ -127,11 +126,12 @@ def trained_rewards(cfg: DictConfig, saved: Mapping[str, Any] | None) -> Any:
     """``rewards=null``: what the policy was trained on, so that its own objective is what gets measured. A checkpoint
     and an export store the reward with every setting (an older export's model card names it only); a base model
     gets brightness (the tiny default's reward)."""
-    reward = ((saved or {}).get("hyper_parameters") or {}).get("reward")
-    if cfg.lora is not None:
+    if cfg.lora is None:
+        reward = ((saved or {}).get("hyper_parameters") or {}).get("reward")
+    else:
         folder = Path(str(cfg.lora)).expanduser()
-        reward = (recorded_training(folder) or {}).get("reward") or (
-            {"name": name} if (name := recorded_reward(folder)) else None)
+        name = recorded_reward(folder)
+        reward = (recorded_training(folder) or {}).get("reward") or ({"name": name} if name else None)
     if reward and reward.get("name"):
         return {str(reward["name"]): dict(reward)}
     return [DEFAULT_REWARD]
@@ -231,7 +231,7 @@ def log_to_wandb(result: EvalResult, cfg: DictConfig, grid_path: Path | None, co
 def main(cfg: DictConfig) -> None:
     try:
         evaluate(cfg)
-    except (ConfigError, UnscorablePrompts) as error:
+    except REFUSALS as error:
         raise refuse(error) from None
 
 

@@ -18,22 +18,24 @@ from sdpo.commands import cli_arg
 
 CARD_NAME = "README.md"
 TRAINING_FILE = "sdpo_training.json"  # the settings the card summarises, whole: model, algo, reward, optim, seed
-BASE_ROW = re.compile(r"^\| base model \| (.+?) \|$", re.M)  # the facts table's rows, as ``model_card`` writes them
-REWARD_ROW = re.compile(r"^\| reward \| (.+?) \|$", re.M)
+
+
+def _card_fact(folder: str | Path, fact: str) -> str | None:
+    """The value of the facts table's ``fact`` row, as ``model_card`` writes it, in the card in ``folder`` (None: no
+    card there, or not one of ours)."""
+    card = Path(folder) / CARD_NAME
+    found = re.search(rf"^\| {re.escape(fact)} \| (.+?) \|$", card.read_text(), re.M) if card.is_file() else None
+    return found.group(1) if found else None
 
 
 def recorded_base_model(folder: str | Path) -> str | None:
-    """The base model the card in ``folder`` names (None: no card there, or not one of ours)."""
-    card = Path(folder) / CARD_NAME
-    found = BASE_ROW.search(card.read_text()) if card.is_file() else None
-    return found.group(1) if found else None
+    """The base model the card in ``folder`` names."""
+    return _card_fact(folder, "base model")
 
 
 def recorded_reward(folder: str | Path) -> str | None:
-    """The training reward's name the card in ``folder`` states (None: no card there, or not one of ours)."""
-    card = Path(folder) / CARD_NAME
-    found = REWARD_ROW.search(card.read_text()) if card.is_file() else None
-    return found.group(1) if found else None
+    """The training reward's name the card in ``folder`` states (an export without ``TRAINING_FILE``)."""
+    return _card_fact(folder, "reward")
 
 
 def _is_local(source: str) -> bool:

@@ -24,7 +24,13 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from sdpo.config_checks import ConfigError
+from sdpo.resume import NothingToResume, ResumeMismatch
+from sdpo.rewards import UnscorablePrompts
 from sdpo.run_log import to_log_files
+
+# What the entry points report as a refusal (``refuse``): the message says what to change, a traceback adds nothing
+REFUSALS = (ConfigError, ResumeMismatch, NothingToResume, UnscorablePrompts)
 
 
 def safe_dirname(text: str) -> str:
@@ -36,6 +42,11 @@ def safe_dirname(text: str) -> str:
 
 
 OmegaConf.register_new_resolver("sdpo_dirname", safe_dirname, replace=True)  # conf/hydra/default.yaml
+
+
+def names_run_dir(hydra_overrides: Any) -> bool:
+    """Whether the command named its run folder (``hydra.run.dir=``): a folder that may hold earlier work."""
+    return any(str(o).lstrip("+~").startswith("hydra.run.dir=") for o in hydra_overrides)
 
 
 RECORD_FILES = ("config.yaml", "hydra.yaml", "overrides.yaml")
@@ -50,8 +61,7 @@ class KeepEarlierRecord(Callback):
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         global _saved_record
-        named = any(o.lstrip("+~").startswith("hydra.run.dir=") for o in config.hydra.overrides.hydra)
-        if not named or config.hydra.output_subdir is None:
+        if not names_run_dir(config.hydra.overrides.hydra) or config.hydra.output_subdir is None:
             return
         record = Path(str(config.hydra.run.dir)) / str(config.hydra.output_subdir)
         files = [record / name for name in RECORD_FILES if (record / name).is_file()]
@@ -87,7 +97,7 @@ def discard_refused_run_folder() -> Path | None:
     hydra_cfg = HydraConfig.get()
     if hydra_cfg.mode != RunMode.RUN:
         return None  # a sweep's folder holds its other points
-    if any(override.lstrip("+~").startswith("hydra.run.dir=") for override in hydra_cfg.overrides.hydra):
+    if names_run_dir(hydra_cfg.overrides.hydra):
         return None
     folder = Path(hydra_cfg.runtime.output_dir)
     setup_only = {hydra_cfg.output_subdir or ".hydra", f"{hydra_cfg.job.name}.log"}

@@ -31,16 +31,8 @@ from sdpo.cluster import restart_checkpoint, slurm_plugins
 from sdpo.config_checks import ConfigError, pairs_per_rank, runs_on_cpu, validate_config
 from sdpo.loggers import continue_metrics, continue_wandb_run
 from sdpo.policy.speed import compile_mode, use_compile_cache
-from sdpo.resume import (
-    NothingToResume,
-    ResumeMismatch,
-    check_resume,
-    check_work_left,
-    iterations_done,
-    read_resume_state,
-)
-from sdpo.rewards import UnscorablePrompts
-from sdpo.run_folder import refuse
+from sdpo.resume import check_resume, check_work_left, iterations_done, read_resume_state
+from sdpo.run_folder import REFUSALS, refuse
 from sdpo.run_log import log_fatal_error, to_log_files
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
@@ -220,7 +212,7 @@ def train(cfg: DictConfig) -> L.Trainer:
 def hydra_main(cfg: DictConfig) -> None:
     try:
         train(cfg)
-    except (ConfigError, ResumeMismatch, NothingToResume, UnscorablePrompts) as error:
+    except REFUSALS as error:
         raise refuse(error) from None
     except SIGTERMException:
         # Lightning's SystemExit without a code would exit 0: a killed run must not read as a finished one
