@@ -133,6 +133,13 @@ class RewardSummary(L.Callback):
     def __init__(self, path: str) -> None:
         self.path = Path(path)
         self.history: list[dict[str, float]] = []
+        self.checkpointed_epoch = -1  # the newest epoch a checkpoint holds (-1: none)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.checkpointed_epoch = trainer.current_epoch - 1  # a resumed run starts after its checkpoint's epoch
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        self.checkpointed_epoch = int(checkpoint.get("epoch", self.checkpointed_epoch))
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         metrics = trainer.callback_metrics
@@ -157,7 +164,8 @@ class RewardSummary(L.Callback):
         stopped = f"{stop_cause(exception)} during epoch {trainer.current_epoch}"
         self._report(pl_module, stopped)  # nothing without a complete iteration
         if self.history or isinstance(exception, KeyboardInterrupt | SIGTERMException):  # a signal: say so anyway
-            report(stop_notice(trainer, stopped, exception))
+            unsaved = [int(h["epoch"]) for h in self.history if h["epoch"] > self.checkpointed_epoch]
+            report(stop_notice(trainer, stopped, exception, unsaved))
 
     def _report(self, pl_module: L.LightningModule, stopped: str | None) -> None:
         if not self.history:
@@ -193,9 +201,13 @@ def stop_cause(exception: BaseException) -> str:
     return type(exception).__name__
 
 
-def stop_notice(trainer: L.Trainer, stopped: str, exception: BaseException | None = None) -> str:
+def stop_notice(
+    trainer: L.Trainer, stopped: str, exception: BaseException | None = None, unsaved: list[int] = ()
+) -> str:
     """What a run that stopped early kept, and the commands that continue or export it. A run that diverged is not
-    told to run the same command again, which would diverge the same way."""
+    told to run the same command again, which would diverge the same way. ``unsaved``: epochs in the reward table
+    that ended after the newest checkpoint (a stop while the epoch's checkpoint was being written, or one not due),
+    which continuing from it runs again."""
     saved = trainer.checkpoint_callback
     path = (getattr(saved, "last_model_path", "") or getattr(saved, "best_model_path", "")) if saved else ""
     if not path:
@@ -205,6 +217,11 @@ def stop_notice(trainer: L.Trainer, stopped: str, exception: BaseException | Non
         return f"run stopped ({stopped}) with no checkpoint written ({why}): nothing to continue from"
     resume, trained = cli_arg("ckpt_path", path), Path(path).parent.parent / "trained"
     lines = [f"run stopped ({stopped}); newest checkpoint: {path} ({Path(path).resolve().stem})"]
+    if unsaved:
+        epochs = ", ".join(map(str, unsaved))
+        many = len(unsaved) > 1
+        lines.append(f"  the table's epoch{'s' * many} {epochs} ended after that checkpoint: "
+                     f"continuing from it runs {'them' if many else 'it'} again")
     if isinstance(exception, FloatingPointError):
         lr = getattr(trainer.lightning_module, "optim_cfg", {}).get("lr", "?")
         lines += [

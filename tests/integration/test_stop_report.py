@@ -18,13 +18,19 @@ from tests.integration.test_train import run_cli
 
 
 class StopAtEpoch(Callback):
-    """As epoch ``epoch`` starts: Ctrl-C (a real SIGINT to this process) or a RuntimeError."""
+    """As epoch ``epoch`` starts: Ctrl-C (a real SIGINT to this process) or a RuntimeError. ``ctrl-c-at-end``: the
+    Ctrl-C comes as the epoch ends, after its rewards are recorded and before its checkpoint is written (Lightning
+    runs checkpoint callbacks last)."""
 
     def __init__(self, epoch: int, how: str) -> None:
         self.epoch, self.how = epoch, how
 
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if trainer.current_epoch == self.epoch and self.how == "ctrl-c-at-end":
+            os.kill(os.getpid(), signal.SIGINT)
+
     def on_train_epoch_start(self, trainer, pl_module) -> None:
-        if trainer.current_epoch == self.epoch:
+        if trainer.current_epoch == self.epoch and self.how != "ctrl-c-at-end":
             if self.how == "ctrl-c":
                 os.kill(os.getpid(), signal.SIGINT)
             if self.how == "sigterm":  # Lightning's handler stops the run at the next batch
@@ -73,6 +79,19 @@ def test_ctrl_c_keeps_the_complete_iterations_and_says_how_to_go_on(tmp_path, ca
     assert [int(r["epoch"]) for r in read_metrics(more) if "train/reward_1step" in r] == [2]
     summary = json.loads((more / "summary.json").read_text())
     assert [h["epoch"] for h in summary["history"]] == [0, 1, 2] and "stopped" not in summary
+
+
+def test_an_epoch_that_ended_after_the_newest_checkpoint_is_named(tmp_path, cache_dir, capsys, restore_sigint):
+    """Ctrl-C between an epoch's reward record and its checkpoint: the table includes that epoch, and the notice says
+    the checkpoint is one epoch earlier, so continuing runs it again."""
+    run = tmp_path / "run"
+    with pytest.raises(SystemExit):
+        train(compose([*FAST, "trainer.max_epochs=6", "callbacks.eval=null", *stop_at(2, "ctrl-c-at-end")], run,
+                      cache_dir))
+    out = capsys.readouterr().out
+    assert "epoch 0 -> epoch 2 (stopped by Ctrl-C during epoch 2)" in out
+    assert "(epoch=1-step=" in out  # the newest checkpoint holds epoch 1
+    assert "the table's epoch 2 ended after that checkpoint: continuing from it runs it again" in out
 
 
 def test_an_error_reports_what_was_done_and_that_nothing_was_saved(tmp_path, cache_dir, capsys):
