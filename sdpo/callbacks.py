@@ -390,6 +390,7 @@ class EvalDuringTraining(L.Callback):
                     rewards=self.rewards_for(pl_module), images_per_prompt=self.images_per_prompt, seed=self.seed,
                     batch_size=self.batch_size, resolution=size,
                     guidance_scale=pl_module.model_cfg.get("guidance_scale"), progress=False,
+                    keep_images=self.images_per_prompt,  # the grid shows every image of the few held-out prompts
                 )
         finally:  # held-out reward models (PickScore's CLIP-H: ~4 GB in fp32) wait on the CPU between evaluations,
             for reward in self._held_out.values():  # so training keeps the GPU memory it was measured with
@@ -414,8 +415,10 @@ class EvalDuringTraining(L.Callback):
             rows = result.table()
             columns = ["epoch", *rows[0]]
             data = [[epoch, *row.values()] for row in rows]
+            from sdpo.evaluation import cells_legend
+
             grid = result.grid()
-            caption = (f"epoch {epoch}: held-out prompts x step counts, cells: {result.reward_names[0]} "
+            caption = (f"epoch {epoch}: held-out prompts x step counts, {cells_legend(result.reward_names)} "
                        f"(native {result.meta['scheduler']})")
             import wandb
 

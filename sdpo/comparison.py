@@ -19,8 +19,8 @@ from typing import Any
 import torch
 from PIL import Image
 
-from sdpo.evaluation import EvalResult, json_rows, prompt_mean_ci, shorten, write_csv
-from sdpo.grids import fit_to_grid, image_grid
+from sdpo.evaluation import EvalResult, cells_legend, json_rows, prompt_mean_ci, shorten, write_csv
+from sdpo.grids import fit_to_grid, image_grid, score_captions
 
 
 @dataclass
@@ -106,23 +106,22 @@ class Comparison:
                       f"{self.policy.meta.get('seed')}); CI: {self.policy.ci_method}."]
         return "\n".join(lines)
 
-    def grid(self, reward: str | None = None, max_prompts: int = 16) -> Image.Image:
-        """Prompts (rows) x step counts, base and policy side by side from the same noise, captioned with
-        ``reward`` (default: the first)."""
-        if self.policy.images.shape[2] == 0 or self.base.images.shape[2] == 0:
+    def grid(self, max_prompts: int = 16) -> Image.Image:
+        """Prompts (rows) x step counts, base and policy side by side from the same noise (each prompt's first
+        image), every image captioned with each reward's score."""
+        if min(self.policy.images.shape[1:3].numel(), self.base.images.shape[1:3].numel()) == 0:
             raise ValueError("no images were kept: nothing to draw")
-        reward = reward or self.policy.reward_names[0]
-        n_rows = min(max_prompts, len(self.policy.prompts))
+        n_rows = min(max_prompts, self.policy.images.shape[1], self.base.images.shape[1])
         both = torch.stack([self.base.images[:, :n_rows, 0], self.policy.images[:, :n_rows, 0]], dim=1)
         images, scale = fit_to_grid(both.float() / 255)  # [S, 2, R, 3, H, W]
-        scores = torch.stack([self.base.scores[reward][:, :n_rows, 0], self.policy.scores[reward][:, :n_rows, 0]],
-                             dim=1)  # [S, 2, R]
+        results = (self.base, self.policy)
         columns = [(s, which) for s in range(len(self.policy.step_counts)) for which in (0, 1)]
         rows = [[images[s, which, p] for s, which in columns] for p in range(n_rows)]
-        cells = [[f"{float(scores[s, which, p]):.3f}" for s, which in columns] for p in range(n_rows)]
+        cells = [[score_captions(results[which].scores, (s, p, 0)) for s, which in columns] for p in range(n_rows)]
         header = [f"{self.policy.step_counts[s]}-step {'policy' if which else 'base'}" for s, which in columns]
         captions = self.policy.prompts[:n_rows]  # wrapped to fit by image_grid
-        return image_grid(rows, captions, header, scale=scale, cell_captions=cells, corner=f"cells: {reward}")
+        return image_grid(rows, captions, header, scale=scale, cell_captions=cells,
+                          corner=cells_legend(self.policy.reward_names))
 
     def save(self, out_dir: str | Path, grid_prompts: int = 16) -> dict[str, Path]:
         """Write comparison.csv, comparison.json, comparison.md and grid_compare.png into ``out_dir``."""

@@ -74,6 +74,7 @@ def validate_eval_config(cfg: DictConfig) -> tuple[list[str], list[int], list[tu
     need(cfg.resolution is None or (cfg.resolution > 0 and cfg.resolution % 8 == 0),
          f"resolution={cfg.resolution}: use null or a positive multiple of 8 (the VAE downsamples by 8)")
     need(cfg.grid_prompts >= 1, f"grid_prompts={cfg.grid_prompts}: need >= 1 (the rows of grid.png)")
+    need(cfg.grid_images >= 1, f"grid_images={cfg.grid_images}: need >= 1 (each prompt's images in grid.png)")
     need(cfg.guidance_scale is None or cfg.guidance_scale >= 1,
          f"guidance_scale={cfg.guidance_scale}: use null or a value >= 1")
     if cfg.checkpoint is not None and cfg.lora is not None:
@@ -178,7 +179,8 @@ def evaluate(cfg: DictConfig) -> EvalResult | Comparison:
     resolution = cfg.resolution if cfg.resolution is not None else policy.model_cfg.get("resolution")
     guidance = cfg.guidance_scale if cfg.guidance_scale is not None else policy.model_cfg.get("guidance_scale")
     settings = dict(rewards=rewards, images_per_prompt=cfg.images_per_prompt, seed=cfg.seed,
-                    batch_size=cfg.batch_size, resolution=resolution, guidance_scale=guidance, progress=cfg.progress)
+                    batch_size=cfg.batch_size, resolution=resolution, guidance_scale=guidance, progress=cfg.progress,
+                    keep_images=cfg.grid_images, keep_prompts=cfg.grid_prompts)  # kept in memory: what grids draw
     result = evaluate_policy(parts, parts.unet, prompts, steps, **settings)
     result.meta["policy"] = policy.origin
     out_dir = Path(cfg.paths.output_dir)

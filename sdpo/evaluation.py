@@ -45,7 +45,7 @@ from PIL import Image
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from sdpo.grids import fit_to_grid, image_grid
+from sdpo.grids import fit_to_grid, image_grid, score_captions
 from sdpo.policy.conditioning import Conditioning, decode_latents, encode_prompts
 from sdpo.policy.loading import TINY, PolicyComponents
 from sdpo.rewards import RewardModel
@@ -216,7 +216,7 @@ class EvalResult:
     prompts: list[str]
     step_counts: tuple[int, ...]
     scores: dict[str, Tensor]  # reward -> [S, P, n] float32
-    images: Tensor  # uint8 [S, P, m, 3, H, W]: the first m images of each prompt at each step count
+    images: Tensor  # uint8 [S, K, m, 3, H, W]: the first m images of the first K prompts at each step count
     meta: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -263,20 +263,22 @@ class EvalResult:
     def images_per_prompt(self) -> int:
         return next(iter(self.scores.values())).shape[-1] if self.scores else 0
 
-    def grid(self, reward: str | None = None, max_prompts: int = 16) -> Image.Image:
-        """Prompts (rows) x step counts (columns) of each prompt's first image, each captioned with ``reward``
-        (default: the first reward)."""
-        if self.images.shape[2] == 0:
-            raise ValueError("no images were kept (keep_images=0): nothing to draw")
-        reward = reward or self.reward_names[0]
-        n_rows = min(max_prompts, len(self.prompts))
-        images, scale = fit_to_grid(self.images[:, :n_rows, 0].float() / 255)  # [S, R, 3, H, W]
-        rows = [[images[s, p] for s in range(len(self.step_counts))] for p in range(n_rows)]
-        values = self.scores[reward][:, :n_rows, 0]  # [S, R]
-        cells = [[f"{float(values[s, p]):.3f}" for s in range(len(self.step_counts))] for p in range(n_rows)]
+    def grid(self, max_prompts: int = 16, max_images: int | None = None) -> Image.Image:
+        """Prompts (rows) x step counts x each prompt's kept images (up to ``max_images``, default all), every
+        image captioned with each reward's score."""
+        if self.images.shape[2] == 0 or self.images.shape[1] == 0:
+            raise ValueError("no images were kept (keep_images=0 or keep_prompts=0): nothing to draw")
+        n_rows = min(max_prompts, self.images.shape[1])
+        n_images = min(max_images or self.images.shape[2], self.images.shape[2])
+        images, scale = fit_to_grid(self.images[:, :n_rows, :n_images].float() / 255)  # [S, R, m, 3, H, W]
+        columns = [(s, i) for s in range(len(self.step_counts)) for i in range(n_images)]
+        rows = [[images[s, p, i] for s, i in columns] for p in range(n_rows)]
+        cells = [[score_captions(self.scores, (s, p, i)) for s, i in columns] for p in range(n_rows)]
         captions = self.prompts[:n_rows]  # wrapped to fit by image_grid
-        header = [f"{k} step{'s' if k > 1 else ''}" for k in self.step_counts]
-        return image_grid(rows, captions, header, scale=scale, cell_captions=cells, corner=f"cells: {reward}")
+        header = [f"{self.step_counts[s]} step{'s' if self.step_counts[s] > 1 else ''}"
+                  + (f" #{i + 1}" if n_images > 1 else "") for s, i in columns]
+        return image_grid(rows, captions, header, scale=scale, cell_captions=cells,
+                          corner=cells_legend(self.reward_names))
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -314,6 +316,11 @@ def write_csv(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
         writer.writerows(rows)
 
 
+def cells_legend(rewards: Sequence[str]) -> str:
+    """What a grid's cell captions are: the reward, or the rewards in the order of their lines."""
+    return f"cells: {rewards[0]}" if len(rewards) == 1 else f"cells, line by line: {', '.join(rewards)}"
+
+
 def json_rows(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """``rows`` with NaN and inf as null: JSON has neither (a std of one image is NaN)."""
     return [{k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()} for row in rows]
@@ -341,13 +348,15 @@ def evaluate_policy(
     guidance_scale: float | None = None,
     progress: bool = True,
     keep_images: int = 1,
+    keep_prompts: int | None = None,
 ) -> EvalResult:
     """Sample ``images_per_prompt`` images per prompt at each step count with the model's native scheduler and
     score them with every reward.
 
     ``unet`` defaults to ``components.unet`` (pass the policy's, e.g. a LoRA'd or training UNet). It is put in
-    eval mode and restored. Nothing here draws from the global RNG; ``keep_images`` first images of every prompt
-    are kept (uint8) for grids.
+    eval mode and restored. Nothing here draws from the global RNG. The first ``keep_images`` images of the first
+    ``keep_prompts`` prompts (default: all) are kept (uint8) for grids: only those a grid draws, since at 512 px
+    and more every kept image costs megabytes of memory.
     """
     prompts = [str(p) for p in prompts]
     steps = tuple(int(k) for k in step_counts)
@@ -365,6 +374,7 @@ def evaluate_policy(
     latent_shape = (int(unet.config.in_channels), side, side)
     image_size = side * components.vae_scale_factor
     keep = max(0, min(keep_images, images_per_prompt))
+    keep_rows = len(prompts) if keep_prompts is None else max(0, min(keep_prompts, len(prompts)))
     scheduler = native_scheduler(components.scheduler_config)
 
     cond_all = Conditioning.cat([
@@ -390,10 +400,10 @@ def evaluate_policy(
                     for name, reward in rewards.items():
                         values = reward(images.to(_device_of(reward, device)), chunk_prompts)
                         scores[name][s, p_idx, i_idx] = values.detach().float().cpu()
-                    if keep:
+                    if keep and keep_rows:
                         if kept is None:
-                            kept = torch.zeros((len(steps), len(prompts), keep, *images.shape[1:]), dtype=torch.uint8)
-                        mask = i_idx < keep
+                            kept = torch.zeros((len(steps), keep_rows, keep, *images.shape[1:]), dtype=torch.uint8)
+                        mask = (i_idx < keep) & (p_idx < keep_rows)
                         as_uint8 = (images.detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8)
                         kept[s, p_idx[mask], i_idx[mask]] = as_uint8[mask]
                     bar.update(1)
@@ -409,7 +419,7 @@ def evaluate_policy(
         "guidance_scale": guidance_scale,
     }
     if kept is None:
-        kept = torch.zeros((len(steps), len(prompts), 0, 3, image_size, image_size), dtype=torch.uint8)
+        kept = torch.zeros((len(steps), keep_rows, 0, 3, image_size, image_size), dtype=torch.uint8)
     return EvalResult(prompts, steps, scores, kept, meta)
 
 

@@ -22,19 +22,25 @@ def image_grid(rows: list[list[torch.Tensor]], captions: list[str], header: list
     """A labelled grid: one row per prompt, one column per image kind. Images are [3, H, W] in [0, 1]; pass them
     and ``scale`` through ``fit_to_grid``.
 
-    The grid is ``GRID_LABEL_WIDTH + W*scale*columns`` wide and ``GRID_HEADER_HEIGHT + H*scale*rows`` high.
-    ``cell_captions`` (same layout as ``rows``) are printed on a white box in each cell's bottom-left corner;
-    ``corner`` goes above the row captions (e.g. what the cell captions are).
+    The grid is ``GRID_LABEL_WIDTH + W*scale*columns`` wide and ``GRID_HEADER_HEIGHT + H*scale*rows`` high; the
+    header row grows when a column title or ``corner`` (what the cell captions are, above the row captions) needs
+    more than one line. ``cell_captions`` (same layout as ``rows``; lines split by "\n") are printed on a white
+    box in each cell's bottom-left corner.
     """
     h, w = rows[0][0].shape[-2:]
     cell_h, cell_w = h * scale, w * scale
-    label_w, head_h = GRID_LABEL_WIDTH, GRID_HEADER_HEIGHT
+    label_w = GRID_LABEL_WIDTH
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    titles = ["\n".join(_wrap(measure, title, cell_w - 4)) for title in header]
+    corner_text = "\n".join(_wrap(measure, corner, label_w - 4)) if corner else ""
+    lines = max(text.count("\n") + 1 for text in [*titles, corner_text])
+    head_h = GRID_HEADER_HEIGHT if lines == 1 else GRID_HEADER_HEIGHT + (lines - 1) * _line_height(measure)
     grid = Image.new("RGB", (label_w + cell_w * len(header), head_h + cell_h * len(rows)), "white")
     draw = ImageDraw.Draw(grid)
-    if corner:
-        draw.text((2, 2), corner, fill="black")
-    for j, title in enumerate(header):
-        draw.text((label_w + j * cell_w + 2, 2), title, fill="black")
+    if corner_text:
+        draw.multiline_text((2, 2), corner_text, fill="black")
+    for j, title in enumerate(titles):
+        draw.multiline_text((label_w + j * cell_w + 2, 2), title, fill="black")
     for i, (row, caption) in enumerate(zip(rows, captions, strict=True)):
         draw.text((2, head_h + i * cell_h + 2), fit_caption(draw, caption, label_w - 4, cell_h - 4), fill="black")
         for j, image in enumerate(row):
@@ -42,11 +48,23 @@ def image_grid(rows: list[list[torch.Tensor]], captions: list[str], header: list
             tile = Image.fromarray(array).resize((cell_w, cell_h), Image.NEAREST)
             grid.paste(tile, (label_w + j * cell_w, head_h + i * cell_h))
             if cell_captions is not None and cell_captions[i][j]:
-                x, y = label_w + j * cell_w + 1, head_h + (i + 1) * cell_h - 12
-                box = draw.textbbox((x, y), cell_captions[i][j])
+                text = cell_captions[i][j]
+                x = label_w + j * cell_w + 1
+                y = head_h + (i + 1) * cell_h - 12 - text.count("\n") * _line_height(draw)
+                box = draw.multiline_textbbox((x, y), text)
                 draw.rectangle(box, fill="white")
-                draw.text((x, y), cell_captions[i][j], fill="black")
+                draw.multiline_text((x, y), text, fill="black")
     return grid
+
+
+def _line_height(draw: ImageDraw.ImageDraw) -> int:
+    """Pixels from one line of PIL's multiline text to the next (its spacing is 4 px)."""
+    return draw.textbbox((0, 0), "Ag")[3] + 4
+
+
+def score_captions(scores: dict[str, Tensor], index: tuple) -> str:
+    """The cell caption of one image: each reward's score at ``index``, one line per reward."""
+    return "\n".join(f"{float(values[index]):.3f}" for values in scores.values())
 
 
 def _wrap(draw: ImageDraw.ImageDraw, paragraph: str, width: int) -> list[str]:
@@ -74,8 +92,7 @@ def fit_caption(draw: ImageDraw.ImageDraw, caption: str, width: int, height: int
     """``caption`` wrapped to the row-caption column, as many lines as the row's height holds. Its last paragraph
     (e.g. a row's rewards) is kept whole; the first (the prompt) loses its end, marked "...", when space runs out,
     so long prompts that share a beginning still differ on screen as far as the space allows."""
-    line_height = draw.textbbox((0, 0), "Ag")[3] + 4  # PIL's multiline spacing is 4 px
-    room = max(1, height // line_height)
+    room = max(1, height // _line_height(draw))
     paragraphs = [_wrap(draw, part, width) for part in caption.split("\n")]
     tail = [line for lines in paragraphs[1:] for line in lines]
     head_room = max(1, room - len(tail))

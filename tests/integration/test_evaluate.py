@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -104,6 +105,9 @@ def test_deterministic_and_independent_of_batching(cache_dir):
     torch.testing.assert_close(alone.scores["brightness"][:, 0], base.scores["brightness"][:, 0], rtol=0, atol=1e-6)
     # a prompt's k-step images share their initial noise across k; different images of a prompt differ
     assert not torch.equal(base.images[0, 0, 0], base.images[1, 0, 0])
+    few = run(keep_images=2, keep_prompts=1)  # only what a grid draws is kept in memory
+    assert few.images.shape[1:3] == (1, 2) and torch.equal(few.images[:, :, :1], base.images[:, :1])
+    assert not torch.equal(few.images[:, :, 0], few.images[:, :, 1])
     table = base.table()
     expected = [(n, k) for n in ("brightness", "colorfulness") for k in (1, 2)]
     assert [(r["reward"], r["steps"]) for r in table] == expected
@@ -138,10 +142,19 @@ def test_cli_writes_run_folder(tmp_path, cache_dir):
     assert [(r["reward"], r["steps"]) for r in rows] == [(n, k) for n in ("brightness", "colorfulness") for k in "12"]
     saved = json.loads((run_dir / "results.json").read_text())
     assert len(saved["scores"]["brightness"]["2"]) == 3 and len(saved["scores"]["brightness"]["2"][0]) == 2
-    side = 16 * grid_scale(16)  # tiny images are 16 px
-    assert Image.open(run_dir / "grid.png").size == (GRID_LABEL_WIDTH + 2 * side, GRID_HEADER_HEIGHT + 3 * side)
     again = evaluate(compose_eval(args, tmp_path / "in_process", cache_dir))
     assert [r["mean"] for r in again.table()] == pytest.approx([r["mean"] for r in saved["table"]], abs=1e-7)
+    # grid.png: 3 prompts x (2 step counts x grid_images=2), each image in its own cell (tiny images are 16 px)
+    side = 16 * grid_scale(16)
+    grid = np.asarray(Image.open(run_dir / "grid.png").convert("RGB")).astype(int)
+    head = grid.shape[0] - 3 * side  # the header grows to fit the two-reward legend in the corner
+    assert grid.shape[1] == GRID_LABEL_WIDTH + 4 * side and head > GRID_HEADER_HEIGHT
+    for p, s, i in ((0, 0, 0), (2, 1, 1), (1, 0, 1)):
+        top, left = head + p * side, GRID_LABEL_WIDTH + (2 * s + i) * side
+        cell = grid[top : top + side // 2, left : left + side]  # the half above the score captions
+        image = again.images[s, p, i].permute(1, 2, 0).repeat_interleave(grid_scale(16), 0)
+        expected = image.repeat_interleave(grid_scale(16), 1)[: side // 2].numpy().astype(int)
+        assert np.abs(cell - expected).max() <= 1, (p, s, i)  # the same image, to uint8 rounding
 
 
 def test_bad_inputs_fail_early(tmp_path, cache_dir):
@@ -268,8 +281,6 @@ def test_baseline_compares_image_by_image_with_the_base_model(lora_run, tmp_path
     """``baseline=true``: the base model (the checkpoint's UNet with its adapters off) is scored exactly as an
     evaluation of the base model alone, the policy exactly as one of the checkpoint alone, and the change is the
     paired difference of the saved scores, image by image."""
-    import numpy as np
-
     args = ["prompts=[cow,goat,lion]", "steps=[1,4]", "images_per_prompt=3", "rewards=[brightness,colorfulness]"]
     ckpt = lora_run / "checkpoints" / "last.ckpt"
     comparison = evaluate(compose_eval([*args, f"checkpoint={ckpt}", "baseline=true"], tmp_path / "cmp", cache_dir))
@@ -305,8 +316,9 @@ def test_baseline_compares_image_by_image_with_the_base_model(lora_run, tmp_path
     worst = min(("cow", "goat", "lion"), key=lambda prompt: sum(
         float(r["delta"]) for r in by_prompt if r["prompt"] == prompt and r["reward"] == "colorfulness"))
     assert report.split("colorfulness, all prompts")[1].split("\n| ")[2].startswith(worst)  # lowest change first
-    side = 16 * grid_scale(16)  # 3 prompts x (2 step counts x base, policy)
-    assert Image.open(out / "grid_compare.png").size == (GRID_LABEL_WIDTH + 4 * side, GRID_HEADER_HEIGHT + 3 * side)
+    side = 16 * grid_scale(16)  # 3 prompts x (2 step counts x base, policy); a two-line legend in the header
+    width, height = Image.open(out / "grid_compare.png").size
+    assert width == GRID_LABEL_WIDTH + 4 * side and height - 3 * side > GRID_HEADER_HEIGHT
 
 
 def test_callback_logs_held_out_rewards_and_leaves_training_alone(lora_run, tmp_path, cache_dir):
