@@ -291,7 +291,7 @@ class EvalDuringTraining(L.Callback):
         compare_to_start: bool = True,
     ) -> None:
         from sdpo.data import load_prompts
-        from sdpo.evaluation import parse_reward_specs
+        from sdpo.rewards.specs import parse_reward_specs
 
         if every_n_epochs < 1:
             raise ValueError(f"callbacks.eval.every_n_epochs={every_n_epochs}: need >= 1")
@@ -415,7 +415,7 @@ class EvalDuringTraining(L.Callback):
             rows = result.table()
             columns = ["epoch", *rows[0]]
             data = [[epoch, *row.values()] for row in rows]
-            from sdpo.evaluation import cells_legend
+            from sdpo.eval_results import cells_legend
 
             grid = result.grid()
             caption = (f"epoch {epoch}: held-out prompts x step counts, {cells_legend(result.reward_names)} "

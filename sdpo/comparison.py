@@ -4,7 +4,7 @@
 every (prompt, image) starts from the same initial noise in both (``sdpo.evaluation.item_seed``), so the two
 scores of an image form a pair. A paired difference cancels what the prompt and the noise contribute, and its
 confidence interval is far tighter than one read off two separate tables. Reported per (reward, step count): both
-means, the mean difference with its 95% CI (over the prompts' mean differences, like ``sdpo.evaluation``), and the
+means, the mean difference with its 95% CI (over the prompts' mean differences, like ``sdpo.statistics``), and the
 share of images the policy scores higher (ties count half);
 per prompt, the change of its mean, so that prompts the policy got worse on do not hide behind the average.
 """
@@ -19,8 +19,9 @@ from typing import Any
 import torch
 from PIL import Image
 
-from sdpo.evaluation import EvalResult, cells_legend, json_rows, prompt_mean_ci, shorten, write_csv
+from sdpo.eval_results import EvalResult, cells_legend, json_rows, shorten, write_csv
 from sdpo.grids import fit_to_grid, image_grid, score_captions
+from sdpo.statistics import prompt_mean_ci
 
 
 @dataclass

@@ -25,18 +25,13 @@ from sdpo.comparison import Comparison
 from sdpo.config_checks import ConfigError
 from sdpo.config_keys import unknown_keys
 from sdpo.data import PromptDataModule
-from sdpo.evaluation import (
-    EvalResult,
-    LoadedPolicy,
-    build_rewards,
-    check_step_counts,
-    evaluate_policy,
-    load_policy,
-    parse_reward_specs,
-)
+from sdpo.eval_results import EvalResult
+from sdpo.evaluation import check_step_counts, evaluate_policy
 from sdpo.export import read_checkpoint
 from sdpo.model_card import recorded_reward, recorded_training
+from sdpo.rewards.specs import build_rewards, parse_reward_specs
 from sdpo.run_folder import REFUSALS, refuse
+from sdpo.saved_policy import LoadedPolicy, load_policy
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 DEFAULT_REWARD = "brightness"  # rewards=null without a trained policy: the tiny default's reward

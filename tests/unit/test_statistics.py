@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from sdpo.evaluation import EvalResult, ci_method, prompt_mean_ci, t_quantile
+from sdpo.eval_results import EvalResult
+from sdpo.statistics import ci_method, prompt_mean_ci, t_quantile
 
 
 def test_interval_comes_from_prompt_means_not_images() -> None:
