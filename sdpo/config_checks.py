@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -55,8 +55,55 @@ def check_lora(lora: DictConfig, need: Callable[[bool, str], None]) -> None:
                         f"[to_q, to_k, to_v, to_out.0])")
 
 
+# Settings whose type the value checks below rely on: a string or a float where a count belongs would fail there
+# with a TypeError, or pass and break deep inside sampling (T = 4.5 steps). Nullable ones may also be null.
+INTEGER_KEYS = (
+    "algo.num_steps", "algo.sample_batch_size", "algo.decode_batch_size", "algo.dense.num_anchors",
+    "algo.tracker.buffer_size", "algo.tracker.min_count", "algo.num_inner_epochs", "algo.micro_batch_pairs",
+    "algo.gradient_accumulation_steps", "algo.shuffle_shards", "data.prompts_per_batch", "data.batches_per_epoch",
+    "model.lora.rank",
+)
+NULLABLE_INTEGER_KEYS = ("model.resolution", "model.steps_offset", "trainer.max_epochs", "trainer.max_steps")
+NUMBER_KEYS = (
+    "algo.eta", "algo.gamma", "algo.adv_clip_max", "algo.clip_range", "algo.temporal_lambda", "algo.temporal_eta",
+    "optim.lr", "optim.weight_decay", "optim.eps",
+)
+NULLABLE_NUMBER_KEYS = ("algo.max_grad_norm", "model.guidance_scale", "model.lora.alpha")
+
+
+def type_problems(
+    cfg: DictConfig,
+    integers: Sequence[str] = INTEGER_KEYS,
+    nullable_integers: Sequence[str] = NULLABLE_INTEGER_KEYS,
+    numbers: Sequence[str] = NUMBER_KEYS,
+    nullable_numbers: Sequence[str] = NULLABLE_NUMBER_KEYS,
+) -> list[str]:
+    """Keys whose value has the wrong type (``algo.num_steps=four``, ``data.prompts_per_batch=8.0``), each with the
+    kind of value it takes. Keys a config does not have are skipped."""
+    problems = []
+    checks = [(key, False, False) for key in integers] + [(key, True, False) for key in nullable_integers]
+    checks += [(key, False, True) for key in numbers] + [(key, True, True) for key in nullable_numbers]
+    for key, nullable, real in checks:
+        parent, _, leaf = key.rpartition(".")
+        node = OmegaConf.select(cfg, parent, default=None) if parent else cfg
+        if not isinstance(node, DictConfig) or leaf not in node or OmegaConf.is_interpolation(node, leaf):
+            continue  # absent here, or follows another key (sample_batch_size), which is checked itself
+        value = node[leaf]
+        if value is None and nullable:
+            continue
+        kinds = (int, float) if real else (int,)
+        if isinstance(value, kinds) and not isinstance(value, bool):
+            continue
+        want = "a number" if real else "an integer"
+        hint = f" (write {int(value)})" if isinstance(value, float) and value.is_integer() else ""
+        problems.append(f"{key}={value!r}: need {want}{' or null' if nullable else ''}{hint}")
+    return problems
+
+
 def validate_config(cfg: DictConfig) -> None:
-    problems: list[str] = []
+    problems = type_problems(cfg)
+    if problems:  # the value checks below compare these settings with numbers
+        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
 
     def need(ok: bool, message: str) -> None:
         if not ok:

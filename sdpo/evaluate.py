@@ -22,7 +22,7 @@ from diffusers import UNet2DConditionModel
 from omegaconf import DictConfig, OmegaConf
 
 from sdpo.comparison import Comparison
-from sdpo.config_checks import ConfigError
+from sdpo.config_checks import ConfigError, type_problems
 from sdpo.config_keys import unknown_keys
 from sdpo.data import PromptDataModule
 from sdpo.eval_results import EvalResult
@@ -60,6 +60,11 @@ def validate_eval_config(cfg: DictConfig) -> tuple[list[str], list[int], list[tu
         if not ok:
             problems.append(message)
 
+    counts = ("images_per_prompt", "batch_size", "grid_prompts", "grid_images", "seed")
+    wrong_types = type_problems(cfg, integers=counts, nullable_integers=("resolution",), numbers=(),
+                                nullable_numbers=("guidance_scale",))
+    if wrong_types:  # the checks below compare these with numbers
+        raise ConfigError("invalid evaluation config:\n  - " + "\n  - ".join(wrong_types))
     steps = OmegaConf.to_container(cfg.steps) if OmegaConf.is_list(cfg.steps) else [cfg.steps]
     need(bool(steps) and all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in steps),
          f"steps={steps}: every step count must be an integer >= 1")
@@ -81,14 +86,17 @@ def validate_eval_config(cfg: DictConfig) -> tuple[list[str], list[int], list[tu
     saved = None  # the checkpoint, memory-mapped: is it one, and which prompts did it train on
     if cfg.checkpoint is not None:
         checkpoint = Path(str(cfg.checkpoint)).expanduser()
-        need(checkpoint.is_file(), f"checkpoint={cfg.checkpoint}: no such file")
+        need(checkpoint.is_file(), f"checkpoint={cfg.checkpoint}: {not_a_checkpoint(checkpoint)}")
         if checkpoint.is_file():
             try:
                 saved = read_checkpoint(checkpoint, mmap=True)
             except ValueError as err:
                 problems.append(f"checkpoint={err}")
     if cfg.lora is not None:
-        need(Path(str(cfg.lora)).expanduser().exists(), f"lora={cfg.lora}: no such file or folder")
+        lora = Path(str(cfg.lora)).expanduser()
+        need(lora.exists(), f"lora={cfg.lora}: no such file or folder")
+        need(lora.suffix != ".ckpt", f"lora={cfg.lora} is a training checkpoint: evaluate it with "
+                                     f"checkpoint={cfg.lora} (lora= takes an exported folder, e.g. <run>/trained)")
     try:
         specs = parse_reward_specs(trained_rewards(cfg, saved) if cfg.rewards is None else cfg.rewards, key="rewards")
     except ValueError as err:
@@ -149,6 +157,20 @@ def base_unet(policy: LoadedPolicy, device: torch.device) -> Iterator[UNet2DCond
         return
     base = SDPOModule._load_components(dict(policy.model_cfg)).unet
     yield base.to(device).requires_grad_(False).eval()
+
+
+def not_a_checkpoint(path: Path) -> str:
+    """Why ``path`` is not a checkpoint file, with the argument that was probably meant."""
+    if not path.is_dir():
+        return "no such file"
+    run_checkpoint = path / "checkpoints" / "last.ckpt"
+    if run_checkpoint.is_file():
+        return f"is a run folder: use checkpoint={run_checkpoint}"
+    if (path / "last.ckpt").is_file():
+        return f"is a folder: use checkpoint={path / 'last.ckpt'}"
+    if list(path.glob("*.safetensors")):
+        return f"is an exported folder (weights for diffusers): use lora={path}"
+    return "is a folder, not a checkpoint file (e.g. outputs/train/<run>/checkpoints/last.ckpt)"
 
 
 def evaluate(cfg: DictConfig) -> EvalResult | Comparison:

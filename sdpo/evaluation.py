@@ -34,6 +34,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from sdpo.config_checks import ConfigError
 from sdpo.eval_results import EvalResult
 from sdpo.policy.conditioning import Conditioning, decode_latents, encode_prompts
 from sdpo.policy.loading import PolicyComponents
@@ -56,13 +57,18 @@ def native_scheduler(scheduler_config: Mapping[str, Any]) -> SchedulerMixin:
 
 
 def check_step_counts(scheduler_config: Mapping[str, Any], steps: Sequence[int], key: str = "steps") -> None:
-    """Refuse, before any sampling, a step count the model's own scheduler cannot run: an LCM samples on the grid
-    it was distilled on, so at most ``original_inference_steps`` steps (diffusers would fail only at that count,
-    after the smaller ones had been sampled)."""
+    """Refuse, before any sampling, a step count the model's own scheduler cannot run: at most one step per training
+    timestep, and an LCM samples on the grid it was distilled on, so at most ``original_inference_steps`` steps
+    (diffusers would fail only at that count, after the smaller ones had been sampled)."""
+    name = scheduler_config.get("_class_name")
+    timesteps = scheduler_config.get("num_train_timesteps")
+    if timesteps and max(steps) > int(timesteps):
+        raise ConfigError(f"{key}={list(steps)}: this model's {name} has {timesteps} training timesteps, so it samples "
+                          f"at most {timesteps} steps; drop the larger step counts")
     limit = scheduler_config.get("original_inference_steps")
     if limit and max(steps) > int(limit):
-        raise ValueError(f"{key}={list(steps)}: this model's {scheduler_config.get('_class_name')} samples at most "
-                         f"{limit} steps (original_inference_steps); drop the larger step counts")
+        raise ConfigError(f"{key}={list(steps)}: this model's {name} samples at most {limit} steps "
+                          f"(original_inference_steps); drop the larger step counts")
 
 
 def item_seed(seed: int, prompt_index: int, image_index: int) -> int:

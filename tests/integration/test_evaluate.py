@@ -168,6 +168,10 @@ def test_bad_inputs_fail_early(tmp_path, cache_dir):
         "grid_prompts=0": "grid_prompts=0: need >= 1",
         "baseline=true": "baseline=true compares a trained policy with its base model: give checkpoint=",
         "+step=[1]": "step is not a setting .conf/evaluate.yaml has no such key; did you mean steps",
+        "images_per_prompt=two": "images_per_prompt='two': need an integer",
+        "batch_size=8.0": r"batch_size=8.0: need an integer \(write 8\)",
+        "guidance_scale=high": "guidance_scale='high': need a number or null",
+        f"lora={ckpt}": f"lora={ckpt} is a training checkpoint: evaluate it with checkpoint={ckpt}",
     }
     for override, message in cases.items():
         cfg = compose_eval([override], tmp_path, cache_dir)
@@ -176,6 +180,18 @@ def test_bad_inputs_fail_early(tmp_path, cache_dir):
             continue
         with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
             validate_eval_config(cfg)
+    # a folder where a checkpoint file belongs: the argument that was probably meant
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "last.ckpt").write_bytes(b"")
+    (run / "trained").mkdir()
+    (run / "trained" / "pytorch_lora_weights.safetensors").write_bytes(b"")
+    last = run / "checkpoints" / "last.ckpt"
+    for folder, hint in ((run, f"is a run folder: use checkpoint={last}"),
+                         (run / "trained", f"is an exported folder .weights for diffusers.: use lora={run}/trained"),
+                         (run / "checkpoints", f"is a folder: use checkpoint={last}")):
+        with pytest.raises(ConfigError, match=f"checkpoint={folder}: {hint}"):
+            validate_eval_config(compose_eval([f"checkpoint={folder}"], tmp_path, cache_dir))
     with pytest.raises(ConfigError, match="prompts=training needs checkpoint="):
         validate_eval_config(compose_eval(["prompts=training", f"lora={tmp_path}"], tmp_path, cache_dir))
     cfg = compose_eval([f"checkpoint={ckpt}", f"lora={tmp_path}"], tmp_path, cache_dir)
@@ -196,6 +212,8 @@ def test_an_lcm_step_count_beyond_its_grid_fails_before_sampling(tmp_path, cache
     monkeypatch.setattr(sdpo.evaluation, "sample_native", no_sampling)
     with pytest.raises(ValueError, match=r"steps=\[1, 51\]: this model's LCMScheduler samples at most 50 steps"):
         evaluate(compose_eval(["model=tiny_lcm", "steps=[1,51]"], tmp_path / "eval", cache_dir))
+    with pytest.raises(ValueError, match=r"steps=\[1, 2000\]: this model's DDIMScheduler has 1000 training timesteps"):
+        evaluate(compose_eval(["steps=[1,2000]"], tmp_path / "eval", cache_dir))
     with pytest.raises(ValueError, match=r"callbacks.eval.steps=\[1, 60\]: this model's LCMScheduler"):
         train(compose([*FAST, "model=tiny_lcm", "callbacks.eval.steps=[1,60]"], tmp_path / "cb", cache_dir))
     with pytest.raises(ValueError, match="algo.num_steps=60: an LCM's schedule has at most 50 steps"):

@@ -54,6 +54,13 @@ def problems(overrides: list[str], tmp_path) -> str:
     (["algo.decode_batch_size=0"], "algo.decode_batch_size=0: need >= 1"),
     (["algo.tracker.buffer_size=0", "algo.tracker.min_count=0"], "algo.tracker.buffer_size=0: need >= 1"),
     (["optim.weight_decay=-0.1"], "optim.weight_decay=-0.1: must be >= 0"),
+    # wrong types: a string or a float where a count belongs is named before the value checks compare it
+    (["algo.num_steps=four"], "algo.num_steps='four': need an integer"),
+    (["algo.num_steps=4.5"], "algo.num_steps=4.5: need an integer"),
+    (["optim.lr=abc"], "optim.lr='abc': need a number"),
+    (["model.resolution=big"], "model.resolution='big': need an integer or null"),
+    (["algo.max_grad_norm=yes"], "algo.max_grad_norm='yes': need a number or null"),
+    (["model.lora.alpha=[8]"], "model.lora.alpha=[8]: need a number or null"),
 ])
 def test_refused_before_loading(overrides: list[str], expected: str, tmp_path) -> None:
     assert expected in problems(overrides, tmp_path)
@@ -70,9 +77,16 @@ def test_refused_before_loading(overrides: list[str], expected: str, tmp_path) -
     ["ckpt_path=last"],  # Lightning finds the run's last checkpoint itself
     ["trainer.accumulate_grad_batches=1"],
     ["algo.max_grad_norm=null"],
+    ["optim.lr=1", "algo.clip_range=1", "model.resolution=null", "model.lora.alpha=null"],  # ints are numbers too
 ])
 def test_sound_neighbours_pass(overrides: list[str], tmp_path) -> None:
     assert problems(overrides, tmp_path) == ""
+
+
+def test_a_float_count_names_the_integer_to_write_and_not_the_keys_that_follow_it(tmp_path) -> None:
+    message = problems(["data.prompts_per_batch=8.0"], tmp_path)
+    assert "data.prompts_per_batch=8.0: need an integer (write 8)" in message
+    assert "sample_batch_size" not in message  # it follows data.prompts_per_batch by default
 
 
 def test_a_bad_batch_size_is_reported_at_the_key_that_was_set(tmp_path) -> None:
