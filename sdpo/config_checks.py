@@ -6,10 +6,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from sdpo.algo.dense import STRATEGIES
 from sdpo.config_keys import unknown_keys
+from sdpo.data import load_prompts
 from sdpo.policy.attention import CUDA_ONLY, attention_backend
 from sdpo.policy.speed import compile_mode, inductor_mode
 from sdpo.policy.steps import SPACINGS
@@ -97,6 +98,24 @@ def type_problems(
         want = "a number" if real else "an integer"
         hint = f" (write {int(value)})" if isinstance(value, float) and value.is_integer() else ""
         problems.append(f"{key}={value!r}: need {want}{' or null' if nullable else ''}{hint}")
+    return problems
+
+
+PROMPT_KEYS = ("data.source", "callbacks.eval.prompts")
+
+
+def prompt_source_problems(cfg: DictConfig, keys: Sequence[str] = PROMPT_KEYS) -> list[str]:
+    """Prompt lists, built-in sets or files that cannot be read (a mistyped path), found before any model loads
+    rather than by the data module or the evaluation callback after the run folder and models exist."""
+    problems = []
+    for key in keys:
+        source = OmegaConf.select(cfg, key, default=None)
+        if source is None:
+            continue
+        try:
+            load_prompts(OmegaConf.to_container(source) if isinstance(source, ListConfig) else str(source))
+        except (ValueError, OSError) as error:
+            problems.append(f"{key}: {error}")
     return problems
 
 
@@ -192,6 +211,7 @@ def validate_config(cfg: DictConfig) -> None:
         check_lora(m.lora, need)
     for key in ("prompts_per_batch", "batches_per_epoch"):
         need(cfg.data[key] >= 1, f"data.{key}={cfg.data[key]}: need >= 1")
+    problems += prompt_source_problems(cfg)
     overlap = a.get("overlap_scoring", False)
     need(isinstance(overlap, bool), f"algo.overlap_scoring={overlap!r}: use true or false")
     pairs = pairs_per_rank(cfg)

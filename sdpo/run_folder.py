@@ -27,10 +27,11 @@ from omegaconf import DictConfig, OmegaConf
 from sdpo.config_checks import ConfigError
 from sdpo.resume import NothingToResume, ResumeMismatch
 from sdpo.rewards import UnscorablePrompts
+from sdpo.rewards.hub import WeightsNotFound
 from sdpo.run_log import to_log_files
 
 # What the entry points report as a refusal (``refuse``): the message says what to change, a traceback adds nothing
-REFUSALS = (ConfigError, ResumeMismatch, NothingToResume, UnscorablePrompts)
+REFUSALS = (ConfigError, ResumeMismatch, NothingToResume, UnscorablePrompts, WeightsNotFound)
 
 
 def safe_dirname(text: str) -> str:

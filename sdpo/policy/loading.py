@@ -40,6 +40,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 from sdpo.policy.steps import STEP_KINDS
 from sdpo.policy.tokenizer import build_clip_tokenizer, save_tokenizer
+from sdpo.rewards.hub import WeightsNotFound
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +50,8 @@ DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat1
           "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
 
 
-class ModelNotAvailableError(FileNotFoundError):
-    """Weights could not be found locally and could not be fetched."""
+class ModelNotAvailableError(WeightsNotFound):
+    """The model could not be found locally and could not be fetched."""
 
 
 @dataclass

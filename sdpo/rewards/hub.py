@@ -2,7 +2,8 @@
 
 Every config key that names weights accepts either form, so a machine without network runs the same config
 once the files were downloaded elsewhere (``hf download <repo> <file>``) or copied to a local path. Failures
-are turned into a ``FileNotFoundError`` that says exactly that, instead of a long hub traceback or a hang.
+are turned into a ``WeightsNotFound`` (a ``FileNotFoundError``) that says exactly that, instead of a long hub
+traceback or a hang.
 """
 
 from __future__ import annotations
@@ -12,6 +13,11 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 T = TypeVar("T")
+
+
+class WeightsNotFound(FileNotFoundError):
+    """Weights that are neither a local file nor downloadable here; the message says how to provide them, so the
+    entry points print it as a refusal, without a traceback."""
 
 
 def _hint(source: str, filename: str | None, config_key: str | None) -> str:
@@ -41,7 +47,7 @@ def fetch_file(
       local cache is tried first without any network access, so cached files work offline and without a
       round trip; only a cache miss goes online (and fails immediately when ``HF_HUB_OFFLINE=1``).
 
-    Any failure raises ``FileNotFoundError`` naming the source and how to provide the file offline
+    Any failure raises ``WeightsNotFound`` naming the source and how to provide the file offline
     (``config_key`` names the config entry to set in that message).
     """
     source_str = str(source)
@@ -50,13 +56,13 @@ def fetch_file(
         return path
     if path.is_dir():
         if filename is None:
-            raise FileNotFoundError(f"{source_str!r} is a directory; also give the file name to load from it")
+            raise WeightsNotFound(f"{source_str!r} is a directory; also give the file name to load from it")
         candidate = path / filename
         if candidate.is_file():
             return candidate
-        raise FileNotFoundError(f"{filename!r} not found in local directory {source_str!r}")
+        raise WeightsNotFound(f"{filename!r} not found in local directory {source_str!r}")
     if filename is None:
-        raise FileNotFoundError(
+        raise WeightsNotFound(
             f"{source_str!r} is not an existing local file, and without a file name it cannot be fetched from the "
             f"hub. {_hint(source_str, filename, config_key)}"
         )
@@ -71,7 +77,7 @@ def fetch_file(
     try:
         return Path(hf_hub_download(source_str, filename, **kwargs))
     except Exception as err:  # offline mode, no network, unknown repo/file, invalid id, gated repo, ...
-        raise FileNotFoundError(
+        raise WeightsNotFound(
             f"could not find {filename!r}: {source_str!r} is not a local file and downloading it from the "
             f"Hugging Face Hub failed ({type(err).__name__}: {_first_line(err)}). "
             f"{_hint(source_str, filename, config_key)}"
@@ -82,12 +88,12 @@ def load_pretrained(loader: Callable[..., T], source: str | Path, *, config_key:
     """``loader(source, **kwargs)`` (a ``from_pretrained``), with the offline hint on a missing model.
 
     transformers raises ``OSError`` when a repo is neither cached nor downloadable; that becomes a
-    ``FileNotFoundError`` with the same advice as :func:`fetch_file`. Other errors propagate unchanged.
+    ``WeightsNotFound`` with the same advice as :func:`fetch_file`. Other errors propagate unchanged.
     """
     try:
         return loader(str(source), **kwargs)
     except OSError as err:  # includes FileNotFoundError
-        raise FileNotFoundError(
+        raise WeightsNotFound(
             f"could not load {str(source)!r} ({_first_line(err)}). {_hint(str(source), None, config_key)}"
         ) from err
 

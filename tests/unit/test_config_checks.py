@@ -61,6 +61,8 @@ def problems(overrides: list[str], tmp_path) -> str:
     (["model.resolution=big"], "model.resolution='big': need an integer or null"),
     (["algo.max_grad_norm=yes"], "algo.max_grad_norm='yes': need a number or null"),
     (["model.lora.alpha=[8]"], "model.lora.alpha=[8]: need a number or null"),
+    (["data.source=my_prompts.txt"], "data.source: prompt source 'my_prompts.txt' is neither a built-in set"),
+    (["callbacks.eval.prompts=held_out.txt"], "callbacks.eval.prompts: prompt source 'held_out.txt' is neither"),
 ])
 def test_refused_before_loading(overrides: list[str], expected: str, tmp_path) -> None:
     assert expected in problems(overrides, tmp_path)
