@@ -134,12 +134,14 @@ def write_model_card(folder: str | Path, module: Any, iterations: int, optimizer
     training settings it summarises, whole, as ``TRAINING_FILE`` (what ``sdpo.evaluate lora=`` reads)."""
     hparams = {"model": module.model_cfg, "algo": module.algo_cfg, "reward": module.reward_cfg,
                "optim": module.optim_cfg, "seed": module.seed}
-    path = Path(folder) / CARD_NAME
+    folder = Path(folder).expanduser().absolute()  # the card's commands then work from any directory
+    checkpoint = str(Path(checkpoint).expanduser().absolute()) if checkpoint else None
+    path = folder / CARD_NAME
     path.write_text(model_card(hparams, module.components.source, module.step_kind, iterations, optimizer_steps,
                                history, str(folder), prompts, checkpoint))
     record = {**hparams, "base_model": module.components.source, "iterations": iterations,
               "optimizer_steps": optimizer_steps, "checkpoint": checkpoint}
-    (Path(folder) / TRAINING_FILE).write_text(json.dumps(record, indent=1, default=str) + "\n")
+    (folder / TRAINING_FILE).write_text(json.dumps(record, indent=1, default=str) + "\n")
     return path
 
 

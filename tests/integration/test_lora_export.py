@@ -32,14 +32,18 @@ def generate(pipe: StableDiffusionPipeline) -> torch.Tensor:
     return out.images
 
 
-def test_exported_lora_round_trips_through_load_lora_weights(tmp_path, cache_dir):
+def test_exported_lora_round_trips_through_load_lora_weights(tmp_path, cache_dir, monkeypatch):
     cfg = compose([*FAST, "model.lora.enabled=true", "optim.lr=3e-2", "trainer.max_epochs=2"], tmp_path, cache_dir)
     trainer = train(cfg)
     module = trainer.lightning_module
     base_folder = module.components.source  # the tiny pipeline's folder in the session cache
     exported = tmp_path / "trained"
     assert (exported / "pytorch_lora_weights.safetensors").exists()  # written by the ExportTrained callback
-    again = export_checkpoint(tmp_path / "checkpoints" / "last.ckpt", tmp_path / "from_ckpt")
+    with monkeypatch.context() as m:  # a relative path, as typed from the run's parent folder
+        m.chdir(tmp_path)
+        again = tmp_path / export_checkpoint(Path("checkpoints") / "last.ckpt", "from_ckpt")
+    # the card's checkpoint and evaluate command work from anywhere: the absolute path, as a finished run writes it
+    assert f"checkpoint={tmp_path / 'checkpoints' / 'last.ckpt'}" in (again / "README.md").read_text()
 
     with torch.no_grad():
         trained_images = generate(stock_pipeline(base_folder, unet=module.unet.eval()))
