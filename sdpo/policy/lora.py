@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -103,6 +104,23 @@ def save_trained_unet(unet: UNet2DConditionModel, directory: str | Path) -> Path
     for stale in earlier_export(directory):
         stale.unlink()
     if has_lora(unet):
-        return save_lora(unet, directory)
-    unet.save_pretrained(directory, safe_serialization=True)
-    return directory
+        path = save_lora(unet, directory)
+    else:
+        unet.save_pretrained(directory, safe_serialization=True)
+        path = directory
+    readable_as_umask_allows(directory, "*.safetensors")
+    return path
+
+
+def readable_as_umask_allows(directory: Path, pattern: str) -> None:
+    """Give the files of ``directory`` matching ``pattern`` the permissions a new file gets there: safetensors
+    writes its files 0600 whatever the umask, so colleagues on a shared cluster could not read the weights next to
+    a README they can. The mode comes from a probe file (reading the umask would change it, process-wide)."""
+    probe = directory / f".mode-probe-{os.getpid()}"
+    os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+    try:
+        mode = probe.stat().st_mode & 0o777
+    finally:
+        probe.unlink()
+    for file in directory.glob(pattern):
+        file.chmod(mode)

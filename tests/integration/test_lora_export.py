@@ -55,6 +55,8 @@ def test_exported_lora_round_trips_through_load_lora_weights(tmp_path, cache_dir
     assert not torch.allclose(base_images, trained_images, atol=1e-4)  # the LoRA changes the images
     summary = json.loads((tmp_path / "summary.json").read_text())
     for folder in (exported, again):
+        weights = (folder / "pytorch_lora_weights.safetensors").stat().st_mode & 0o777
+        assert weights == (folder / "README.md").stat().st_mode & 0o777  # as readable as the card (safetensors: 0600)
         card = check_model_card(folder, base_folder)
         assert "| weights | LoRA r8 (alpha 8) on to_q, to_k, to_v, to_out.0 |" in card
         assert "2 iterations, 8 optimizer steps, T = 4 ddim steps" in card
