@@ -104,7 +104,8 @@ class SampleGrid(L.Callback):
         for p in range(n):
             r1, rl = float(latest["first_rewards"][p]), latest["last_rewards"][p]
             parts.append(f"{latest['prompts'][p]}: 1-step {r1:.3f}, {t}-step {float(rl[0]):.3f}/{float(rl[1]):.3f}")
-        return f"epoch {epoch} | " + "; ".join(parts)
+        shown = f" (first {n} of {len(latest['prompts'])} prompts)" if n < len(latest["prompts"]) else ""
+        return f"epoch {epoch}{shown} | " + "; ".join(parts)
 
     def make_grid(self, latest: dict[str, Any]) -> Image.Image:
         n = min(self.max_prompts, len(latest["prompts"]), len(latest["first_images"]))
@@ -116,7 +117,9 @@ class SampleGrid(L.Callback):
             rows.append([firsts[p], lasts[p, 0], lasts[p, 1]])
             r1, rl = latest["first_rewards"][p], latest["last_rewards"][p]
             captions.append(f"{latest['prompts'][p]}\n1:{r1:.3f} {t}:{rl[0]:.3f}/{rl[1]:.3f}")
-        return image_grid(rows, captions, ["1-step x0", f"{t}-step a", f"{t}-step b"], scale=scale)
+        total = len(latest["prompts"])  # this rank's: the grid says when it shows fewer (callbacks max_prompts)
+        corner = f"first {n} of {total} prompts" if n < total else ""
+        return image_grid(rows, captions, ["1-step x0", f"{t}-step a", f"{t}-step b"], scale=scale, corner=corner)
 
 
 class RewardSummary(L.Callback):

@@ -7,14 +7,38 @@ fixed scale gives) has 300 megapixels and takes seconds to write as PNG in every
 
 from __future__ import annotations
 
+import functools
+from pathlib import Path
+
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
 GRID_LABEL_WIDTH = 150  # pixels of the row-caption column on the left of every grid
 GRID_HEADER_HEIGHT = 16  # pixels of the column-title row on top
 GRID_MAX_SIDE = 256  # grid cells of bigger images are downsampled to this side
+GRID_FONT_SIZE = 10
+
+
+@functools.lru_cache(maxsize=1)
+def grid_font() -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    """DejaVu Sans, which matplotlib ships: PIL's built-in font draws spaces so narrow that "A green rabbit" reads
+    "Agreen rabbit". PIL's font when matplotlib's file is missing."""
+    try:
+        import matplotlib
+
+        return ImageFont.truetype(str(Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf"),
+                                  GRID_FONT_SIZE)
+    except (ImportError, OSError):
+        return ImageFont.load_default()
+
+
+def drawing(image: Image.Image) -> ImageDraw.ImageDraw:
+    """An ``ImageDraw`` on ``image`` that writes in the grid font."""
+    draw = ImageDraw.Draw(image)
+    draw.font = grid_font()
+    return draw
 
 
 def image_grid(rows: list[list[torch.Tensor]], captions: list[str], header: list[str], scale: int = 1,
@@ -30,13 +54,13 @@ def image_grid(rows: list[list[torch.Tensor]], captions: list[str], header: list
     h, w = rows[0][0].shape[-2:]
     cell_h, cell_w = h * scale, w * scale
     label_w = GRID_LABEL_WIDTH
-    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    measure = drawing(Image.new("RGB", (1, 1)))
     titles = ["\n".join(_wrap(measure, title, cell_w - 4)) for title in header]
     corner_text = "\n".join(_wrap(measure, corner, label_w - 4)) if corner else ""
     lines = max(text.count("\n") + 1 for text in [*titles, corner_text])
     head_h = GRID_HEADER_HEIGHT if lines == 1 else GRID_HEADER_HEIGHT + (lines - 1) * _line_height(measure)
     grid = Image.new("RGB", (label_w + cell_w * len(header), head_h + cell_h * len(rows)), "white")
-    draw = ImageDraw.Draw(grid)
+    draw = drawing(grid)
     if corner_text:
         draw.multiline_text((2, 2), corner_text, fill="black")
     for j, title in enumerate(titles):
@@ -50,7 +74,7 @@ def image_grid(rows: list[list[torch.Tensor]], captions: list[str], header: list
             if cell_captions is not None and cell_captions[i][j]:
                 text = cell_captions[i][j]
                 x = label_w + j * cell_w + 1
-                y = head_h + (i + 1) * cell_h - 12 - text.count("\n") * _line_height(draw)
+                y = head_h + (i + 1) * cell_h - draw.multiline_textbbox((0, 0), text)[3] - 1  # on the bottom edge
                 box = draw.multiline_textbbox((x, y), text)
                 draw.rectangle(box, fill="white")
                 draw.multiline_text((x, y), text, fill="black")

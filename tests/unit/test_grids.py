@@ -35,6 +35,15 @@ def test_sample_grid_cells_are_bounded_and_hold_their_images(side, cell):
         assert list(centre[1]) == [255, 0, 0] and list(centre[2]) == [0, 0, 255]
 
 
+def test_a_sample_grid_says_when_it_shows_fewer_prompts_than_the_iteration_had():
+    def corner_ink(prompts: int) -> int:  # dark pixels above the row captions
+        grid = np.asarray(SampleGrid(dirpath="unused", max_prompts=3).make_grid(latest(prompts=prompts, side=16)))
+        return int((grid[:GRID_HEADER_HEIGHT, :GRID_LABEL_WIDTH] < 128).any(axis=-1).sum())
+
+    assert corner_ink(5) > 0 and corner_ink(3) == 0
+    assert "(first 3 of 5 prompts)" in SampleGrid(dirpath="unused", max_prompts=3).caption(latest(5, 16), epoch=2)
+
+
 def test_fit_to_grid_averages_what_it_shrinks():
     """A 1-pixel checkerboard at 1024 px becomes flat grey at 256 px (antialiased), not an aliased pattern."""
     board = ((torch.arange(1024)[:, None] + torch.arange(1024)[None, :]) % 2).float().expand(2, 3, 1024, 1024)
