@@ -22,7 +22,7 @@ from PIL import Image
 from sdpo.commands import cli_arg
 from sdpo.grids import fit_to_grid, image_grid
 from sdpo.policy.attention import torch_attention
-from sdpo.run_log import report
+from sdpo.run_log import report_at_end
 
 
 def is_final_iteration(trainer: L.Trainer) -> bool:
@@ -168,7 +168,7 @@ class RewardSummary(L.Callback):
         self._report(pl_module, stopped)  # nothing without a complete iteration
         if self.history or isinstance(exception, KeyboardInterrupt | SIGTERMException):  # a signal: say so anyway
             unsaved = [int(h["epoch"]) for h in self.history if h["epoch"] > self.checkpointed_epoch]
-            report(stop_notice(trainer, stopped, exception, unsaved))
+            report_at_end(stop_notice(trainer, stopped, exception, unsaved))
 
     def _report(self, pl_module: L.LightningModule, stopped: str | None) -> None:
         if not self.history:
@@ -187,7 +187,7 @@ class RewardSummary(L.Callback):
             lines.append(f"{label:<10}{values}")
         lines.append("(spread: std of the reward over the first epoch's prompts; T-step: of each pair's mean)")
         table = "\n".join(lines)
-        report("\n" + table + "\n")
+        report_at_end("\n" + table + "\n")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         summary = {"first": first, "last": last, "history": self.history, **({"stopped": stopped} if stopped else {})}
         self.path.write_text(json.dumps(summary, indent=1))
@@ -256,7 +256,7 @@ class ExportTrained(L.Callback):
         write_model_card(path, pl_module, trainer.fit_loop.epoch_progress.current.processed, trainer.global_step,
                          summary.history if summary else [], getattr(trainer.datamodule, "prompts", ()),
                          (getattr(saved, "last_model_path", "") or None) if saved else None)
-        report(f"trained weights for diffusers: {path} (README.md: how they were trained, how to load them)")
+        report_at_end(f"trained weights for diffusers: {path} (README.md: how they were trained, how to load them)")
 
 
 class EvalDuringTraining(L.Callback):

@@ -5,12 +5,18 @@ Hydra gives every run a ``<job>.log``, but these texts are printed, not logged (
 of a table), so the file stayed empty and a dead run's folder held no trace of what it did or why it stopped.
 ``report`` prints the text as is and hands it to the file handlers of the root logger alone, which leaves the
 console exactly as before.
+
+What a run reports as it ends (the reward table, where the weights went, a stop notice) is held back while
+``reports_after_fit`` is active and printed when fitting returns: Lightning's progress bar draws itself one last
+time as it stops, after anything printed before, so the table would otherwise sit above a final redraw of the bar.
 """
 
 from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from types import TracebackType
 
 log = logging.getLogger("sdpo")
@@ -29,6 +35,31 @@ def report(text: str) -> None:
     """Print ``text`` for the person watching, and keep it in the run's log file."""
     print(text, flush=True)
     to_log_files(text)
+
+
+_held_back: list[str] | None = None  # end-of-run reports waiting for fitting to return (None: print at once)
+
+
+def report_at_end(text: str) -> None:
+    """``report`` once fitting has returned, after the progress bar's last redraw (at once outside ``train``)."""
+    if _held_back is None:
+        report(text)
+    else:
+        _held_back.append(text)
+
+
+@contextmanager
+def reports_after_fit() -> Iterator[None]:
+    """Hold back ``report_at_end`` texts while the body (``trainer.fit``) runs, then report them in order, also when
+    it ends by an exception (Ctrl-C, SIGTERM, divergence)."""
+    global _held_back
+    outer, _held_back = _held_back, []
+    try:
+        yield
+    finally:
+        texts, _held_back = _held_back, outer
+        for text in texts:
+            report(text)
 
 
 def log_fatal_error() -> None:

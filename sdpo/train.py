@@ -33,7 +33,7 @@ from sdpo.loggers import continue_metrics, continue_wandb_run
 from sdpo.policy.speed import compile_mode, use_compile_cache
 from sdpo.resume import check_resume, check_work_left, iterations_done, read_resume_state
 from sdpo.run_folder import REFUSALS, refuse
-from sdpo.run_log import log_fatal_error, to_log_files
+from sdpo.run_log import log_fatal_error, reports_after_fit, to_log_files
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 log = logging.getLogger(__name__)
@@ -204,7 +204,8 @@ def train(cfg: DictConfig) -> L.Trainer:
                           **no_checkpoints)
     for logger in trainer.loggers:  # not ``loggers``: trainer.fast_dev_run swaps them for a logger that writes nothing
         log_config(logger, cfg)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    with reports_after_fit():  # the reward table after the progress bar's last redraw, not above it
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     return trainer
 
 

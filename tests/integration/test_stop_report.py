@@ -43,6 +43,28 @@ class StopAtEpoch(Callback):
             raise RuntimeError("stopped by the test")
 
 
+class SaysWhenTornDown(Callback):
+    """Prints where Lightning's progress bar draws itself one last time: as fitting tears down, or in its
+    exception hook (after the run's own callbacks)."""
+
+    def teardown(self, trainer, pl_module, stage) -> None:
+        print("torn down")
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        print("torn down")
+
+
+def test_the_end_of_run_report_comes_after_the_progress_bar_stops(tmp_path, cache_dir, capsys, restore_sigint):
+    said = [f"+callbacks.said._target_={__name__}.SaysWhenTornDown", "callbacks.eval=null"]
+    train(compose([*FAST, "trainer.max_epochs=1", *said], tmp_path / "done", cache_dir))
+    out = capsys.readouterr().out
+    assert out.index("torn down") < out.index("SDPO reward (") < out.index("trained weights for diffusers:")
+    with pytest.raises(SystemExit):  # and a run stopped by Ctrl-C: its table and notice
+        train(compose([*FAST, "trainer.max_epochs=3", *said, *stop_at(1, "ctrl-c")], tmp_path / "stopped", cache_dir))
+    out = capsys.readouterr().out
+    assert out.index("torn down") < out.index("SDPO reward (") < out.index("run stopped (Ctrl-C during epoch 1)")
+
+
 def stop_at(epoch: int, how: str) -> list[str]:
     return [f"+callbacks.stop._target_={__name__}.StopAtEpoch", f"+callbacks.stop.epoch={epoch}",
             f"+callbacks.stop.how={how}"]
