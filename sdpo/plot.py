@@ -15,7 +15,8 @@ The x axis is the cumulative number of generated samples (``train/samples``) and
 (``train/reward_queries``) — SDPO's claim is a higher reward at equal queries, at every step count.
 
 A run resumed with ``ckpt_path=`` (a new folder that logs only its own iterations) is drawn with the iterations of
-the run it resumed, which is then not drawn separately.
+the run it resumed, which is then not drawn separately. A relative ``ckpt_path`` is read from the folder the run was
+launched from (``hydra.runtime.cwd`` in its ``.hydra/hydra.yaml``), so this works from any folder.
 
 Next to the curves it writes ``phase_times.png``: seconds per iteration by phase for each group
 (``sdpo.phase_times``), to compare what speed settings buy.
@@ -45,6 +46,7 @@ from sdpo.phase_times import phase_table, plot_phase_times
 
 METRICS_FILE = Path("csv") / "metrics.csv"
 CONFIG_FILES = (Path(".hydra") / "config.yaml", Path("csv") / "hparams.yaml")  # Hydra's, else the CSV logger's
+HYDRA_FILE = Path(".hydra") / "hydra.yaml"  # Hydra's own settings for the run, with the folder it was launched from
 X_AXES = {
     "samples": ("train/samples", "samples (images generated)"),
     "reward_queries": ("train/reward_queries", "reward queries"),
@@ -211,13 +213,30 @@ def load_runs(paths: Iterable[str | Path]) -> list[Run]:
     return stitch_resumed(runs)
 
 
+def launch_dir(run_dir: Path) -> Path | None:
+    """The folder the run was launched from (Hydra's ``hydra.runtime.cwd`` in ``.hydra/hydra.yaml``): what its
+    relative paths, such as ``ckpt_path=outputs/...``, meant. None when the run did not record it."""
+    path = run_dir / HYDRA_FILE
+    if not path.is_file():
+        return None
+    try:
+        cwd = OmegaConf.select(OmegaConf.load(path), "hydra.runtime.cwd", default=None)
+    except Exception:  # an unreadable record: the caller falls back to the current folder
+        return None
+    return Path(cwd) if isinstance(cwd, str) and cwd else None
+
+
 def resumed_from(run: Run) -> Path | None:
     """The run folder of the checkpoint ``run`` resumed from (``<run>/checkpoints/<file>.ckpt``), when it is still
-    there with its metrics. A relative ``ckpt_path`` is read from the current folder, where runs are launched."""
+    there with its metrics. A relative ``ckpt_path`` is read from the folder the run was launched from, so the
+    plot finds the parent wherever it is drawn from; the current folder when the run did not record that."""
     ckpt = run.config.get("ckpt_path")
     if not ckpt or not isinstance(ckpt, str):
         return None
-    folder = Path(ckpt).expanduser().absolute().parent.parent
+    path = Path(ckpt).expanduser()
+    if not path.is_absolute():
+        path = (launch_dir(run.path) or Path.cwd()) / path
+    folder = path.absolute().parent.parent
     return folder if (folder / METRICS_FILE).is_file() and folder.resolve() != run.path.resolve() else None
 
 

@@ -8,6 +8,8 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -36,19 +38,27 @@ def runs_root(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> Path
     get ``.hydra/config.yaml`` as the Hydra entry point writes it; seed1 keeps only the CSV logger's
     ``hparams.yaml`` (what a run started from Python has), and must still group."""
     root = tmp_path_factory.mktemp("plot-runs")
+    with one_thread():
+        for name, extra in RUNS.items():
+            cfg = compose([*FAST, "trainer.max_epochs=3", "callbacks.eval=null", *extra], root / name, cache_dir)
+            train(cfg)
+            if name != "seed1":
+                (root / name / ".hydra").mkdir()
+                OmegaConf.save(cfg, root / name / ".hydra" / "config.yaml")
+    return root
+
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """Train with one thread, then restore the test session's count: a 0.8 M-parameter UNet is fastest on one,
+    even on a busy machine (on two busy cores, two threads wait on each other)."""
     threads = torch.get_num_threads()
     try:
         with pytest.MonkeyPatch.context() as mp:
-            mp.setenv("SDPO_NUM_THREADS", "1")  # a 0.8 M-parameter UNet: 1 thread is fastest, even on a busy machine
-            for name, extra in RUNS.items():
-                cfg = compose([*FAST, "trainer.max_epochs=3", "callbacks.eval=null", *extra], root / name, cache_dir)
-                train(cfg)
-                if name != "seed1":
-                    (root / name / ".hydra").mkdir()
-                    OmegaConf.save(cfg, root / name / ".hydra" / "config.yaml")
+            mp.setenv("SDPO_NUM_THREADS", "1")
+            yield
     finally:
         torch.set_num_threads(threads)
-    return root
 
 
 def last_row(run_dir: Path) -> pd.Series:
@@ -132,20 +142,55 @@ def test_step_table_is_the_mean_of_the_last_rows(runs_root):
     assert np.isnan(table.loc[(OTHER, 1), "std"])
 
 
-def test_a_resumed_run_is_drawn_with_the_iterations_it_resumed(runs_root, tmp_path, cache_dir):
-    """``ckpt_path=`` writes a new folder that logs only iterations 3 and 4: the curve starts at iteration 0."""
+@pytest.fixture(scope="module")
+def resumed_run(runs_root: Path, tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> Path:
+    """seed0 resumed with ``ckpt_path=`` for two more epochs: a new folder that logs only iterations 3 and 4."""
+    folder = tmp_path_factory.mktemp("resumed") / "more"
     ckpt = runs_root / "seed0" / "checkpoints" / "last.ckpt"
-    train(compose([*FAST, "trainer.max_epochs=5", "callbacks.eval=null", *RUNS["seed0"], f"ckpt_path={ckpt}"],
-                  tmp_path / "more", cache_dir))
+    with one_thread():
+        train(compose([*FAST, "trainer.max_epochs=5", "callbacks.eval=null", *RUNS["seed0"], f"ckpt_path={ckpt}"],
+                      folder, cache_dir))
+    return folder
+
+
+def test_a_resumed_run_is_drawn_with_the_iterations_it_resumed(runs_root, resumed_run):
+    """The resumed run's curve starts at iteration 0."""
     parent, own = (plot.read_metrics(folder / "csv" / "metrics.csv") for folder in (runs_root / "seed0",
-                                                                                    tmp_path / "more"))
+                                                                                    resumed_run))
     assert list(own["epoch"]) == [3, 4]
-    (run,) = plot.load_runs([tmp_path / "more"])  # the parent is read from disk
+    (run,) = plot.load_runs([resumed_run])  # the parent is read from disk
     assert list(run.metrics["epoch"]) == [0, 1, 2, 3, 4]
     expected = pd.concat([parent, own], ignore_index=True)["train/reward_1step"]
     pd.testing.assert_series_equal(run.metrics["train/reward_1step"], expected)
-    both = plot.load_runs([runs_root / "seed0", tmp_path / "more"])  # the parent is drawn as part of it, not alone
+    both = plot.load_runs([runs_root / "seed0", resumed_run])  # the parent is drawn as part of it, not alone
     assert [r.path.name for r in both] == ["more"] and len(both[0].metrics) == 5
+
+
+def test_a_relative_ckpt_path_is_read_from_the_folder_training_ran_in(runs_root, resumed_run, tmp_path,
+                                                                      monkeypatch):
+    """``ckpt_path=outputs/seed0/...`` as typed in the launch folder: the plot finds the parent from any folder,
+    through the ``hydra.runtime.cwd`` Hydra records; a run without that record reads it from the current folder."""
+    launch = tmp_path / "project"
+    for name, source in (("seed0", runs_root / "seed0"), ("more", resumed_run)):
+        shutil.copytree(source, launch / "outputs" / name, ignore=shutil.ignore_patterns("checkpoints", "trained"))
+    resumed = launch / "outputs" / "more"
+    config = OmegaConf.load(resumed / "csv" / "hparams.yaml")
+    config.ckpt_path = "outputs/seed0/checkpoints/last.ckpt"  # relative, as typed on the command line
+    (resumed / ".hydra").mkdir()
+    OmegaConf.save(config, resumed / ".hydra" / "config.yaml")
+    elsewhere = tmp_path / "notebooks"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    (alone,) = plot.load_runs([resumed])  # no record of the launch folder: read from here, where it is not
+    assert list(alone.metrics["epoch"]) == [3, 4]
+
+    OmegaConf.save({"hydra": {"runtime": {"cwd": str(launch)}}}, resumed / ".hydra" / "hydra.yaml")
+    (run,) = plot.load_runs([resumed])
+    assert list(run.metrics["epoch"]) == [0, 1, 2, 3, 4]
+    assert [r.path.name for r in plot.load_runs([launch / "outputs"])] == ["more"]  # the parent drawn within it
+    monkeypatch.chdir(launch)
+    (resumed / ".hydra" / "hydra.yaml").unlink()
+    assert list(plot.load_runs([resumed])[0].metrics["epoch"]) == [0, 1, 2, 3, 4]  # the fallback: from here
 
 
 def test_phase_times_are_the_logged_means_after_the_first_iteration(runs_root):
