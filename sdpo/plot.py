@@ -42,7 +42,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from omegaconf import DictConfig, OmegaConf
 
-from sdpo.phase_times import phase_table, plot_phase_times
+from sdpo.phase_times import phase_table, plot_phase_times, timing_noise_notes
 
 METRICS_FILE = Path("csv") / "metrics.csv"
 CONFIG_FILES = (Path(".hydra") / "config.yaml", Path("csv") / "hparams.yaml")  # Hydra's, else the CSV logger's
@@ -602,9 +602,11 @@ def main(argv: Sequence[str] | None = None) -> Path:
         if not times.empty:
             times_png = out.with_name("phase_times.png")
             plot_phase_times(times).savefig(times_png, dpi=120)
-            print("\nseconds per iteration by phase (the first iteration, which compiles, left out of runs with "
-                  "more than one):")
+            print("\nseconds per iteration by phase: the median over each run's iterations (the first, which "
+                  "compiles, left out), the mean over seeds:")
             print(times.to_string(float_format=lambda v: f"{v:.4g}"))
+            for line in timing_noise_notes(groups):
+                print(line)
             print(times_png)
     print(out)
     return out

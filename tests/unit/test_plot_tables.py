@@ -1,0 +1,60 @@
+"""What ``python -m sdpo.plot`` prints and where it writes, on hand-made run folders (no training needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from omegaconf import OmegaConf
+
+from sdpo import plot
+from sdpo.phase_times import PHASES, phase_table, plot_phase_times, timing_noise_notes
+
+TYPICAL = {"sampling": 0.3, "rewards": 0.1, "advantages": 0.05, "training": 0.15}  # 0.6 s per iteration
+PAIRS_PER_ITERATION = 4
+
+
+def write_run(folder: Path, sampling: list[float], config: dict | None = None) -> Path:
+    """A run folder whose log has one row per iteration: ``time/sampling`` as given, the other phases typical, and
+    the cumulative ``train/samples`` (2 images per pair). ``config``: saved as Hydra's ``.hydra/config.yaml``."""
+    n = len(sampling)
+    log = pd.DataFrame({"epoch": range(n), "step": range(n),
+                        "train/samples": [2 * PAIRS_PER_ITERATION * (i + 1) for i in range(n)],
+                        "train/reward_1step": np.linspace(0.1, 0.2, n)})
+    for phase, seconds in TYPICAL.items():
+        log[f"time/{phase}"] = sampling if phase == "sampling" else [seconds] * n
+    (folder / "csv").mkdir(parents=True)
+    log.to_csv(folder / "csv" / "metrics.csv", index=False)
+    if config is not None:
+        (folder / ".hydra").mkdir()
+        OmegaConf.save(OmegaConf.create(config), folder / ".hydra" / "config.yaml")
+    return folder
+
+
+def test_phase_times_are_medians_and_a_noisy_run_is_named(tmp_path: Path, capsys: pytest.CaptureFixture):
+    """A run whose typical iteration takes 0.6 s, with a compiling first iteration and two iterations slowed by
+    another process: the table shows the typical time, the mean would not, and a note names the noisy group."""
+    noisy = [30.0] + [0.3] * 7 + [20.0, 20.0]
+    steady = [12.0] + [0.29, 0.31, 0.3, 0.32, 0.28, 0.3, 0.3, 0.31, 0.29]
+    assert {*PHASES} == set(TYPICAL)  # the hand-made logs cover every phase
+    write_run(tmp_path / "noisy", noisy, {"seed": 0, "algo": {"num_steps": 4}})
+    write_run(tmp_path / "steady", steady, {"seed": 0, "algo": {"num_steps": 2}})
+    groups = plot.group_runs(plot.load_runs([tmp_path]))
+    table = phase_table(groups)
+
+    row = table.loc["algo.num_steps=4"]
+    assert row["sampling"] == pytest.approx(np.median(noisy[1:]))  # 0.3: the typical iteration
+    assert np.mean(noisy[1:]) > 10 * row["sampling"]  # what the mean would have shown
+    assert row["sum of phases"] == pytest.approx(sum(TYPICAL.values()))
+    assert row["samples/s"] == pytest.approx(2 * PAIRS_PER_ITERATION / row["sum of phases"])
+    assert row["iterations"] == len(noisy) - 1
+    assert table.loc["algo.num_steps=2", "sampling"] == pytest.approx(np.median(steady[1:]))
+
+    (note,) = timing_noise_notes(groups)  # the steady run's slowest iterations are within 2x of its median
+    assert note.startswith("note: algo.num_steps=4: noisy timing")
+    assert "median over iterations" in plot_phase_times(table).axes[0].get_xlabel()
+    plot.main([str(tmp_path), "--x", "samples"])
+    printed = capsys.readouterr().out
+    assert note in printed.splitlines() and "algo.num_steps=2: noisy" not in printed
