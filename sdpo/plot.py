@@ -111,8 +111,10 @@ def find_run_dirs(paths: Iterable[str | Path]) -> list[Path]:
     return sorted(found)
 
 
-def latest_runs(root: str | Path = "outputs/train", n: int = 1) -> list[Path]:
-    """The ``n`` run folders under ``root`` whose metrics were written last (runs with at least one row)."""
+def latest_runs(root: str | Path = "outputs", n: int = 1) -> list[Path]:
+    """The ``n`` run folders under ``root`` whose metrics were written last (runs with at least one row). The default
+    searches every task's folder (``outputs/train``, ``outputs/tiny_lora``, multiruns): evaluation folders hold no
+    ``csv/metrics.csv``, so they are never picked."""
     runs = [r for r in find_run_dirs([root]) if _has_rows(r / METRICS_FILE)]
     return sorted(runs, key=lambda r: (r / METRICS_FILE).stat().st_mtime)[-n:]
 

@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -279,7 +280,10 @@ def test_notebook_executes_top_to_bottom(runs_root, tmp_path, monkeypatch, cache
     import nbformat
     from nbclient import NotebookClient
 
-    nb = nbformat.read(NOTEBOOK, as_version=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # e.g. nbformat's MissingIDFieldWarning: every cell has an id (nbformat 4.5)
+        nb = nbformat.read(NOTEBOOK, as_version=4)
+        nbformat.validate(nb)
     code = [cell for cell in nb.cells if cell.cell_type == "code"]
     assert "RUNS = " in code[0].source  # the runs are chosen in the first code cell
     assert all(not cell.outputs and cell.execution_count is None for cell in code)  # stored without outputs
@@ -315,6 +319,33 @@ def test_notebook_executes_top_to_bottom(runs_root, tmp_path, monkeypatch, cache
     assert "steps2: epoch_0002, the latest of 1 after updates" in printed
     assert any("image/png" in o.get("data", {}) for o in held_out)
     assert any("brightness" in o.get("data", {}).get("text/plain", "") for o in held_out)  # the results table
+
+
+def test_the_notebook_opens_the_newest_run_of_any_task(runs_root, tmp_path, monkeypatch):
+    """Without ``SDPO_RUNS`` the first cell picks the run folder written last under ``outputs/``, whichever task wrote
+    it (``+experiment=tiny_lora`` writes ``outputs/tiny_lora/``); an evaluation folder has no metrics.csv and is
+    never picked, even when it is newer."""
+    import nbformat
+
+    checkout = tmp_path / "checkout"
+    (checkout / "notebooks").mkdir(parents=True)
+    (checkout / "sdpo").symlink_to(REPO / "sdpo")  # what the cell looks for to find the checkout
+    outputs = checkout / "outputs"
+    older, newer = outputs / "train" / "2025-01-01", outputs / "tiny_lora" / "2025-01-02"  # newest sorts first
+    for folder, source, written in ((older, "seed0", 1e9), (newer, "seed1", 2e9)):
+        shutil.copytree(runs_root / source, folder, ignore=shutil.ignore_patterns("checkpoints", "trained"))
+        os.utime(folder / "csv" / "metrics.csv", (written, written))
+    evaluation = outputs / "evaluate" / "2025-01-03"
+    evaluation.mkdir(parents=True)
+    pd.DataFrame({"reward": ["brightness"], "steps": [1], "mean": [0.5]}).to_csv(evaluation / "results.csv")
+
+    monkeypatch.delenv("SDPO_RUNS", raising=False)
+    monkeypatch.chdir(checkout / "notebooks")
+    monkeypatch.setattr(sys, "path", list(sys.path))  # the cell puts the checkout first on it
+    first = next(cell for cell in nbformat.read(NOTEBOOK, as_version=4).cells if cell.cell_type == "code")
+    namespace: dict = {}
+    exec(first.source, namespace)
+    assert namespace["RUNS"] == [newer.resolve()]
 
 
 def test_eval_curves_start_at_the_base_model(runs_root, tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -58,3 +59,14 @@ def test_phase_times_are_medians_and_a_noisy_run_is_named(tmp_path: Path, capsys
     plot.main([str(tmp_path), "--x", "samples"])
     printed = capsys.readouterr().out
     assert note in printed.splitlines() and "algo.num_steps=2: noisy" not in printed
+
+
+def test_latest_runs_searches_every_task(tmp_path: Path):
+    older = write_run(tmp_path / "train" / "a", [0.3, 0.3])
+    newer = write_run(tmp_path / "tiny_lora" / "b", [0.3, 0.3])
+    os.utime(older / "csv" / "metrics.csv", (2e9, 2e9))
+    os.utime(newer / "csv" / "metrics.csv", (1e9, 1e9))
+    (tmp_path / "evaluate" / "c").mkdir(parents=True)  # an evaluation: no csv/metrics.csv
+    assert plot.latest_runs(tmp_path) == [older.resolve()]
+    os.utime(newer / "csv" / "metrics.csv", (3e9, 3e9))
+    assert plot.latest_runs(tmp_path, n=2) == [older.resolve(), newer.resolve()]
