@@ -54,6 +54,10 @@ X_AXES = {
 EVAL_COLUMN = re.compile(r"^eval/(?P<reward>.+)/(?P<steps>\d+)step$")
 TRAIN_STEP_COLUMN = re.compile(r"^train/reward_(?P<steps>\d+)step$")
 METRICS = ("auto", "train", "eval", "change")
+# Group labels list config values: a list shows its first items, a text its first characters (lists' items fewer).
+LABEL_LIST_ITEMS, LABEL_TEXT_WIDTH, LABEL_ITEM_WIDTH = 3, 40, 16
+# Table columns that count things: printed as integers when every value is whole.
+COUNT_COLUMNS = ("seeds", "epoch", "samples", "reward_queries", "iterations")
 
 # Config keys that do not change what a run learns: the seed (and the data seed derived from it), where things are
 # written, and how progress is logged. Runs equal up to these keys are seeds of one configuration.
@@ -306,10 +310,15 @@ def _freeze(value: Any) -> Any:
     return value
 
 
-def _format(value: Any) -> str:
+def _format(value: Any, width: int = LABEL_TEXT_WIDTH) -> str:
+    """A config value as a group label shows it, kept short so that printed tables stay readable: a list by its
+    first items and how many more (``[cow,goat,lion,+5]``), a long text cut with an ellipsis."""
     if isinstance(value, list | tuple):
-        return "[" + ",".join(_format(v) for v in value) + "]"
-    return "null" if value is None else str(value)
+        shown = [_format(v, LABEL_ITEM_WIDTH) for v in value[:LABEL_LIST_ITEMS]]
+        more = len(value) - LABEL_LIST_ITEMS
+        return "[" + ",".join([*shown, f"+{more}"] if more > 0 else shown) + "]"
+    text = "null" if value is None else str(value)
+    return text if len(text) <= width else text[: width - 1] + "…"
 
 
 def same_config_label(members: Sequence[Run]) -> str:
@@ -566,6 +575,38 @@ def step_table(runs: Sequence[Run], metric: str = "auto", reward: str | None = N
     return table.set_index(["group", "steps"])
 
 
+def groups_left_out(table: pd.DataFrame, groups: Sequence[Group]) -> list[str]:
+    """Labels of the groups with no row in ``table``: none of their runs logged the metric it reads (e.g. runs
+    trained with ``callbacks.eval=null`` among evaluated ones), so they are missing from the table and the figure."""
+    present = set(table.index.get_level_values("group"))
+    return [group.label for group in groups if group.label not in present]
+
+
+def left_out_note(runs: Sequence[Run], table: pd.DataFrame, groups: Sequence[Group], metric: str = "auto",
+                  reward: str | None = None) -> str | None:
+    """A line naming the groups ``step_table(runs, metric, reward)`` had nothing for, and why; None when every group
+    has a row."""
+    missing = groups_left_out(table, groups)
+    if not missing:
+        return None
+    _, ylabel = step_panels(runs, metric, reward)
+    hint = "" if metric == "train" else " (--metric train compares every run)"
+    return f"note: left out, no {ylabel} logged: {'; '.join(missing)}{hint}"
+
+
+def counts_as_integers(table: pd.DataFrame) -> pd.DataFrame:
+    """The table with its count columns (``COUNT_COLUMNS``) as integers where every value is whole, so that they
+    print as ``3200`` rather than ``3200.0000``; a mean over seeds that stopped at different epochs stays a float."""
+    out = table.copy()
+    for column in COUNT_COLUMNS:
+        if column not in out.columns or not pd.api.types.is_float_dtype(out[column]):
+            continue
+        values = out[column].dropna()
+        if (values == values.round()).all():
+            out[column] = out[column].round().astype("Int64")
+    return out
+
+
 # ------------------------------------------------------------------------------------------------ CLI
 def main(argv: Sequence[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(prog="python -m sdpo.plot", description=__doc__.split("\n\n")[0])
@@ -590,6 +631,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
         groups = group_runs(runs)
         fig = plot_runs(runs, x=args.x, metric=args.metric, reward=args.reward, groups=groups, smooth=args.smooth)
         table = step_table(runs, metric=args.metric, reward=args.reward, groups=groups)
+        note = left_out_note(runs, table, groups, args.metric, args.reward)
     except (ValueError, FileNotFoundError) as err:
         parser.exit(2, f"sdpo.plot: {err}\n")
     searched = [Path(p) for p in args.paths]  # one parent folder (a multirun, outputs/train): the figures go there
@@ -599,14 +641,16 @@ def main(argv: Sequence[str] | None = None) -> Path:
     fig.savefig(out, dpi=120)
     with pd.option_context("display.width", 160, "display.max_columns", 20):
         print(f"{len(runs)} run(s) in {len(groups)} group(s); final reward per step count:")
-        print(table.drop(columns="metric").to_string(float_format=lambda v: f"{v:.4f}"))
+        print(counts_as_integers(table.drop(columns="metric")).to_string(float_format=lambda v: f"{v:.4f}"))
+        if note is not None:
+            print(note)
         times = phase_table(groups)
         if not times.empty:
             times_png = out.with_name("phase_times.png")
             plot_phase_times(times).savefig(times_png, dpi=120)
             print("\nseconds per iteration by phase: the median over each run's iterations (the first, which "
                   "compiles, left out), the mean over seeds:")
-            print(times.to_string(float_format=lambda v: f"{v:.4g}"))
+            print(counts_as_integers(times).to_string(float_format=lambda v: f"{v:.4g}"))
             for line in timing_noise_notes(groups):
                 print(line)
             print(times_png)

@@ -216,18 +216,23 @@ def test_phase_times_are_the_logged_medians_after_the_first_iteration(runs_root)
         plot_phase_times(table.iloc[:0])
 
 
+def copy_with_eval_rows(source: Path, run: Path, offset: float) -> None:
+    """A copy of a run that logged eval rewards every 2 epochs, in rows of their own (as ``callbacks.eval`` does):
+    ``eval/brightness/<k>step`` = 0.1 k + epoch + ``offset``, its change 0.01 k epoch, colorfulness 5 at 1 step."""
+    shutil.copytree(source, run, ignore=shutil.ignore_patterns("checkpoints", "trained", "*.png"))
+    df = pd.read_csv(run / "csv" / "metrics.csv")
+    evals = df.loc[df["epoch"] % 2 == 0, ["epoch", "step"]].copy()
+    for k in (1, 2, 4):
+        evals[f"eval/brightness/{k}step"] = 0.1 * k + evals["epoch"] + offset
+        evals[f"eval/brightness/{k}step_change"] = 0.01 * k * evals["epoch"]
+    evals["eval/colorfulness/1step"] = 5.0
+    pd.concat([df, evals]).sort_values("epoch", kind="stable").to_csv(run / "csv" / "metrics.csv", index=False)
+
+
 def test_eval_metrics_give_one_panel_per_evaluated_step_count(runs_root, tmp_path):
     """Eval rewards logged every 2 epochs, in rows of their own: one panel per k, values from the eval rows."""
-    for name in ("seed0", "seed1"):
-        run = tmp_path / name
-        shutil.copytree(runs_root / name, run, ignore=shutil.ignore_patterns("checkpoints", "trained", "*.png"))
-        df = pd.read_csv(run / "csv" / "metrics.csv")
-        evals = df.loc[df["epoch"] % 2 == 0, ["epoch", "step"]].copy()
-        for k in (1, 2, 4):
-            evals[f"eval/brightness/{k}step"] = 0.1 * k + evals["epoch"] + (name == "seed1")
-            evals[f"eval/brightness/{k}step_change"] = 0.01 * k * evals["epoch"]
-        evals["eval/colorfulness/1step"] = 5.0
-        pd.concat([df, evals]).sort_values("epoch", kind="stable").to_csv(run / "csv" / "metrics.csv", index=False)
+    for offset, name in enumerate(("seed0", "seed1")):
+        copy_with_eval_rows(runs_root / name, tmp_path / name, offset)
 
     runs = plot.load_runs([tmp_path])
     assert len(runs[0].metrics) == 3  # the eval rows merged into their epoch's row
@@ -252,6 +257,27 @@ def test_eval_metrics_give_one_panel_per_evaluated_step_count(runs_root, tmp_pat
     assert [ax.get_title() for ax in plot.plot_runs(runs, reward="colorfulness").get_axes()] == ["1 step"] * 2
     assert [ax.get_title() for ax in plot.plot_runs(runs, metric="train", x="samples").get_axes()] == [
         "1 step", "4 steps"]
+
+
+def test_the_table_names_the_groups_without_the_metric_it_shows(runs_root, tmp_path, capsys):
+    """Evaluated seeds next to a run trained without evaluation: its group has no eval row, and the printed table
+    says so rather than dropping it silently."""
+    for offset, name in enumerate(("seed0", "seed1")):
+        copy_with_eval_rows(runs_root / name, tmp_path / name, offset)
+    shutil.copytree(runs_root / "steps2", tmp_path / "steps2", ignore=shutil.ignore_patterns("checkpoints", "*.png"))
+    runs = plot.load_runs([tmp_path])
+    groups = plot.group_runs(runs)
+    table = plot.step_table(runs, groups=groups)
+    assert plot.groups_left_out(table, groups) == [OTHER]
+    assert plot.left_out_note(runs, plot.step_table(runs, "train", groups=groups), groups, "train") is None
+
+    plot.main([str(tmp_path), "--x", "samples"])
+    printed = capsys.readouterr().out
+    assert "3 run(s) in 2 group(s)" in printed
+    (note,) = [line for line in printed.splitlines() if line.startswith("note: left out")]
+    assert note == f"note: left out, no eval reward (brightness) logged: {OTHER} (--metric train compares every run)"
+    plot.main([str(tmp_path), "--x", "samples", "--metric", "train"])
+    assert "note: left out" not in capsys.readouterr().out  # every run logs its training reward
 
 
 def python_kernel(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:

@@ -61,6 +61,30 @@ def test_phase_times_are_medians_and_a_noisy_run_is_named(tmp_path: Path, capsys
     assert note in printed.splitlines() and "algo.num_steps=2: noisy" not in printed
 
 
+def test_long_config_values_are_shortened_in_labels(tmp_path: Path):
+    animals = ["cow", "goat", "lion", "zebra", "horse", "monkey", "rabbit", "bird"]
+    prompt = "a photograph of an astronaut riding a horse on the moon, highly detailed"
+    configs = {"many": {"data": {"source": animals}, "note": "short"},
+               "few": {"data": {"source": animals[:3]}, "note": prompt}}
+    runs = [plot.load_run(write_run(tmp_path / name, [0.3, 0.3], {"seed": 0, **cfg})) for name, cfg in configs.items()]
+    labels = [group.label for group in plot.group_runs(runs)]
+    assert labels[0] == "data.source=[cow,goat,lion,+5], note=short"
+    assert labels[1].startswith("data.source=[cow,goat,lion], note=a photograph of an astronaut")
+    assert labels[1].endswith("…") and len(labels[1]) < len("data.source=[cow,goat,lion], note=") + len(prompt)
+
+
+def test_counts_print_as_integers_unless_a_mean_over_seeds_is_fractional():
+    table = pd.DataFrame({"mean": [0.5, 2.0], "seeds": [2, 1], "epoch": [99.0, 49.5],
+                          "samples": [3200.0, 1600.0], "reward_queries": [6400.0, np.nan]})
+    shown = plot.counts_as_integers(table)
+    assert shown["samples"].tolist() == [3200, 1600] and shown["reward_queries"].iloc[0] == 6400
+    assert pd.isna(shown["reward_queries"].iloc[1])
+    assert shown["epoch"].tolist() == [99.0, 49.5]  # 49.5: seeds that stopped at different epochs
+    assert shown["mean"].tolist() == [0.5, 2.0]  # a reward is not a count, even when whole
+    text = shown.to_string(float_format=lambda v: f"{v:.4f}")
+    assert "3200" in text and "3200.0000" not in text and "2.0000" in text
+
+
 def test_latest_runs_searches_every_task(tmp_path: Path):
     older = write_run(tmp_path / "train" / "a", [0.3, 0.3])
     newer = write_run(tmp_path / "tiny_lora" / "b", [0.3, 0.3])
