@@ -18,8 +18,10 @@ A run resumed with ``ckpt_path=`` (a new folder that logs only its own iteration
 the run it resumed, which is then not drawn separately. A relative ``ckpt_path`` is read from the folder the run was
 launched from (``hydra.runtime.cwd`` in its ``.hydra/hydra.yaml``), so this works from any folder.
 
-Next to the curves it writes ``phase_times.png``: seconds per iteration by phase for each group
-(``sdpo.phase_times``), to compare what speed settings buy.
+The figure goes into the first folder given, as ``reward_curves.png`` (``reward_curves[_<metric>][_<reward>].png``
+for another ``--metric`` or a ``--reward``, so that one plot does not overwrite another; ``--out`` chooses). Next to
+it goes ``phase_times.png``: each group's median seconds per iteration by phase (``sdpo.phase_times``), to compare
+what speed settings buy. Group labels shorten long values (``data.source=[cow,goat,lion,+5]``).
 
 Only the Agg canvas is used (no pyplot), so importing this module never changes a notebook's backend.
 """
@@ -608,12 +610,21 @@ def counts_as_integers(table: pd.DataFrame) -> pd.DataFrame:
 
 
 # ------------------------------------------------------------------------------------------------ CLI
+def default_out(paths: Sequence[str | Path], metric: str = "auto", reward: str | None = None) -> Path:
+    """Where the figure goes without ``--out``: into the first folder given (the one folder searched, e.g. a
+    multirun's, or the first run named), named by what it shows so that plotting another metric or reward next to
+    it does not overwrite it: ``reward_curves.png``, ``reward_curves_train.png``, ``reward_curves_change_clip.png``."""
+    parts = [part for part in (None if metric == "auto" else metric, reward) if part]
+    name = "_".join(["reward_curves", *(re.sub(r"[^\w.-]+", "-", part) for part in parts)])
+    return Path(paths[0]).expanduser() / f"{name}.png"
+
+
 def main(argv: Sequence[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(prog="python -m sdpo.plot", description=__doc__.split("\n\n")[0])
     parser.add_argument("paths", nargs="+", help="run folders, or folders to search for runs (outputs/, a multirun)")
     parser.add_argument("--out", type=Path, default=None,
-                        help="PNG to write (default: reward_curves.png in the one folder searched, else in the first "
-                             "run's)")
+                        help="PNG to write (default: reward_curves[_<metric>][_<reward>].png in the first folder "
+                             "given; phase_times.png goes next to it)")
     parser.add_argument("--x", choices=[*X_AXES, "both"], default="both", help="x axis (default: both, two rows)")
     parser.add_argument("--metric", choices=METRICS, default="auto",
                         help="eval/<reward>/<k>step panels, their change since the first update "
@@ -634,9 +645,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
         note = left_out_note(runs, table, groups, args.metric, args.reward)
     except (ValueError, FileNotFoundError) as err:
         parser.exit(2, f"sdpo.plot: {err}\n")
-    searched = [Path(p) for p in args.paths]  # one parent folder (a multirun, outputs/train): the figures go there
-    parent = searched[0] if len(searched) == 1 and not (searched[0] / METRICS_FILE).is_file() else None
-    out = args.out or (parent or runs[0].path) / "reward_curves.png"
+    out = args.out or default_out(args.paths, args.metric, args.reward)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120)
     with pd.option_context("display.width", 160, "display.max_columns", 20):

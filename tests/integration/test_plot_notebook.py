@@ -66,7 +66,7 @@ def last_row(run_dir: Path) -> pd.Series:
     return pd.read_csv(run_dir / "csv" / "metrics.csv").iloc[-1]
 
 
-def test_cli_writes_the_png_into_the_folder_it_searched(runs_root):
+def test_cli_writes_the_png_into_the_folder_it_searched(runs_root, capsys):
     result = subprocess.run([sys.executable, "-m", "sdpo.plot", str(runs_root)], cwd=REPO, capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -75,9 +75,18 @@ def test_cli_writes_the_png_into_the_folder_it_searched(runs_root):
     assert out.read_bytes()[:8] == PNG_MAGIC
     assert "3 run(s) in 2 group(s)" in result.stdout and SEEDS in result.stdout
     assert (runs_root / "phase_times.png").read_bytes()[:8] == PNG_MAGIC
-    assert "seconds per iteration by phase" in result.stdout
-    assert plot.main([str(runs_root / "steps2"), str(runs_root / "seed1")]) == runs_root / "seed1" / \
-        "reward_curves.png"  # several folders: next to the first run (folders sorted)
+    assert "seconds per iteration by phase: the median over each run's iterations" in result.stdout
+    last = last_row(runs_root / "seed0")
+    row = next(line.split() for line in result.stdout.splitlines() if line.startswith(SEEDS))
+    whole = [f"{last[c]:.0f}" for c in ("epoch", "train/samples", "train/reward_queries")]
+    assert row[-3:] == whole, row  # counts print as integers, not 2.0000
+    assert plot.main([str(runs_root / "steps2"), str(runs_root / "seed1")]) == runs_root / "steps2" / \
+        "reward_curves.png"  # several folders: into the first one given, not the first in sorted order
+    curves = (runs_root / "reward_curves.png").read_bytes()
+    train_png = plot.main([str(runs_root), "--metric", "train"])
+    assert train_png == runs_root / "reward_curves_train.png"  # another metric: a file of its own
+    assert train_png.read_bytes()[:8] == PNG_MAGIC and (runs_root / "reward_curves.png").read_bytes() == curves
+    assert str(train_png) == capsys.readouterr().out.strip().splitlines()[-1]  # the last line: the path written
 
     explicit = runs_root / "figs" / "curves.png"
     assert plot.main([str(runs_root / "seed0"), str(runs_root / "seed1"), "--out", str(explicit), "--x",

@@ -94,3 +94,10 @@ def test_latest_runs_searches_every_task(tmp_path: Path):
     assert plot.latest_runs(tmp_path) == [older.resolve()]
     os.utime(newer / "csv" / "metrics.csv", (3e9, 3e9))
     assert plot.latest_runs(tmp_path, n=2) == [older.resolve(), newer.resolve()]
+
+
+def test_the_figure_is_named_by_what_it_shows(tmp_path: Path):
+    assert plot.default_out([tmp_path / "b", tmp_path / "a"]) == tmp_path / "b" / "reward_curves.png"
+    assert plot.default_out([tmp_path], "train") == tmp_path / "reward_curves_train.png"
+    assert plot.default_out([tmp_path], "change", "clip score") == tmp_path / "reward_curves_change_clip-score.png"
+    assert plot.default_out([tmp_path], reward="aesthetic") == tmp_path / "reward_curves_aesthetic.png"
