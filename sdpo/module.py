@@ -290,7 +290,11 @@ class SDPOModule(L.LightningModule):
         """``values`` [n, ...] of all ranks concatenated in rank order, [W*n, ...]."""
         if self.trainer.world_size == 1 or not dist.is_initialized():
             return values
-        return self.all_gather(values).flatten(0, 1)  # [W, n, ...] -> [W*n, ...]
+        # torch's collective itself: Lightning's all_gather goes through torch.distributed.nn, deprecated (a
+        # FutureWarning per rank), for the gradients these statistics never need
+        parts = [torch.empty_like(values) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, values.contiguous())
+        return torch.cat(parts)
 
     def _update_plan(self, num_pairs: int, num_steps: int, generators: list[torch.Generator]):
         """One pass's optimizer steps (see ``sdpo.algo.shuffle.update_groups``) on this rank's shards."""
