@@ -112,6 +112,8 @@ def find_run_dirs(paths: Iterable[str | Path]) -> list[Path]:
             for metrics in sorted(path.rglob("metrics.csv")):
                 if metrics.parent.name == METRICS_FILE.parent.name:
                     found[metrics.parent.parent.resolve()] = None
+        elif path.is_file():  # a shell glob (outputs/train/*) also matches the figures an earlier plot wrote there
+            print(f"sdpo.plot: skipping {path}: a file, not a run folder", file=sys.stderr)
         else:
             raise FileNotFoundError(f"{path}: no such run folder (expected {path / METRICS_FILE} or a parent folder)")
     return sorted(found)

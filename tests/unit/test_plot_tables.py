@@ -101,3 +101,15 @@ def test_the_figure_is_named_by_what_it_shows(tmp_path: Path):
     assert plot.default_out([tmp_path], "train") == tmp_path / "reward_curves_train.png"
     assert plot.default_out([tmp_path], "change", "clip score") == tmp_path / "reward_curves_change_clip-score.png"
     assert plot.default_out([tmp_path], reward="aesthetic") == tmp_path / "reward_curves_aesthetic.png"
+
+
+def test_a_glob_that_also_matches_earlier_figures_plots_the_runs(tmp_path, capsys):
+    """``python -m sdpo.plot outputs/train/*`` after ``python -m sdpo.plot outputs/train``: the glob also names
+    the figures that plot wrote there, which are skipped with a word; a path that does not exist still stops."""
+    run = write_run(tmp_path / "run", [0.3, 0.3, 0.3])
+    figure = tmp_path / "reward_curves.png"
+    figure.write_bytes(b"")
+    assert plot.find_run_dirs([run, figure]) == [run.resolve()]
+    assert f"skipping {figure}: a file, not a run folder" in capsys.readouterr().err
+    with pytest.raises(FileNotFoundError, match="no such run folder"):
+        plot.find_run_dirs([run, tmp_path / "missing"])
