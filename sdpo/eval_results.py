@@ -20,7 +20,8 @@ from sdpo.statistics import ci_method, prompt_mean_ci
 
 @dataclass
 class EvalResult:
-    """Scores of every (reward, step count, prompt, image) and the first images of every prompt."""
+    """Scores of every (reward, step count, prompt, image) and the images a grid draws (the first of the first
+    prompts)."""
 
     prompts: list[str]
     step_counts: tuple[int, ...]
