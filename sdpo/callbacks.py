@@ -62,6 +62,14 @@ class RunCheckpoint(ModelCheckpoint):
             super().on_train_end(trainer, pl_module)
 
 
+def scalar_step(trainer: L.Trainer) -> int:
+    """The step Lightning logs this epoch's scalars at, for images and tables logged from ``on_train_epoch_end``:
+    the index of the epoch's last batch (one per iteration here). ``trainer.global_step`` counts optimizer steps,
+    several per iteration, so W&B drew the sample grid of iteration 5 at step 24 next to scalars that end at 5.
+    Lightning has no public name for this counter."""
+    return max(0, trainer.fit_loop.epoch_loop._batches_that_stepped - 1)
+
+
 class SampleGrid(L.Callback):
     """Every N epochs (and after the last), save the iteration's 1-step and T-step images with their rewards."""
 
@@ -91,10 +99,10 @@ class SampleGrid(L.Callback):
         caption = self.caption(latest, epoch)
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):  # JPEG: a fraction of a PNG's size in the run's media folder
-                logger.log_image(key="samples", images=[grid], step=trainer.global_step, caption=[caption],
+                logger.log_image(key="samples", images=[grid], step=scalar_step(trainer), caption=[caption],
                                  file_type=["jpg"])
             elif hasattr(logger, "log_image"):
-                logger.log_image(key="samples", images=[grid], step=trainer.global_step, caption=[caption])
+                logger.log_image(key="samples", images=[grid], step=scalar_step(trainer), caption=[caption])
 
     def caption(self, latest: dict[str, Any], epoch: int) -> str:
         """The grid's rewards as text: W&B shows it under the image, searchable, legible at any zoom."""
@@ -428,4 +436,4 @@ class EvalDuringTraining(L.Callback):
             for lg in wandb_loggers:  # one history row: the table and its grid side by side
                 lg.log_metrics({"eval/table": wandb.Table(columns=columns, data=data),
                                 "eval/grid": wandb.Image(grid, caption=caption, file_type="jpg")},
-                               step=trainer.global_step)
+                               step=scalar_step(trainer))

@@ -18,6 +18,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from lightning.pytorch.loggers import WandbLogger
 from omegaconf import OmegaConf
 from PIL import Image
 
@@ -435,6 +436,39 @@ def test_wandb_offline_run_holds_eval_table_and_images(tmp_path, cache_dir, monk
     content = json.loads(table.read_text())
     assert content["columns"][:5] == ["reward", "steps", "base", "policy", "delta"] and len(content["data"]) == 2
     assert list((compare_run / "files" / "media" / "images" / "compare").glob("grid_*.png"))
+
+
+class StepRecordingWandbLogger(WandbLogger):
+    """Lightning's W&B logger, offline, that also records which keys were logged at which step."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.steps: dict[str, list[int]] = {}
+
+    def log_metrics(self, metrics, step=None) -> None:
+        for key in metrics:
+            self.steps.setdefault(key, []).append(step)
+        super().log_metrics(metrics, step)
+
+
+def test_wandb_images_and_tables_share_the_scalars_step(tmp_path, cache_dir, monkeypatch):
+    """Each iteration's sample grid and eval table are logged at the step of that iteration's scalars, so W&B
+    draws them on one x axis (they were logged at the optimizer-step count: 4 per iteration here)."""
+    import wandb
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    try:
+        trainer = train(compose([*FAST, "trainer.max_epochs=3", "logger=wandb", "logger.wandb.offline=true",
+                                 f"logger.wandb._target_={__name__}.StepRecordingWandbLogger",
+                                 "callbacks.sample_grid.every_n_epochs=1", "callbacks.eval.every_n_epochs=1"],
+                                tmp_path, cache_dir))
+    finally:
+        wandb.finish()
+    (recorder,) = [lg for lg in trainer.loggers if isinstance(lg, StepRecordingWandbLogger)]
+    scalars = recorder.steps["train/reward_1step"]
+    assert scalars == [0, 1, 2] and trainer.global_step == 12  # 4 optimizer steps per iteration
+    assert recorder.steps["samples"] == scalars and recorder.steps["eval/table"] == scalars
 
 
 def test_without_rewards_a_trained_policy_is_measured_on_its_own_reward(tmp_path, cache_dir):
