@@ -407,16 +407,29 @@ def test_multi_reward_logs_each_component(tmp_path, cache_dir):
 
 
 def test_sweep_config_is_a_multirun_over_steps_rewards_anchors():
+    """Every point of the shipped sweep composes to its reward's own experiment with the swept step count and
+    anchor: a reward swept on its own would keep the first experiment's lr and batch (and held-out rewards)."""
+    import itertools
+
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
+    from omegaconf import OmegaConf
 
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = hydra_compose("train", overrides=["+sweep=steps_rewards_anchors", "+experiment=sd_turbo_aesthetic"],
-                            return_hydra_config=True)
-    assert str(cfg.hydra.mode) == "RunMode.MULTIRUN"
-    params = cfg.hydra.sweeper.params
-    assert set(params) == {"algo.num_steps", "reward", "algo.dense.anchor"}
-    assert all(len(str(v).split(",")) >= 2 for v in params.values())
+        cfg = hydra_compose("train", overrides=["+sweep=steps_rewards_anchors"], return_hydra_config=True)
+        assert str(cfg.hydra.mode) == "RunMode.MULTIRUN"
+        params = {key: str(values).split(",") for key, values in cfg.hydra.sweeper.params.items()}
+        assert set(params) == {"+experiment", "algo.num_steps", "algo.dense.anchor"}
+        assert len(list(itertools.product(*params.values()))) == 12
+        for experiment, steps, anchor in itertools.product(*params.values()):
+            point = hydra_compose("train", overrides=[f"+experiment={experiment}", f"algo.num_steps={steps}",
+                                                      f"algo.dense.anchor={anchor}"])
+            alone = hydra_compose("train", overrides=[f"+experiment={experiment}"])
+            assert (point.algo.num_steps, point.algo.dense.anchor) == (int(steps), anchor)
+            assert point.reward.name == experiment.removeprefix("sd_turbo_")
+            for key in ("optim.lr", "algo.micro_batch_pairs", "algo.gradient_accumulation_steps", "callbacks.eval"):
+                assert OmegaConf.select(point, key) == OmegaConf.select(alone, key), (experiment, key)
+        assert "sweep" in cfg.hydra.job.config.override_dirname.exclude_keys  # folder names list the swept keys
 
 
 def test_checkpoint_every_n_epochs_still_saves_the_final_epoch(tmp_path, cache_dir):
