@@ -276,9 +276,12 @@ def main() -> None:
     module = trainer.lightning_module.to(device)
     timed = range(args.warmup, args.warmup + args.iterations)
     seconds = [timer.starts[e + 1] - timer.starts[e] for e in timed]
-    phases = {name: statistics.mean(timer.iterations[e]["timings"][name] for e in timed) for name in PHASES}
-    rewards_phase = statistics.mean(timer.iterations[e]["timings"]["rewards"] for e in timed)
-    iteration = statistics.mean(seconds)
+    # the median iteration, broken down by its own phases (which then add up to it): like the primitives' medians,
+    # one iteration slowed by another process on the machine does not set the figures
+    typical = sorted(timed, key=lambda e: seconds[e - args.warmup])[(len(seconds) - 1) // 2]
+    phases = {name: timer.iterations[typical]["timings"][name] for name in PHASES}
+    rewards_phase = timer.iterations[typical]["timings"]["rewards"]
+    iteration = seconds[typical - args.warmup]
     counts = timer.iterations[args.warmup]
     world = trainer.world_size
     if device.type == "cuda":
@@ -296,7 +299,10 @@ def main() -> None:
           f"precision {cfg.trainer.precision}, compile {a.get('compile')} ({a.get('compile_mode', 'default')}), "
           f"attention {a.get('attention_backend', 'auto')}; run of {epochs} iterations took {wall:.1f} s")
     print(f"iterations timed: {args.iterations} (after {args.warmup} warm-up): "
-          + ", ".join(f"{s:.3f}" for s in seconds) + " s")
+          + ", ".join(f"{s:.3f}" for s in seconds) + f" s; below: the median one (iteration {typical})")
+    if max(seconds) > 1.5 * min(seconds):
+        print(f"note: the timed iterations vary {max(seconds) / min(seconds):.1f}x: another process may share "
+              f"this machine")
     overlap = bool(a.get("overlap_scoring"))
     print(f"\n{'phase':<38} s/iter   share")
     rest = iteration - sum(phases[p] for p in ("sampling", "advantages", "training")) - rewards_phase
@@ -350,11 +356,14 @@ def main() -> None:
         mfu_sampling = sample_flops / phases["sampling"] / args.peak_flops
         mfu_training = train_flops / phases["training"] / args.peak_flops
         print(f"MFU (peak {args.peak_flops:.3g} FLOP/s): sampling {mfu_sampling:.1%}, training {mfu_training:.1%}")
+    else:
+        print("MFU: n/a on the CPU (--peak-flops is a GPU's bf16 peak); the GFLOP/s above are what it did")
     if not math.isfinite(iteration / total):
         print("warning: a primitive took no measurable time")
     if args.keep:
         print(f"run folder: {out}")
     else:
+        print(f"run folder {out} deleted (--keep keeps it)")
         shutil.rmtree(out, ignore_errors=True)
 
 
