@@ -119,6 +119,30 @@ def prompt_source_problems(cfg: DictConfig, keys: Sequence[str] = PROMPT_KEYS) -
     return problems
 
 
+def optional_package_problems(cfg: DictConfig) -> list[str]:
+    """Rewards the run would build (training reward, a multi reward's parts, held-out rewards) whose optional package
+    is not installed: found now, not after the policy model was downloaded and built."""
+    from sdpo.rewards.multi import parse_components
+    from sdpo.rewards.registry import missing_packages
+    from sdpo.rewards.specs import parse_reward_specs
+
+    used = [("reward.name", cfg.reward.name)]
+    if cfg.reward.name == "multi" and cfg.reward.get("components") is not None:
+        try:
+            parts = parse_components(OmegaConf.to_container(cfg.reward.components, resolve=True))
+            used += [(f"reward.components.{label}", name) for label, name, _, _ in parts]
+        except (ValueError, TypeError):
+            pass  # the multi reward names its own problem when built
+    held_out = OmegaConf.select(cfg, "callbacks.eval.rewards", default=None)
+    if held_out is not None:
+        try:
+            used += [("callbacks.eval.rewards", name) for _, name, _ in parse_reward_specs(held_out)]
+        except ValueError:
+            pass  # the evaluation callback names an unknown reward itself
+    return [f"{key}: {problem}" for key, name in used if name in available_rewards()
+            for problem in missing_packages(name)]
+
+
 def validate_config(cfg: DictConfig) -> None:
     problems = type_problems(cfg)
     if problems:  # the value checks below compare these settings with numbers
@@ -214,6 +238,7 @@ def validate_config(cfg: DictConfig) -> None:
     for key in ("prompts_per_batch", "batches_per_epoch"):
         need(cfg.data[key] >= 1, f"data.{key}={cfg.data[key]}: need >= 1")
     problems += prompt_source_problems(cfg)
+    problems += optional_package_problems(cfg)
     overlap = a.get("overlap_scoring", False)
     need(isinstance(overlap, bool), f"algo.overlap_scoring={overlap!r}: use true or false")
     pairs = pairs_per_rank(cfg)

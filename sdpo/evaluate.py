@@ -29,6 +29,7 @@ from sdpo.eval_results import EvalResult
 from sdpo.evaluation import check_step_counts, evaluate_policy
 from sdpo.export import read_checkpoint
 from sdpo.model_card import recorded_reward, recorded_training
+from sdpo.rewards.registry import missing_packages
 from sdpo.rewards.specs import build_rewards, parse_reward_specs
 from sdpo.run_folder import REFUSALS, refuse
 from sdpo.saved_policy import LoadedPolicy, load_policy
@@ -101,6 +102,7 @@ def validate_eval_config(cfg: DictConfig) -> tuple[list[str], list[int], list[tu
         specs = parse_reward_specs(trained_rewards(cfg, saved) if cfg.rewards is None else cfg.rewards, key="rewards")
     except ValueError as err:
         problems.append(str(err))
+    problems += [f"rewards: {problem}" for _, name, _ in specs for problem in missing_packages(name)]
     if cfg.prompts == TRAINING_PROMPTS:
         if cfg.checkpoint is None:
             problems.append("prompts=training needs checkpoint=<run>/checkpoints/last.ckpt (it reads the prompts "

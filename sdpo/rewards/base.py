@@ -47,6 +47,9 @@ class RewardModel(nn.Module, metaclass=_FrozenAfterInit):
     name: str = "reward"
     #: Whether the score depends on the prompt (text conditioning must matter for it).
     requires_prompts: bool = False
+    #: (module, pip extra) of each optional package the reward imports when built: the config check looks for them
+    #: before any model loads, rather than after the policy has been downloaded and built.
+    optional_modules: tuple[tuple[str, str], ...] = ()
 
     def train(self, mode: bool = True) -> RewardModel:
         """Stay in eval mode whatever the parent asks: a reward is a fixed evaluator."""

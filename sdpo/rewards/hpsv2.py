@@ -58,6 +58,7 @@ class HPSv2(RewardModel):
         dtype: model dtype, ``fp32`` / ``bf16`` / ``fp16``; images are cast to it, scores are float32.
     """
 
+    optional_modules = (("open_clip", "hpsv2"),)
     requires_prompts = True
 
     def __init__(

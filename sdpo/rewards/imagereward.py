@@ -51,6 +51,7 @@ class ImageRewardScore(RewardModel):
         image_size: BLIP input resolution (224 for ImageReward v1.0).
     """
 
+    optional_modules = (("ImageReward", "imagereward"),)
     requires_prompts = True
 
     def __init__(

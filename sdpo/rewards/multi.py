@@ -12,7 +12,7 @@ from sdpo.rewards.base import RewardModel
 from sdpo.rewards.registry import build_reward, register_reward
 
 
-def _parse_components(components: Any) -> list[tuple[str, str, float, dict[str, Any]]]:
+def parse_components(components: Any) -> list[tuple[str, str, float, dict[str, Any]]]:
     """``(label, registry name, weight, kwargs)`` per component, from the mapping or the list form."""
     entries: list[tuple[str, Mapping[str, Any]]] = []
     if isinstance(components, Mapping):
@@ -65,7 +65,7 @@ class MultiReward(RewardModel):
 
     def __init__(self, components: Any) -> None:
         super().__init__()
-        parsed = _parse_components(components)
+        parsed = parse_components(components)
         self.rewards = nn.ModuleDict({label: build_reward(name, **kwargs) for label, name, _, kwargs in parsed})
         self.weights: dict[str, float] = {label: weight for label, _, weight, _ in parsed}
         self.requires_prompts = any(reward.requires_prompts for reward in self.rewards.values())

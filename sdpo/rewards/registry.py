@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -53,3 +54,10 @@ def build_reward(name: str, **kwargs: Any) -> RewardModel:
             f"unknown reward {name!r}; available rewards: {', '.join(available_rewards())}"
         ) from None
     return factory(**kwargs)
+
+
+def missing_packages(name: str) -> list[str]:
+    """What reward ``name`` would fail to import when built, each with the command that installs it."""
+    factory = reward_factory(name)
+    return [f"reward {name!r} needs the optional package {module}: pip install -e \".[{extra}]\""
+            for module, extra in getattr(factory, "optional_modules", ()) if importlib.util.find_spec(module) is None]

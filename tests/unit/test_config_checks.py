@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
 
@@ -83,6 +85,20 @@ def test_refused_before_loading(overrides: list[str], expected: str, tmp_path) -
 ])
 def test_sound_neighbours_pass(overrides: list[str], tmp_path) -> None:
     assert problems(overrides, tmp_path) == ""
+
+
+@pytest.mark.skipif(any(importlib.util.find_spec(m) for m in ("open_clip", "ImageReward")),
+                    reason="an optional reward package is installed here")
+@pytest.mark.parametrize("overrides,expected", [
+    (["reward=hpsv2"], "reward.name: reward 'hpsv2' needs the optional package open_clip: pip install -e \".[hpsv2]\""),
+    (["callbacks.eval.rewards=[imagereward]"], "callbacks.eval.rewards: reward 'imagereward' needs the optional "
+                                              "package ImageReward"),
+    (["reward=multi", "~reward.components.aesthetic", "+reward.components.hpsv2.weight=1"],
+     "reward.components.hpsv2: reward 'hpsv2' needs the optional package open_clip"),
+])
+def test_a_missing_optional_reward_package_is_named_before_loading(overrides, expected, tmp_path) -> None:
+    """Not after the policy model was downloaded and built, as the reward's own import would."""
+    assert expected in problems(overrides, tmp_path)
 
 
 def test_a_float_count_names_the_integer_to_write_and_not_the_keys_that_follow_it(tmp_path) -> None:
@@ -181,10 +197,15 @@ def test_every_registered_reward_has_its_config(tmp_path) -> None:
 
     files = sorted(p.stem for p in (Path(CONFIG_DIR) / "reward").glob("*.yaml"))
     assert files == available_rewards()
+    from sdpo.rewards.registry import missing_packages
+
     for name in files:
         cfg = compose([f"reward={name}"], tmp_path, tmp_path)
         assert cfg.reward.name == name
-        validate_config(cfg)
+        # passes, or (hpsv2, imagereward without their extras) names only the packages to install
+        expected = [f"reward.name: {problem}" for problem in missing_packages(name)]
+        assert problems([f"reward={name}"], tmp_path) == (
+            "invalid configuration:\n  - " + "\n  - ".join(expected) if expected else "")
 
 
 def test_every_shipped_config_uses_only_keys_something_reads(tmp_path) -> None:
