@@ -301,6 +301,15 @@ def test_multirun_sweeps_steps_and_anchors(tmp_path, cache_dir):
     assert {read_metrics(r)[0]["train/queries_per_trajectory"] for r in runs} == {2.5}
 
 
+def test_each_entry_point_helps_with_its_own_options(tmp_path, cache_dir):
+    """``--help`` of train lists its config groups; evaluate's lists its own file's options, not training's groups."""
+    train_help = run_cli(["--help"], cache_dir, timeout=120).stdout
+    assert "experiment: " in train_help and "conf/<group>/<option>.yaml" in train_help
+    evaluate_help = run_cli(["--help"], cache_dir, timeout=120, module="sdpo.evaluate").stdout
+    assert "conf/evaluate.yaml" in evaluate_help and "grid_images: 2" in evaluate_help
+    assert "experiment: " not in evaluate_help and "== Configuration groups ==" not in evaluate_help
+
+
 def test_bad_config_fails_before_loading(tmp_path, cache_dir):
     cfg = compose(["algo.dense.anchor=middle", "algo.eta=0", "model.spacing=odd", "algo.compile=fast"], tmp_path,
                   cache_dir)
