@@ -3,7 +3,8 @@
 Records every ``scaled_dot_product_attention`` call one UNet call makes (shapes only, on the meta device), then
 times exactly those calls on this device under torch's own choice (``auto``) and under each backend: forward alone
 (sampling) and forward+backward (training, gradients to q, k and v as LoRA training needs them), in bf16 on a GPU.
-Prints ms per UNet call, the attention's own TFLOP/s, and the fastest backend to pin. Takes seconds; compile-free,
+Prints ms per UNet call, the attention's own TFLOP/s, and the fastest backend (auto: pinning none beats torch's own
+choice, which is then what to keep). Takes seconds; compile-free,
 so it isolates the kernel (the whole compiled call is ``unet_mfu.py train:32:bm:full:<backend>``).
 
     python benchmarks/attention_backends.py                       # GPU: 32 rows (micro-batch 16 pairs)
@@ -114,12 +115,11 @@ def main() -> None:
             sample = time_backend(backend, shapes, device, dtype, False, args.repeats)
             train = time_backend(backend, shapes, device, dtype, True, args.repeats)
         except RuntimeError as error:  # a backend this device or shape lacks
-            print(f"{label:<10} unavailable: {str(error).splitlines()[0][:120]}")
+            print(f"{label:<10} unavailable: {str(error).strip().splitlines()[0]}")
             continue
-        if backend is not None:  # the fastest is chosen among kernels that can be pinned
-            results[label] = train
-        print(f"{label:<10} {1e3 * sample:12.2f} {forward / sample / 1e12:8.0f} {1e3 * train:12.2f} "
-              f"{3 * forward / train / 1e12:8.0f}")  # model FLOPs: backward = 2x forward, as flop_counter counts
+        results[label] = train  # auto too: pinning a kernel is worth it only when it beats torch's own choice
+        print(f"{label:<10} {1e3 * sample:12.2f} {forward / sample / 1e12:8.3g} {1e3 * train:12.2f} "
+              f"{3 * forward / train / 1e12:8.3g}")  # model FLOPs: backward = 2x forward, as flop_counter counts
     if results:
         best = min(results, key=results.get)
         print(f"fastest for training: {best} (algo.attention_backend={best})")
