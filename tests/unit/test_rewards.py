@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -250,3 +251,14 @@ def test_unknown_reward_lists_available() -> None:
     assert "aesthetic_v99" in message
     for name in BUILTINS:
         assert name in message
+
+
+def test_the_color_match_config_lists_the_colour_words_it_knows():
+    """Its prompts must each name one of them, so its config says which (and stays in step with the table)."""
+    import re
+
+    from tests.conftest import CONFIG_DIR
+
+    text = (Path(CONFIG_DIR) / "reward" / "color_match.yaml").read_text()
+    listed = re.search(r"in any case: ([a-z, ]+)\.", text.replace("\n# ", " ")).group(1).split(", ")
+    assert listed == list(COLOR_TARGETS)
