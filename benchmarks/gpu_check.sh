@@ -37,7 +37,7 @@ if compgen -G ".whl/*.whl" > /dev/null; then
 fi
 export HF_HUB_OFFLINE=1 WANDB_MODE=offline PYTHONUNBUFFERED=1
 quiet() { grep -v -i -E "warn|kept in float32|originates from|is_torch_version|^$"; }
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || echo "no nvidia-smi here (a GPU_CHECK_DRY run?)"; } | tee "$out/gpu.txt"
 python3 -c "import torch, diffusers, transformers; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__)" | tee -a "$out/gpu.txt"
 stage=${1:-epoch}
 # GPU_CHECK_DRY=1: every stage at toy sizes on CPU (minutes), to check this script before spending device time
@@ -65,14 +65,14 @@ if [[ $stage == epoch || $stage == overlap ]]; then
     timeout "$2" python3 benchmarks/epoch.py "${epoch_args[@]}" --models "$models" --warmup 1 --iterations 1 \
       --repeats 3 "algo.num_steps=$steps" algo.micro_batch_pairs=16 algo.gradient_accumulation_steps=1 \
       "${scoring[@]}" algo.compile=true "algo.compile_mode=$mode" "algo.attention_backend=$1" \
-      trainer.benchmark=true algo.low_precision_base=true "${more[@]}" > "$out/${stage}_t50_micro16_$1.log" 2>&1
-    grep -v -i warn "$out/${stage}_t50_micro16_$1.log" | sed -n '/SDPO iteration benchmark/,$p'
-    grep -E "Error|error:" "$out/${stage}_t50_micro16_$1.log" | tail -5 || true
+      trainer.benchmark=true algo.low_precision_base=true "${more[@]}" > "$out/${stage}_t${steps}_micro16_$1.log" 2>&1
+    grep -v -i warn "$out/${stage}_t${steps}_micro16_$1.log" | sed -n '/SDPO iteration benchmark/,$p'
+    grep -E "Error|error:" "$out/${stage}_t${steps}_micro16_$1.log" | tail -5 || true
   }
   start=$SECONDS
   epoch "$attn" 480
   # a pinned kernel this GPU cannot run stops the run at fit start, in seconds: then measure with torch's choice
-  if [[ $attn != auto ]] && ! grep -q "^overhead ratio" "$out/${stage}_t50_micro16_$attn.log" \
+  if [[ $attn != auto ]] && ! grep -q "^overhead ratio" "$out/${stage}_t${steps}_micro16_$attn.log" \
       && (( SECONDS - start < 120 )); then
     epoch auto $((480 - (SECONDS - start)))
   fi
