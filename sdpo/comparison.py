@@ -96,12 +96,12 @@ class Comparison:
         return {f"compare/{r['reward']}/{r['steps']}step_delta": r["delta"] for r in self.table()}
 
     def to_markdown(self) -> str:
-        lines = ["| reward | steps | base | policy | change | 95% CI of the change | policy better | n |",
-                 "|---|---:|---:|---:|---:|---|---:|---:|"]
+        lines = ["| reward | steps | base | policy | change | 95% CI of the change | policy better | images "
+                 "| prompts |", "|---|---:|---:|---:|---:|---|---:|---:|---:|"]
         for r in self.table():
             lines.append(f"| {r['reward']} | {r['steps']} | {r['base']:.4f} | {r['policy']:.4f} | "
                          f"{r['delta']:+.4f} | [{r['delta_ci95_low']:+.4f}, {r['delta_ci95_high']:+.4f}] | "
-                         f"{r['policy_better']:.0%} | {r['n']} |")
+                         f"{r['policy_better']:.0%} | {r['n']} | {r['prompts']} |")
         lines += ["", f"change: policy minus base on the same prompt and initial noise, image by image "
                       f"({len(self.policy.prompts)} prompts x {self.policy.images_per_prompt} images, seed "
                       f"{self.policy.meta.get('seed')}); CI: {self.policy.ci_method}."]

@@ -59,10 +59,11 @@ class EvalResult:
         return {f"eval/{r['reward']}/{r['steps']}step": r["mean"] for r in self.table()}
 
     def to_markdown(self) -> str:
-        lines = ["| reward | steps | mean | std | 95% CI of the mean | n |", "|---|---:|---:|---:|---|---:|"]
+        lines = ["| reward | steps | mean | std | 95% CI of the mean | images | prompts |",
+                 "|---|---:|---:|---:|---|---:|---:|"]
         for r in self.table():
             lines.append(f"| {r['reward']} | {r['steps']} | {r['mean']:.4f} | {r['std']:.4f} | "
-                         f"[{r['ci95_low']:.4f}, {r['ci95_high']:.4f}] | {r['n']} |")
+                         f"[{r['ci95_low']:.4f}, {r['ci95_high']:.4f}] | {r['n']} | {r['prompts']} |")
         n = self.images_per_prompt
         lines.append("")
         lines.append(f"{len(self.prompts)} prompts x {n} images per step count, seed {self.meta.get('seed')}, "

@@ -132,6 +132,8 @@ def test_cli_writes_run_folder(tmp_path, cache_dir):
                              *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "| brightness | 1 |" in result.stdout and "| colorfulness | 2 |" in result.stdout
+    row = next(line for line in result.stdout.splitlines() if line.startswith("| brightness | 1 |"))
+    assert "| 95% CI of the mean | images | prompts |" in result.stdout and row.endswith("| 6 | 3 |")  # CI: 3 prompts
     for name in ("results.csv", "results.json", "results.md", ".hydra/config.yaml"):
         assert (run_dir / name).exists(), name
     rows = list(csv.DictReader(open(run_dir / "results.csv")))
