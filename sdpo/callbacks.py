@@ -22,6 +22,7 @@ from PIL import Image
 from sdpo.commands import cli_arg
 from sdpo.grids import fit_to_grid, image_grid
 from sdpo.policy.attention import torch_attention
+from sdpo.rewards.base import UnscorablePrompts
 from sdpo.run_log import report_at_end
 
 
@@ -356,8 +357,20 @@ class EvalDuringTraining(L.Callback):
 
         if trainer.global_rank == 0:  # build held-out rewards now (on the CPU): a missing model fails before training
             check_step_counts(pl_module.components.scheduler_config, self.steps, key="callbacks.eval.steps")
+            problems = []
             for reward in self.rewards_for(pl_module, device="cpu").values():
-                reward.check_prompts(self.prompts, "callbacks.eval.prompts")
+                try:
+                    reward.check_prompts(self.prompts, "callbacks.eval.prompts")
+                except UnscorablePrompts as error:
+                    problems.append(str(error))
+            training_prompts = getattr(trainer.datamodule, "prompts", None)
+            if problems and training_prompts is not None:  # the module checks them next: say both in one refusal
+                try:
+                    pl_module.reward_fn.check_prompts(training_prompts, "data.source")
+                except UnscorablePrompts as error:
+                    problems.append(str(error))
+            if problems:
+                raise UnscorablePrompts("\n".join(problems))
 
     def rewards_for(self, pl_module: L.LightningModule, device: torch.device | str | None = None
                     ) -> dict[str, torch.nn.Module]:

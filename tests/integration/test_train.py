@@ -330,6 +330,8 @@ def test_bad_config_fails_before_loading(tmp_path, cache_dir):
     ("sdpo.evaluate", "rewards=[color_match]", "set prompts to prompts that each name one of"),  # cannot score them
     # found as fitting starts, after the CSV logger wrote its copy of the config: still nothing ran
     ("sdpo.train", "reward=color_match", "set callbacks.eval.prompts to prompts that each name one of"),
+    # ... and in the same refusal what the training prompts lack (the module would have found it on the next run)
+    ("sdpo.train", "reward=color_match", "set data.source to prompts that each name one of"),
     ("sdpo.train", "algo.num_steps=four", "algo.num_steps='four': need an integer"),
     ("sdpo.train", "data.source=my_prompts.txt", "data.source: prompt source 'my_prompts.txt' is neither"),
     # weights that are not here: the message says how to provide them, found as the models load
