@@ -119,7 +119,7 @@ def main() -> None:
             continue
         results[label] = train  # auto too: pinning a kernel is worth it only when it beats torch's own choice
         print(f"{label:<10} {1e3 * sample:12.2f} {forward / sample / 1e12:8.3g} {1e3 * train:12.2f} "
-              f"{3 * forward / train / 1e12:8.3g}")  # model FLOPs: backward = 2x forward, as flop_counter counts
+              f"{3 * forward / train / 1e12:8.3g}")  # model FLOPs: backward = 2x forward (sdpo.flops)
     if results:
         best = min(results, key=results.get)
         print(f"fastest for training: {best} (algo.attention_backend={best})")

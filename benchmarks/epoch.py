@@ -9,7 +9,7 @@ iteration; the held-out evaluation callback off) for a few iterations and prints
 - the primitives of that same iteration timed in isolation (text encoder, UNet forward at the sampling batch, VAE
   decode, reward model, UNet forward+backward at the training micro-batch, clip + AdamW step), each multiplied by
   the number of times the iteration calls it, and the overhead ratio = iteration time / their sum;
-- on GPU, the MFU of sampling and training (FLOPs of one call from ``torch.utils.flop_counter``).
+- on GPU, the MFU of sampling and training (model FLOPs of one call, ``sdpo.flops``).
 
 With ``algo.overlap_scoring=true`` decode and reward model run beside sampling: they are printed as the worker's
 seconds, and sampling + rewards is compared with all four of their primitives (below 1.00: the overlap paid).
@@ -108,12 +108,12 @@ def chunk_sizes(total: int, size: int) -> dict[int, int]:
 
 
 def flops_of(fn: Callable[[], object]) -> int:
-    """Model FLOPs of one call, counted eagerly: under the counter a compiled UNet would compile again (minutes)."""
-    from torch.utils.flop_counter import FlopCounterMode
+    """Model FLOPs of one call (``sdpo.flops``: attention without the fused kernels' recomputation, whichever
+    kernel runs), counted eagerly: under the counter a compiled UNet would compile again (minutes)."""
+    from sdpo.flops import model_flops
 
-    with torch.compiler.set_stance("force_eager"), FlopCounterMode(display=False) as counter:
-        fn()
-    return counter.get_total_flops()
+    with torch.compiler.set_stance("force_eager"):
+        return model_flops(fn)
 
 
 def primitives(trainer: L.Trainer, cfg, counts: dict, device: torch.device, repeats: int) -> dict[str, dict]:

@@ -7,9 +7,9 @@
 #   bash benchmarks/gpu_check.sh autotune [ATTN]      # the compiled call under max-autotune (long compile)
 #   bash benchmarks/gpu_check.sh lora [ATTN]          # the compiled call with and without LoRA, about 6 min
 # Measured on an H100 on 2026-11-26 (benchmarks/README.md): a whole T = 50 iteration at the reference batch,
-# micro-batch 16 x 1, compiled, reached 29.1% training MFU against the 30% target, with the training loop adding
-# nothing to its primitives (0.98); the compiled 32-row call ran at 197.6 ms (28.8%) in that run, against 188.6 ms
-# (30.5%) alone in unet_mfu.py on another H100. What is left is the call itself, and about a fifth of its FLOPs are
+# micro-batch 16 x 1, compiled, reached 28.0% training MFU (model FLOPs, sdpo.flops) against the 30% target, with
+# the training loop adding nothing to its primitives (0.98); the compiled 32-row call ran at 197.6 ms (28.1%) in that
+# run, against 188.6 ms (29.4%) alone in unet_mfu.py on another H100. What is left is the call itself, and about a fifth of its FLOPs are
 # attention, which torch runs with FlashAttention-2 although cuDNN's kernels may be faster on Hopper.
 # Every stage first times the UNet's attention alone under each SDPA backend (attention_backends.py, seconds) and
 # uses the fastest for training unless ATTN names one (algo.attention_backend: flash | cudnn | efficient | math).
