@@ -20,6 +20,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from PIL import Image
 
 from sdpo.commands import cli_arg
+from sdpo.eval_results import cells_legend
 from sdpo.grids import fit_to_grid, image_grid
 from sdpo.policy.attention import torch_attention
 from sdpo.rewards.base import UnscorablePrompts
@@ -439,8 +440,6 @@ class EvalDuringTraining(L.Callback):
             rows = result.table()
             columns = ["epoch", *rows[0]]
             data = [[epoch, *row.values()] for row in rows]
-            from sdpo.eval_results import cells_legend
-
             grid = result.grid()
             caption = (f"epoch {epoch}: held-out prompts x step counts, {cells_legend(result.reward_names)} "
                        f"(native {result.meta['scheduler']})")

@@ -10,6 +10,7 @@ nor switch dropout on.
 from __future__ import annotations
 
 import abc
+import importlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -25,6 +26,11 @@ class _FrozenAfterInit(abc.ABCMeta):
         instance.requires_grad_(False)
         instance.eval()
         return instance
+
+
+def optional_package_hint(reward: str, module: str, extra: str) -> str:
+    """What a reward without its optional package says, wherever that is found (config check or build)."""
+    return f"reward {reward!r} needs the optional package {module}: pip install -e \".[{extra}]\""
 
 
 class UnscorablePrompts(ValueError):
@@ -47,9 +53,17 @@ class RewardModel(nn.Module, metaclass=_FrozenAfterInit):
     name: str = "reward"
     #: Whether the score depends on the prompt (text conditioning must matter for it).
     requires_prompts: bool = False
-    #: (module, pip extra) of each optional package the reward imports when built: the config check looks for them
-    #: before any model loads, rather than after the policy has been downloaded and built.
+    #: (module, pip extra) of each optional package the reward imports when built (``import_optional``): the config
+    #: check looks for them before any model loads, rather than after the policy has been downloaded and built.
     optional_modules: tuple[tuple[str, str], ...] = ()
+
+    @classmethod
+    def import_optional(cls, module: str) -> Any:
+        """``module``, one of ``optional_modules``, or an ``ImportError`` with the line that installs it."""
+        try:
+            return importlib.import_module(module)
+        except ImportError as err:
+            raise ImportError(optional_package_hint(cls.name, module, dict(cls.optional_modules)[module])) from err
 
     def train(self, mode: bool = True) -> RewardModel:
         """Stay in eval mode whatever the parent asks: a reward is a fixed evaluator."""

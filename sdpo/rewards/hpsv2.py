@@ -11,7 +11,6 @@ without the logit scale (typically ~0.2-0.35).
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
 
 import torch
@@ -28,17 +27,6 @@ HPS_CHECKPOINTS: dict[str, str] = {
     "v2.0": "HPS_v2_compressed.pt",
     "v2.1": "HPS_v2.1_compressed.pt",
 }
-
-
-def import_open_clip() -> Any:
-    """The ``open_clip`` module, or an ``ImportError`` saying how to install the extra."""
-    try:
-        return importlib.import_module("open_clip")
-    except ImportError as err:
-        raise ImportError(
-            'the hpsv2 reward needs open_clip, an optional dependency: pip install -e ".[hpsv2]" '
-            "(installs open-clip-torch)"
-        ) from err
 
 
 def _pair(value: Any) -> int:
@@ -73,7 +61,7 @@ class HPSv2(RewardModel):
         super().__init__()
         if version not in HPS_CHECKPOINTS:
             raise ValueError(f"unknown HPS version {version!r}; use one of {', '.join(HPS_CHECKPOINTS)}")
-        open_clip = import_open_clip()
+        open_clip = self.import_optional("open_clip")
         filename = checkpoint_filename or HPS_CHECKPOINTS[version]
         path = fetch_file(checkpoint_source, filename, cache_dir=cache_dir, config_key="checkpoint_source")
         state = _strip_prefixes(load_state_dict_file(path), ("module.",))

@@ -14,9 +14,6 @@ newest ``transformers`` releases.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
 import torch
 from torch import Tensor
 
@@ -26,17 +23,6 @@ from sdpo.rewards.registry import register_reward
 
 #: ImageReward's prompt context (``ImageReward.score`` pads and truncates to 35 BERT tokens).
 IMAGEREWARD_MAX_LENGTH = 35
-
-
-def import_image_reward() -> Any:
-    """The ``ImageReward`` module, or an ``ImportError`` saying how to install the extra."""
-    try:
-        return importlib.import_module("ImageReward")
-    except ImportError as err:
-        raise ImportError(
-            "the imagereward reward needs the ImageReward package, an optional dependency: "
-            'pip install -e ".[imagereward]" (installs image-reward)'
-        ) from err
 
 
 @register_reward("imagereward")
@@ -63,7 +49,7 @@ class ImageRewardScore(RewardModel):
         image_size: int = 224,
     ) -> None:
         super().__init__()
-        rm = import_image_reward()
+        rm = self.import_optional("ImageReward")
         # positional: the 4th parameter is ``med_config`` in image-reward 1.x and ``med_config_path`` later
         loaded = rm.load(model, "cpu", download_root, med_config)
         self.model = loaded.to(parse_dtype(dtype)).eval()

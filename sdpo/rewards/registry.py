@@ -6,7 +6,7 @@ import importlib.util
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from sdpo.rewards.base import RewardModel
+from sdpo.rewards.base import RewardModel, optional_package_hint
 
 _REGISTRY: dict[str, Callable[..., RewardModel]] = {}
 
@@ -59,5 +59,5 @@ def build_reward(name: str, **kwargs: Any) -> RewardModel:
 def missing_packages(name: str) -> list[str]:
     """What reward ``name`` would fail to import when built, each with the command that installs it."""
     factory = reward_factory(name)
-    return [f"reward {name!r} needs the optional package {module}: pip install -e \".[{extra}]\""
+    return [optional_package_hint(name, module, extra)
             for module, extra in getattr(factory, "optional_modules", ()) if importlib.util.find_spec(module) is None]
