@@ -31,16 +31,26 @@ class AtenOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.fixture
-def lora_unet(cache_dir) -> UNet2DConditionModel:
-    """The tiny default's UNet with LoRA on its attention projections (what a default run trains)."""
-    unet = UNet2DConditionModel.from_pretrained(ensure_tiny_pipeline(cache_dir, TinySpec()) / "unet")
+def unet_with_lora(cache_dir, spec: TinySpec) -> UNet2DConditionModel:
+    """A tiny UNet with LoRA on its attention projections (what a default run trains)."""
+    unet = UNet2DConditionModel.from_pretrained(ensure_tiny_pipeline(cache_dir, spec) / "unet")
     torch.manual_seed(0)
     make_trainable(unet, True, 4, 4, ["to_q", "to_k", "to_v", "to_out.0"], "gaussian")
     for name, p in unet.named_parameters():  # LoRA-B starts at 0; give the adapters something to do
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.1)
     return unet
+
+
+@pytest.fixture
+def lora_unet(cache_dir) -> UNet2DConditionModel:
+    """The tiny default's UNet with LoRA (heads of dim 4 and 8)."""
+    return unet_with_lora(cache_dir, TinySpec())
+
+
+# cuDNN's and the memory-efficient kernel take head dims that are multiples of 8 (SD-Turbo's are 64): the default's
+# dim-4 heads are refused by them on a GPU, as check_attention_backend should.
+CUDA_KERNEL_SPEC = TinySpec(unet_channels=(64, 128))
 
 
 def unet_inputs(unet: UNet2DConditionModel) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -152,10 +162,10 @@ def test_config_refuses_an_attention_backend_that_cannot_run(tmp_path, cache_dir
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA attention kernels")
 @pytest.mark.parametrize("name", ["flash", "cudnn", "efficient"])
-def test_cuda_kernels_run_the_unet_and_agree_with_math_under_bf16(lora_unet, name):
+def test_cuda_kernels_run_the_unet_and_agree_with_math_under_bf16(cache_dir, name):
     """Each CUDA kernel passes the fit-start probe and gives the math kernel's outputs and LoRA gradients, to bf16
-    rounding (the math kernel runs the same bf16 inputs)."""
-    unet = lora_unet.cuda()
+    rounding (the math kernel runs the same bf16 inputs), on a UNet whose head dims every kernel takes."""
+    unet = unet_with_lora(cache_dir, CUDA_KERNEL_SPEC).cuda()
     def bf16():
         return torch.autocast("cuda", dtype=torch.bfloat16)
 
@@ -172,3 +182,10 @@ def test_cuda_kernels_run_the_unet_and_agree_with_math_under_bf16(lora_unet, nam
     torch.testing.assert_close(out, ref_out, rtol=0.05, atol=0.05)
     for k, grad in grads.items():  # bf16 noise relative to the gradient's own size
         assert (grad - ref_grads[k]).norm() <= 0.05 * ref_grads[k].norm() + 1e-6, k
+
+
+def test_the_cuda_kernel_test_unet_has_head_dims_every_kernel_takes(cache_dir):
+    """The CUDA test above needs head dims that are multiples of 8; the default's dim-4 heads are not."""
+    dims = {dim for _, dim in head_shapes(unet_with_lora(cache_dir, CUDA_KERNEL_SPEC))}
+    assert dims and all(dim % 8 == 0 for dim in dims), dims
+    assert any(dim % 8 for _, dim in head_shapes(unet_with_lora(cache_dir, TinySpec())))
