@@ -1,8 +1,9 @@
 """Which scaled-dot-product-attention kernel the policy UNet's attention runs (``algo.attention_backend``).
 
-Left to torch (``auto``), CUDA attention tries FlashAttention-2, then memory-efficient attention, then math, and
-cuDNN's fused attention last, although on Hopper cuDNN's kernels can be the faster ones. Attention is 17% of the
-FLOPs of an SD-Turbo sampling call and 23% of a training call's (benchmarks/README.md), so the kernel matters to MFU.
+Left to torch (``auto``), CUDA attention picks a kernel per call. Attention is 17% of the FLOPs of an SD-Turbo
+sampling call and 23% of a training call's, so the kernel matters to MFU; on an H100 with torch 2.11, ``auto`` was
+the fastest choice, ahead of pinned cuDNN by 5% and of pinned FlashAttention-2 by a third (benchmarks/README.md,
+2026-11-27). A pin is for a GPU or torch where ``benchmarks/attention_backends.py`` finds one faster.
 Pinning one backend is strict on purpose: a backend that cannot run these shapes raises, rather than falling back
 to a slower one unnoticed. The pin applies to the UNet alone; the VAE's single-head attention (head dim 512) and
 the reward model keep torch's choice.
