@@ -5,13 +5,13 @@
 #   bash benchmarks/gpu_check.sh calls                # CUDA tests and the compiled call alone, about 7 min
 #   bash benchmarks/gpu_check.sh overlap [ATTN]       # the iteration with algo.overlap_scoring=true, about 7 min
 #   bash benchmarks/gpu_check.sh autotune [ATTN]      # the compiled call under max-autotune (long compile)
-#   bash benchmarks/gpu_check.sh lora [ATTN]          # the compiled call with and without LoRA, about 6 min
+#   bash benchmarks/gpu_check.sh profile [ATTN]       # the compiled call with and without LoRA, profiled, ~6 min
 # Measured on an H100 on 2026-11-27 (benchmarks/README.md): a whole T = 50 iteration at the reference batch,
 # micro-batch 16 x 1, compiled, reached 27.7% training MFU (model FLOPs, sdpo.flops) against the 30% target, with an
 # overhead ratio of 1.02 and the training loop adding nothing to its primitives (0.99). The compiled 32-row call
 # itself runs at 197.6 ms (27.8%), as on 2026-11-26. torch's own attention choice was already the fastest kernel
-# (38 ms of the call), so what is left is the other 160 ms: stages "lora" and "autotune" measure the two leads
-# left, and are the ones to run next.
+# (38 ms of the call), so what is left is the other 160 ms: stage "profile" shows where it goes and what the LoRA
+# adapters cost, stage "autotune" what inductor's kernel search wins. Run "profile" next.
 # Every stage first times the UNet's attention alone under each SDPA backend (attention_backends.py, seconds) and
 # uses the fastest for training unless ATTN names one (algo.attention_backend: flash | cudnn | efficient | math).
 # Stage "epoch": epoch.py at the issue's settings (T = 50, the reference batch, micro-batch 16 x 1, 16 prompts per
@@ -25,8 +25,9 @@
 #   torch's attention and with the fastest pinned one.
 # Stage "autotune": unet_mfu.py's compiled call under max-autotune-no-cudagraphs (kernel choices benchmarked while
 #   compiling: minutes more; algo.compile_mode).
-# Stage "lora": unet_mfu.py's compiled call with LoRA r4 and without adapters (the input takes the gradient): the
-#   MFU gap is what the adapters' extra memory traffic costs, i.e. what fusing them could win at most.
+# Stage "profile": unet_profile.py on the compiled 32-row training call with LoRA r4 and without adapters (the input
+#   takes the gradient): ms per call, MFU, the top kernels and kernel time by kind (attention, matmul, convolution,
+#   fused Triton, ...). The gap between the two is what the adapters cost, i.e. what fusing them could win at most.
 # GPU_CHECK_DRY=1 runs any stage at toy sizes on CPU: a check of this script that costs no device time.
 # Packages the machine lacks can be put as wheels in .whl/ (installed with --no-deps into a scratch site dir).
 set -uo pipefail
@@ -100,12 +101,13 @@ elif [[ $stage == autotune ]]; then
   timeout 540 python3 benchmarks/unet_mfu.py "${mfu_args[@]}" "train:$rows:bm:full:autotune$(pin "$attn")" 2>&1 | quiet \
     > "$out/unet_mfu_32_autotune.log"  # with inductor's AUTOTUNE tables; the result lines:
   grep -E "^(UNet MFU|variant|train|sample)" "$out/unet_mfu_32_autotune.log"
-elif [[ $stage == lora ]]; then
+elif [[ $stage == profile ]]; then
   attn=$(fastest_attention "${2:-}")
-  echo "=== unet_mfu.py: the compiled $rows-row training call with LoRA r4 and without adapters, attention $attn"
-  timeout 540 python3 benchmarks/unet_mfu.py "${mfu_args[@]}" "train:$rows:bm:full$(pin "$attn")" \
-    "train:$rows:bm:full$(pin "$attn"):nolora" 2>&1 | quiet | tee "$out/unet_mfu_32_lora.log"
+  echo "=== unet_profile.py: the compiled $rows-row training call with LoRA r4 and without adapters, attention $attn"
+  timeout 540 python3 benchmarks/unet_profile.py "${mfu_args[@]}" "train:$rows:bm:full$(pin "$attn")" \
+    "train:$rows:bm:full$(pin "$attn"):nolora" 2>&1 | quiet | grep -v -E "^USDT|kept in float32" \
+    | tee "$out/unet_profile_$rows.log"
 else
-  echo "unknown stage $stage: use epoch [MODE [ATTN]], calls [ATTN], overlap [ATTN], autotune [ATTN] or lora [ATTN]" >&2
+  echo "unknown stage $stage: use epoch [MODE [ATTN]], calls [ATTN], overlap [ATTN], autotune [ATTN] or profile [ATTN]" >&2
   exit 2
 fi

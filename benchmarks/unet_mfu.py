@@ -103,16 +103,23 @@ def make_call(unet, s: dict, v: dict, device: torch.device, dtype: torch.dtype):
     return call
 
 
-def measure(v: dict, args, device: torch.device, dtype: torch.dtype) -> dict:
+def prepare(v: dict, scale: str, lora_rank: int, device: torch.device, dtype: torch.dtype):
+    """The variant's UNet with its speed options applied (not yet compiled: that happens at the first call), its
+    call, and the call's model FLOPs."""
     from sdpo.policy.speed import apply_speed_options
 
     torch.backends.cudnn.benchmark = v["benchmark"]
-    unet, s = build_unet(args.scale, device, dtype, args.lora_rank if v["lora"] else None)
+    unet, s = build_unet(scale, device, dtype, lora_rank if v["lora"] else None)
     call = make_call(unet, s, v, device, dtype)
     flops = flops_of(call)  # before any compile, and torch's attention choice: the model FLOPs
     pin_attention_backend(unet, v["attention"])
     apply_speed_options(unet, v["channels_last"], v["compile"], dynamic=None if v["dynamic"] else False,
                         inductor_mode=v["inductor_mode"])
+    return unet, call, flops
+
+
+def measure(v: dict, args, device: torch.device, dtype: torch.dtype) -> dict:
+    unet, call, flops = prepare(v, args.scale, args.lora_rank, device, dtype)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     synchronize(device)
