@@ -100,6 +100,15 @@ def _dtype(module: torch.nn.Module) -> str:
     return str(first.dtype).removeprefix("torch.") if first is not None else "no weights"
 
 
+def precision_text(precision: str, device: str) -> str:
+    """The run's precision, and on a GPU in full fp32 that TF32 is off on purpose (``sdpo.train.train``): Lightning's
+    notice recommending it is dropped, so say why here."""
+    text = f"precision {precision}"
+    if precision.startswith("32") and device == "cuda":
+        text += " (TF32 off: it moves log-probs by about 1e-4, the clip range)"
+    return text
+
+
 def run_header(module: Any, trainer: L.Trainer, pairs_per_rank: int) -> str:
     """The header's lines for ``module`` (an ``SDPOModule``) about to be fitted by ``trainer``."""
     a, lora = module.algo_cfg, module.model_cfg["lora"]
@@ -131,7 +140,7 @@ def run_header(module: Any, trainer: L.Trainer, pairs_per_rank: int) -> str:
                         module.total_samples, module.resumed_optimizer_steps)
     return "\n".join([
         f"SDPO run: {trainer.default_root_dir} · {world} process{'es' if world > 1 else ''} on {device} · "
-        f"precision {trainer.precision}",
+        f"{precision_text(str(trainer.precision), device)}",
         f"  policy      {type(unet).__name__}, {module.step_kind} step: {policy}",
         f"  frozen      {frozen_text} · {reward_text}",
         f"  iteration   per rank: {pairs_per_rank} prompts x 2 trajectories x T = {steps} steps "
