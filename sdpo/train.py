@@ -136,6 +136,9 @@ def quiet_libraries() -> None:
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_drop_adverts)
     # DDP: the module logs values it has already gathered over ranks, so sync_dist would only repeat the reduction.
     warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\(.*sync_dist=True")
+    # Printed on machines with many cores (every GPU node): the loader yields a few prompt strings per iteration,
+    # which worker processes would only delay.
+    warnings.filterwarnings("ignore", message=r"The '\w+_dataloader' does not have many workers")
 
 
 def log_config(logger: Any, cfg: DictConfig) -> None:

@@ -30,3 +30,18 @@ def test_a_full_fp32_gpu_run_says_tf32_is_off_and_why():
                                                "clip range)"
     assert precision_text("32-true", "cpu") == "precision 32-true"  # no TF32 on a CPU
     assert precision_text("bf16-mixed", "cuda") == "precision bf16-mixed"
+
+
+def test_the_many_workers_advice_is_silenced_and_other_warnings_are_not():
+    """GPU nodes have many cores, and Lightning then advises dataloader workers for a loader of prompt strings."""
+    import warnings
+
+    from sdpo.train import quiet_libraries
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quiet_libraries()
+        warnings.warn("The 'train_dataloader' does not have many workers which may be a bottleneck.", UserWarning,
+                      stacklevel=1)
+        warnings.warn("something the user should see", UserWarning, stacklevel=1)
+    assert [str(w.message) for w in caught] == ["something the user should see"]
