@@ -44,12 +44,29 @@ def is_final_iteration(trainer: L.Trainer) -> bool:
 
 
 class RunCheckpoint(ModelCheckpoint):
-    """Lightning's ``ModelCheckpoint`` that also saves after the final epoch (``is_final_iteration``).
+    """Lightning's ``ModelCheckpoint`` that also saves after the final epoch (``is_final_iteration``), and never
+    lets ``last.ckpt`` name a file that is gone.
 
     With ``every_n_epochs=N`` (worth raising when each checkpoint is a big full fine-tune), the stock callback skips
     the last epochs when N does not divide the run's length, and ``last.ckpt`` would silently hold an older policy
     than ``trained/``. Resuming or exporting from it must give the final weights.
+
+    The stock order is: write the new file, delete the previous one, then move the ``last.ckpt`` link. Under DDP the
+    ranks meet between those steps, so a rank that died while rank 0 wrote the checkpoint (every iteration, seconds
+    for a big full fine-tune) left ``last.ckpt`` pointing at a deleted file: no restart, and a stop notice naming a
+    file that does not exist. Here a superseded file is deleted only once ``last.ckpt`` names its successor, and
+    ``linked_epoch`` (what the stop notice reports) moves at the same moment.
     """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._superseded: list[str] = []  # files to delete once last.ckpt no longer names them
+        self._written_epoch = -1
+        self.linked_epoch = -1  # the epoch of the newest complete checkpoint that last.ckpt names (-1: none)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        self.linked_epoch = self._written_epoch = trainer.current_epoch - 1  # resumed: its checkpoint's epoch
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_epoch_end(trainer, pl_module)
@@ -62,6 +79,24 @@ class RunCheckpoint(ModelCheckpoint):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.fast_dev_run:  # the stock hook writes last.ckpt even then, though fast_dev_run means none
             super().on_train_end(trainer, pl_module)
+
+    def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
+        super()._save_checkpoint(trainer, filepath)
+        self._written_epoch = trainer.current_epoch
+
+    def _remove_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
+        self._superseded.append(filepath)  # deleted by _settle, once last.ckpt names its successor
+
+    def _save_last_checkpoint(self, trainer: L.Trainer, monitor_candidates: dict[str, Any]) -> None:
+        super()._save_last_checkpoint(trainer, monitor_candidates)  # with save_last=false: nothing to link
+        self._settle(trainer)
+
+    def _settle(self, trainer: L.Trainer) -> None:
+        """``last.ckpt`` (or, without it, the newest file) now names the file just written: count its epoch as
+        saved, and only now delete the files it replaced."""
+        self.linked_epoch = self._written_epoch
+        while self._superseded:
+            super()._remove_checkpoint(trainer, self._superseded.pop(0))
 
 
 def scalar_step(trainer: L.Trainer) -> int:
@@ -177,7 +212,9 @@ class RewardSummary(L.Callback):
         stopped = f"{stop_cause(exception)} during epoch {trainer.current_epoch}"
         self._report(pl_module, stopped)  # nothing without a complete iteration
         if self.history or isinstance(exception, KeyboardInterrupt | SIGTERMException):  # a signal: say so anyway
-            unsaved = [int(h["epoch"]) for h in self.history if h["epoch"] > self.checkpointed_epoch]
+            saved = trainer.checkpoint_callback  # RunCheckpoint knows what last.ckpt names, not just what was written
+            newest = saved.linked_epoch if isinstance(saved, RunCheckpoint) else self.checkpointed_epoch
+            unsaved = [int(h["epoch"]) for h in self.history if h["epoch"] > newest]
             report_at_end(stop_notice(trainer, stopped, exception, unsaved))
 
     def _report(self, pl_module: L.LightningModule, stopped: str | None) -> None:

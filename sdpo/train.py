@@ -133,6 +133,8 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=r".*litlogger")
     # a resume writes into a new run folder by design; the best-model bookkeeping it says it drops is unused here
     warnings.filterwarnings("ignore", message=r"The dirpath has changed from")
+    # a run continued in its own folder (hydra.run.dir=<run> ckpt_path=...) finds its checkpoints there by design
+    warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_drop_adverts)
     # DDP: the module logs values it has already gathered over ranks, so sync_dist would only repeat the reduction.
     warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\(.*sync_dist=True")

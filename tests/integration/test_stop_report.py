@@ -11,6 +11,7 @@ import pytest
 import torch
 from lightning.pytorch import Callback
 
+from sdpo.callbacks import RunCheckpoint
 from sdpo.export import main as export_main
 from sdpo.train import train
 from tests.conftest import FAST, compose, read_metrics
@@ -114,6 +115,47 @@ def test_an_epoch_that_ended_after_the_newest_checkpoint_is_named(tmp_path, cach
     assert "epoch 0 -> epoch 2 (stopped by Ctrl-C during epoch 2)" in out
     assert "(epoch=1-step=" in out  # the newest checkpoint holds epoch 1
     assert "the table's epoch 2 ended after that checkpoint: continuing from it runs it again" in out
+
+
+class FailsBeforeLinking(RunCheckpoint):
+    """Rank 0 when another rank dies while it writes epoch ``fail_epoch``'s checkpoint: the new file is written, and
+    the run fails at the ranks' next meeting, before ``last.ckpt`` moves to it."""
+
+    def __init__(self, fail_epoch: int, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.fail_epoch = fail_epoch
+
+    def _generate_state_key(self, **kwargs) -> str:  # RunCheckpoint's, so a RunCheckpoint resumes its state
+        return f"{RunCheckpoint.__qualname__}{kwargs!r}"
+
+    def _link_checkpoint(self, trainer, filepath: str, linkpath: str) -> None:
+        if trainer.current_epoch == self.fail_epoch:
+            raise RuntimeError("another rank died")
+        super()._link_checkpoint(trainer, filepath, linkpath)
+
+
+def test_a_failure_between_writing_a_checkpoint_and_linking_it_leaves_last_ckpt_whole(tmp_path, cache_dir, capsys,
+                                                                                     recwarn):
+    """Lightning deletes the previous file before it moves last.ckpt: a failure in between left last.ckpt naming a
+    deleted file. Now the notice names a complete checkpoint, and continuing in the run's folder (as a restart does)
+    runs the lost epoch again over its unlinked file and leaves one checkpoint, not an orphan."""
+    run, limits = tmp_path / "run", [*FAST, "trainer.max_epochs=4", "callbacks.eval=null"]
+    failing = [f"callbacks.checkpoint._target_={__name__}.FailsBeforeLinking", "+callbacks.checkpoint.fail_epoch=2"]
+    with pytest.raises(RuntimeError, match="another rank died"):
+        train(compose([*limits, *failing], run, cache_dir))
+    last = run / "checkpoints" / "last.ckpt"
+    assert last.resolve().is_file() and last.resolve().name.startswith("epoch=1-"), sorted(last.parent.iterdir())
+    assert list(last.parent.glob("epoch=2-*.ckpt"))  # written, never linked
+    out = capsys.readouterr().out
+    assert f"newest checkpoint: {last} (epoch=1-step=" in out
+    assert "the table's epoch 2 ended after that checkpoint: continuing from it runs it again" in out
+
+    said = re.search(r"continue: the same command with (ckpt_path=\S+)", out).group(1)
+    train(compose([*limits, said], run, cache_dir))  # in the same folder
+    files = sorted(p.name for p in last.parent.iterdir())
+    assert len(files) == 2 and files[0].startswith("epoch=3-") and files[1] == "last.ckpt", files
+    assert last.resolve().name == files[0]
+    assert not [w for w in recwarn if "is not empty" in str(w.message)]  # continuing in its folder is by design
 
 
 def test_an_error_reports_what_was_done_and_that_nothing_was_saved(tmp_path, cache_dir, capsys):
