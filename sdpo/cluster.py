@@ -25,6 +25,9 @@ from typing import Any
 
 import lightning as L
 
+from sdpo.checkpoint_files import not_a_checkpoint
+from sdpo.config_checks import ConfigError
+
 log = logging.getLogger(__name__)
 
 RESTART_COUNTS = ("SLURM_RESTART_COUNT", "TORCHELASTIC_RESTART_COUNT")  # > 0 in a requeued / restarted job
@@ -42,6 +45,10 @@ def restart_checkpoint(cfg: Any, env: Mapping[str, str]) -> str | None:
     last = Path(checkpoint["dirpath"]) / "last.ckpt"
     if last.exists():
         return str(last)
+    if last.is_symlink():  # a link to a deleted file: training from the base model would discard the run
+        raise ConfigError(f"this job is a restart ({', '.join(f'{k}={v}' for k, v in restarts.items())}), but its "
+                          f"{last} {not_a_checkpoint(last, key='ckpt_path')}: continue from one of those with the "
+                          f"same command and ckpt_path=<file>, rather than train this run from the base model")
     log.warning(
         "this job is a restart (%s) but %s does not exist, so it trains from the base model. A restart finds its "
         "checkpoint only in the run folder it first ran in: multi-task SLURM jobs and torchrun runs get one from "

@@ -9,6 +9,8 @@ import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from sdpo.algo.dense import STRATEGIES
+from sdpo.checkpoint_files import not_a_checkpoint
+from sdpo.commands import cli_arg
 from sdpo.config_keys import unknown_keys
 from sdpo.data import load_prompts
 from sdpo.policy.attention import CUDA_ONLY, attention_backend
@@ -143,6 +145,27 @@ def optional_package_problems(cfg: DictConfig) -> list[str]:
             for problem in missing_packages(name)]
 
 
+def ckpt_path_problems(cfg: DictConfig) -> list[str]:
+    """``ckpt_path`` must name a checkpoint file. Lightning's own names ("last", "best", ...) are refused: it looks
+    for them in this run's own folder, which Hydra has just created empty, and without one it trains from the base
+    model after a mere warning; the resume checks need the file too."""
+    ckpt = cfg.get("ckpt_path")
+    if ckpt is None or "://" in str(ckpt):
+        return []
+    example = "ckpt_path=outputs/train/<run>/checkpoints/last.ckpt"
+    if str(ckpt) in LIGHTNING_CKPT_NAMES:
+        folder = (cfg.get("callbacks") or {}).get("checkpoint") or {}
+        here = Path(str(folder.get("dirpath", ""))) / "last.ckpt" if folder.get("dirpath") else None
+        use = cli_arg("ckpt_path", here) if here is not None and here.is_file() else example
+        return [f"ckpt_path={ckpt}: give the checkpoint's path ({use}); Lightning would look for '{ckpt}' only in "
+                f"this run's own folder and, finding none, train from the base model"]
+    path = Path(str(ckpt)).expanduser()
+    if path.is_file():
+        return []
+    return [f"ckpt_path={ckpt}: {not_a_checkpoint(path, key='ckpt_path')} (resume from a run's checkpoint, e.g. "
+            f"{example})"]
+
+
 def validate_config(cfg: DictConfig) -> None:
     problems = type_problems(cfg)
     if problems:  # the value checks below compare these settings with numbers
@@ -227,10 +250,7 @@ def validate_config(cfg: DictConfig) -> None:
         limit = cfg.trainer.get(key)
         need(limit != 0, f"trainer.{key}=0 trains nothing: use a positive limit, or -1 for none (the base model "
                          f"needs no training run to be evaluated: python -m sdpo.evaluate)")
-    ckpt = cfg.get("ckpt_path")
-    need(ckpt is None or str(ckpt) in LIGHTNING_CKPT_NAMES or "://" in str(ckpt) or Path(str(ckpt)).is_file(),
-         f"ckpt_path={ckpt}: no such file (resume from a run's checkpoint, e.g. "
-         f"outputs/train/<run>/checkpoints/last.ckpt)")
+    problems += ckpt_path_problems(cfg)
     seed = cfg.get("seed", 0)
     need(isinstance(seed, int) and 0 <= seed < 2**32, f"seed={seed!r}: use an integer in [0, 2**32)")
     if m.lora.enabled:

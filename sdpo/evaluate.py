@@ -21,6 +21,7 @@ import torch
 from diffusers import UNet2DConditionModel
 from omegaconf import DictConfig, OmegaConf
 
+from sdpo.checkpoint_files import not_a_checkpoint
 from sdpo.comparison import Comparison
 from sdpo.config_checks import ConfigError, type_problems
 from sdpo.config_keys import unknown_keys
@@ -159,20 +160,6 @@ def base_unet(policy: LoadedPolicy, device: torch.device) -> Iterator[UNet2DCond
         return
     base = SDPOModule._load_components(dict(policy.model_cfg)).unet
     yield base.to(device).requires_grad_(False).eval()
-
-
-def not_a_checkpoint(path: Path) -> str:
-    """Why ``path`` is not a checkpoint file, with the argument that was probably meant."""
-    if not path.is_dir():
-        return "no such file"
-    run_checkpoint = path / "checkpoints" / "last.ckpt"
-    if run_checkpoint.is_file():
-        return f"is a run folder: use checkpoint={run_checkpoint}"
-    if (path / "last.ckpt").is_file():
-        return f"is a folder: use checkpoint={path / 'last.ckpt'}"
-    if list(path.glob("*.safetensors")):
-        return f"is an exported folder (weights for diffusers): use lora={path}"
-    return "is a folder, not a checkpoint file (e.g. outputs/train/<run>/checkpoints/last.ckpt)"
 
 
 def evaluate(cfg: DictConfig) -> EvalResult | Comparison:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from sdpo.checkpoint_files import not_a_checkpoint
 from sdpo.policy.lora import save_trained_unet
 
 
@@ -23,7 +24,7 @@ def read_checkpoint(ckpt_path: str | Path, mmap: bool = False) -> dict:
     that says what the file is not."""
     path = Path(ckpt_path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such checkpoint (a run's checkpoints/last.ckpt)")
+        raise FileNotFoundError(f"{path}: not a checkpoint: {not_a_checkpoint(path, key=None)}")
     if path.suffix == ".safetensors":
         raise ValueError(f"{path}: exported weights, not a training checkpoint (a run's checkpoints/last.ckpt); "
                          f"evaluate exported weights with lora={path.parent}")

@@ -131,7 +131,11 @@ def test_export_cli_says_what_a_path_is_not_and_writes_nothing(tmp_path):
     not_a_checkpoint.write_text("{}")
     plain_tensor = tmp_path / "weights.pt"
     torch.save({"w": torch.zeros(2)}, plain_tensor)
-    for path, said in [(tmp_path / "missing.ckpt", "no such checkpoint"),
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    torch.save({"w": torch.zeros(2)}, run / "checkpoints" / "last.ckpt")
+    for path, said in [(tmp_path / "missing.ckpt", "not a checkpoint: no such file"),
+                       (run, f"not a checkpoint: is a run folder: use {run / 'checkpoints' / 'last.ckpt'}"),
                        (not_a_checkpoint, "not a checkpoint torch can load safely"),
                        (plain_tensor, "not a checkpoint written by sdpo.train")]:
         with pytest.raises(SystemExit) as stop:

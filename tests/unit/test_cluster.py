@@ -12,6 +12,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from sdpo.cluster import RequeueOnSignal, requeue, restart_checkpoint, slurm_job_id
+from sdpo.config_checks import ConfigError
 
 
 def fake_scontrol(folder: Path, exit_code: int = 0) -> Path:
@@ -42,6 +43,20 @@ def test_only_a_restarted_job_continues_and_an_explicit_checkpoint_wins(tmp_path
     assert restart_checkpoint(cfg, {"SLURM_RESTART_COUNT": "0", "SLURM_JOB_ID": "1"}) is None  # a first start
     cfg.ckpt_path = "elsewhere.ckpt"
     assert restart_checkpoint(cfg, requeued) is None  # train.py keeps the explicit one
+
+
+def test_a_restart_whose_last_ckpt_names_a_deleted_file_is_refused_not_trained_from_scratch(tmp_path):
+    """Training from the base model would discard the run; the refusal names the checkpoints that are there."""
+    checkpoints = tmp_path / "checkpoints"
+    checkpoints.mkdir()
+    (checkpoints / "epoch=14-step=60.ckpt").write_bytes(b"")
+    (checkpoints / "last.ckpt").symlink_to("epoch=13-step=56.ckpt")
+    cfg = OmegaConf.create({"ckpt_path": None, "callbacks": {"checkpoint": {"dirpath": str(checkpoints)}}})
+    with pytest.raises(ConfigError) as refused:
+        restart_checkpoint(cfg, {"TORCHELASTIC_RESTART_COUNT": "1"})
+    said = str(refused.value)
+    assert "is a link to epoch=13-step=56.ckpt, which no longer exists" in said
+    assert f"that folder holds \"ckpt_path='{checkpoints}/epoch=14-step=60.ckpt'\"" in said
 
 
 def test_requeue_calls_scontrol_and_reports_failure(tmp_path, monkeypatch, caplog):

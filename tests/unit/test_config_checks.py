@@ -35,6 +35,10 @@ def problems(overrides: list[str], tmp_path) -> str:
     (["model.lora.enabled=true", "model.lora.targets=[]"], "model.lora.targets=[]: name at least one module"),
     (["seed=-1"], "seed=-1: use an integer in [0, 2**32)"),
     (["ckpt_path=/no/such/last.ckpt"], "ckpt_path=/no/such/last.ckpt: no such file"),
+    # Lightning's own names resolve in this new run's empty folder: it would train from the base model
+    (["ckpt_path=last"], "ckpt_path=last: give the checkpoint's path (ckpt_path=outputs/train/<run>/checkpoints/"
+                         "last.ckpt); Lightning would look for 'last' only in this run's own folder"),
+    (["ckpt_path=best"], "ckpt_path=best: give the checkpoint's path"),
     (["trainer.max_epochs=0"], "trainer.max_epochs=0 trains nothing: use a positive limit, or -1"),
     (["trainer.max_steps=0"], "trainer.max_steps=0 trains nothing"),
     # a key added with + that nothing reads (Hydra suggests the + form for any unknown key)
@@ -78,7 +82,6 @@ def test_refused_before_loading(overrides: list[str], expected: str, tmp_path) -
     ["model.lora.enabled=true", "model.lora.init=true", "model.lora.alpha=8"],
     ["model.lora.enabled=false", "model.lora.alpha=0"],  # no adapter: its settings are unused
     ["seed=4294967295"],
-    ["ckpt_path=last"],  # Lightning finds the run's last checkpoint itself
     ["trainer.accumulate_grad_batches=1"],
     ["algo.max_grad_norm=null"],
     ["optim.lr=1", "algo.clip_range=1", "model.resolution=null", "model.lora.alpha=null"],  # ints are numbers too
@@ -248,3 +251,11 @@ def test_a_single_pair_per_iteration_is_warned_about(tmp_path, caplog) -> None:
     assert not warn_single_pair(compose([], tmp_path, tmp_path))
     assert not warn_single_pair(compose([*one, "trainer.devices=2"], tmp_path, tmp_path))  # 2 pairs gathered
     assert not warn_single_pair(compose([*one, "data.batches_per_epoch=2"], tmp_path, tmp_path))
+
+
+def test_ckpt_path_last_in_a_run_continued_in_its_folder_names_that_folder_s_checkpoint(tmp_path) -> None:
+    """hydra.run.dir=<run> ckpt_path=last: the file is there, but the resume checks need its path."""
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"x")
+    assert f"give the checkpoint's path (ckpt_path={tmp_path}/checkpoints/last.ckpt)" in problems(["ckpt_path=last"],
+                                                                                                  tmp_path)

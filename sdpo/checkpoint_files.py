@@ -1,0 +1,47 @@
+"""Say why a path given as a checkpoint is not one, and what was probably meant.
+
+Used wherever a checkpoint path is read (``ckpt_path=`` of a run, a restarted job's ``last.ckpt``, ``sdpo.evaluate
+checkpoint=``, ``sdpo.export``), so a researcher who gave a run folder, a broken link or a mistyped file name is told
+the argument to use, already quoted for Hydra and the shell (checkpoint names hold ``=``).
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+from pathlib import Path
+
+from sdpo.commands import cli_arg
+
+
+def as_argument(key: str | None, path: Path) -> str:
+    """``key=path`` as one shell word Hydra reads back, or the path alone as a shell word (``key=None``)."""
+    return cli_arg(key, path) if key else shlex.quote(str(path))
+
+
+def checkpoints_held(folder: Path, key: str | None, most: int = 3) -> str:
+    """``"; that folder holds <arg>, <arg>"`` for the newest complete-looking checkpoint files in ``folder``."""
+    try:
+        files = [p for p in folder.glob("*.ckpt") if p.is_file()]  # is_file: a dangling link is not one
+    except OSError:
+        return ""
+    files.sort(key=lambda p: p.stat().st_mtime, reverse=True)
+    if not files:
+        return ""
+    return "; that folder holds " + ", ".join(as_argument(key, p) for p in files[:most]) + " (newest first)"
+
+
+def not_a_checkpoint(path: Path, key: str | None = "checkpoint") -> str:
+    """Why ``path`` is not a checkpoint file, with the argument (``key=...``) that was probably meant."""
+    if path.is_symlink() and not path.exists():
+        return f"is a link to {os.readlink(path)}, which no longer exists" + checkpoints_held(path.parent, key)
+    if not path.is_dir():
+        return "no such file" + checkpoints_held(path.parent, key)
+    run_checkpoint = path / "checkpoints" / "last.ckpt"
+    if run_checkpoint.is_file():
+        return f"is a run folder: use {as_argument(key, run_checkpoint)}"
+    if (path / "last.ckpt").is_file():
+        return f"is a folder: use {as_argument(key, path / 'last.ckpt')}"
+    if list(path.glob("*.safetensors")):
+        return f"is an exported folder (weights for diffusers), not a training checkpoint: evaluate it with lora={path}"
+    return "is a folder, not a checkpoint file (e.g. outputs/train/<run>/checkpoints/last.ckpt)"
