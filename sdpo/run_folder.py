@@ -1,4 +1,4 @@
-"""Run folders: what Hydra makes of them, and what a refused run leaves (nothing).
+"""Run folders: what Hydra makes of them, and what a refused run or sweep point leaves (nothing).
 
 Hydra creates the run folder (``.hydra/`` and ``<job>.log``) before our code sees the config. A run that fails
 its config check has done nothing, so that folder is only one more dead entry in ``outputs/`` next to the real
@@ -92,13 +92,14 @@ def restore_earlier_record() -> None:
 
 
 def discard_refused_run_folder() -> Path | None:
-    """Remove this single run's Hydra-named folder if it holds only what Hydra wrote; return it if removed."""
+    """Remove this run's Hydra-named folder if it holds only what Hydra wrote; return it if removed. A sweep point's
+    folder is its own (removed the same way); the sweep's folder goes too once nothing but Hydra's multirun.yaml is
+    left in it, unless the command named it (``hydra.sweep.dir=``)."""
     if not HydraConfig.initialized():
         return None
     hydra_cfg = HydraConfig.get()
-    if hydra_cfg.mode != RunMode.RUN:
-        return None  # a sweep's folder holds its other points
-    if names_run_dir(hydra_cfg.overrides.hydra):
+    multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    if not multirun and names_run_dir(hydra_cfg.overrides.hydra):
         return None
     folder = Path(hydra_cfg.runtime.output_dir)
     setup_only = {hydra_cfg.output_subdir or ".hydra", f"{hydra_cfg.job.name}.log"}
@@ -111,6 +112,12 @@ def discard_refused_run_folder() -> Path | None:
     if not folder.is_dir() or not all(written_before_any_work(entry) for entry in folder.iterdir()):
         return None
     shutil.rmtree(folder, ignore_errors=True)
+    if multirun:
+        sweep = Path(hydra_cfg.sweep.dir)
+        named = any(str(o).lstrip("+~").startswith("hydra.sweep.dir=") for o in hydra_cfg.overrides.hydra)
+        if not named and sweep.is_dir() and all(entry.name == "multirun.yaml" for entry in sweep.iterdir()):
+            shutil.rmtree(sweep, ignore_errors=True)
+            return sweep
     return folder
 
 

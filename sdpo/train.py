@@ -87,18 +87,31 @@ def launch_overrides(argv: Sequence[str], env: Mapping[str, str]) -> list[str]:
     return overrides
 
 
+def several_processes(trainer_cfg: Any) -> bool:
+    """Whether Lightning will start more than one process for these trainer settings, whatever the strategy:
+    ``strategy: auto`` with several devices is DDP too. ``devices: auto`` / -1 means every GPU here (one CPU)."""
+    devices, nodes = str(trainer_cfg.get("devices", 1)), str(trainer_cfg.get("num_nodes", 1))
+    if nodes != "1":
+        return True
+    if devices in ("auto", "-1"):
+        return not runs_on_cpu(trainer_cfg.get("accelerator")) and torch.cuda.device_count() > 1
+    if devices.isdigit():
+        return int(devices) > 1
+    return len([d for d in devices.strip("[]").split(",") if d.strip()]) > 1  # a list of device indices
+
+
 def check_distributed(cfg: DictConfig) -> None:
     """Before any model loads: no multi-process job inside a Hydra multirun, and shuffle shards that fit."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
     t = cfg.trainer
-    several = str(t.get("num_nodes", 1)) != "1" or str(t.get("devices", 1)) not in ("1", "[0]")
-    if "ddp" in str(t.get("strategy", "")) and several and HydraConfig.initialized() \
-            and HydraConfig.get().mode == RunMode.MULTIRUN:
+    if several_processes(t) and HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
         raise ConfigError(
-            "a Hydra multirun (-m) cannot run DDP jobs: Lightning re-launches the other ranks with the sweep's "
-            "command line. Launch one job per sweep point instead (README.md, 'Multi-GPU and multi-node')"
+            f"a Hydra multirun (-m) cannot run jobs of several processes (trainer.devices={t.get('devices')}, "
+            f"trainer.num_nodes={t.get('num_nodes', 1)}): Lightning re-launches the other ranks with the sweep's "
+            f"command line, so they would run the whole sweep again. Launch one job per sweep point instead "
+            f"(README.md, 'Multi-GPU and multi-node'), or sweep with trainer.devices=1"
         )
     shards, micro = cfg.algo.get("shuffle_shards", 1), cfg.algo.micro_batch_pairs
     pairs = pairs_per_rank(cfg)

@@ -223,10 +223,21 @@ def test_launch_overrides():
                                               "hydra.output_subdir=null", "hydra.job.name=train_rank_3"]
 
 
-def test_multirun_refuses_ddp_jobs(tmp_path, cache_dir):
-    """Lightning would re-launch rank 1 with the sweep's command line: one job per sweep point instead."""
-    args = ["-m", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "algo.num_steps=3,4",
-            f"hydra.sweep.dir={tmp_path}"]
+@pytest.mark.parametrize("trainer", [["trainer=ddp", "trainer.accelerator=cpu"], ["trainer.accelerator=cpu"]])
+def test_multirun_refuses_jobs_of_several_processes(tmp_path, cache_dir, trainer):
+    """Lightning would re-launch rank 1 with the sweep's command line: one job per sweep point instead. The default
+    trainer with trainer.devices=2 is DDP too (its strategy: auto), and its rank 1 ran the sweep a second time."""
+    args = ["-m", *trainer, "trainer.devices=2", "algo.num_steps=3,4", f"hydra.sweep.dir={tmp_path}"]
     result = subprocess.run([sys.executable, "-m", "sdpo.train", *args], cwd=REPO, env=launch_env(cache_dir),
                             capture_output=True, text=True, timeout=120)
     assert result.returncode != 0 and "one job per sweep point" in result.stderr
+    assert "trainer.devices=2" in result.stderr
+    assert [p.name for p in tmp_path.iterdir()] == ["multirun.yaml"]  # the refused point left no folder
+
+
+def test_a_refused_sweep_in_a_folder_hydra_named_leaves_nothing(tmp_path, cache_dir):
+    args = ["-m", "trainer.accelerator=cpu", "trainer.devices=2", "algo.num_steps=3,4"]
+    result = subprocess.run([sys.executable, "-m", "sdpo.train", *args], cwd=tmp_path, env=launch_env(cache_dir),
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and "one job per sweep point" in result.stderr
+    assert not list((tmp_path / "outputs").glob("*/*")), list(tmp_path.rglob("*"))  # no sweep folder, no point
