@@ -228,8 +228,9 @@ def validate_config(cfg: DictConfig) -> None:
     mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
     if (accelerator == "cuda" and not torch.cuda.is_available()) or (
             accelerator == "gpu" and not torch.cuda.is_available() and not mps):  # Lightning's gpu: CUDA or MPS
+        follows = OmegaConf.is_interpolation(cfg.trainer, "precision")  # trainer=ddp: 32-true once on the CPU
         cpu_precision = (" and trainer.precision=bf16-mixed (16-mixed autocast needs a GPU)"
-                         if str(cfg.trainer.get("precision")) == "16-mixed" else "")
+                         if str(cfg.trainer.get("precision")) == "16-mixed" and not follows else "")
         problems.append(f"trainer.accelerator={accelerator} (trainer=gpu and trainer=ddp ask for one), but this "
                         f"machine has no GPU: add trainer.accelerator=cpu{cpu_precision} (with trainer=ddp also "
                         f"trainer.devices=<processes>, e.g. 2), or run it where there is a GPU")

@@ -236,6 +236,8 @@ def test_a_gpu_trainer_on_a_machine_without_one_names_the_cpu_override(tmp_path)
         assert "trainer.accelerator=gpu (trainer=gpu and trainer=ddp ask for one), but this machine has no GPU: add " \
                "trainer.accelerator=cpu" in problems([f"trainer={trainer}"], tmp_path)
     assert problems(["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"], tmp_path) == ""
+    # trainer=ddp's precision follows the accelerator (32-true on the CPU): the precision override is not needed
+    assert "trainer.precision" not in problems(["trainer=ddp"], tmp_path)
     # an experiment's fp16 autocast: the one message names both overrides, not one run each
     assert "add trainer.accelerator=cpu and trainer.precision=bf16-mixed (16-mixed autocast needs a GPU)" in problems(
         ["trainer=gpu", "trainer.precision=16-mixed"], tmp_path)
