@@ -43,5 +43,16 @@ def not_a_checkpoint(path: Path, key: str | None = "checkpoint") -> str:
     if (path / "last.ckpt").is_file():
         return f"is a folder: use {as_argument(key, path / 'last.ckpt')}"
     if list(path.glob("*.safetensors")):
-        return f"is an exported folder (weights for diffusers), not a training checkpoint: evaluate it with lora={path}"
+        return f"is an exported folder (weights for diffusers): use {as_argument('lora', path)}"
     return "is a folder, not a checkpoint file (e.g. outputs/train/<run>/checkpoints/last.ckpt)"
+
+
+def not_exported_weights(folder: Path) -> str:
+    """Why ``folder`` (given as ``lora=``) holds no exported weights, with the argument that was probably meant."""
+    if (folder / "trained").is_dir():
+        return f"is a run folder: use {as_argument('lora', folder / 'trained')}"
+    if (folder / "checkpoints" / "last.ckpt").is_file():
+        return (f"is a run folder with no trained/ export (stopped early?): use "
+                f"{as_argument('checkpoint', folder / 'checkpoints' / 'last.ckpt')}")
+    return ("holds no exported weights (*.safetensors): give a run's trained/ folder or one written by "
+            "python -m sdpo.export")

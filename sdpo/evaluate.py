@@ -21,7 +21,7 @@ import torch
 from diffusers import UNet2DConditionModel
 from omegaconf import DictConfig, OmegaConf
 
-from sdpo.checkpoint_files import not_a_checkpoint
+from sdpo.checkpoint_files import not_a_checkpoint, not_exported_weights
 from sdpo.comparison import Comparison
 from sdpo.config_checks import ConfigError, type_problems
 from sdpo.config_keys import unknown_keys
@@ -68,7 +68,8 @@ def validate_eval_config(cfg: DictConfig) -> tuple[list[str], list[int], list[tu
     if wrong_types:  # the checks below compare these with numbers
         raise ConfigError("invalid evaluation config:\n  - " + "\n  - ".join(wrong_types))
     steps = OmegaConf.to_container(cfg.steps) if OmegaConf.is_list(cfg.steps) else [cfg.steps]
-    need(bool(steps) and all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in steps),
+    need(bool(steps), "steps=[]: give at least one step count, e.g. steps=[1,2,4,8]")
+    need(all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in steps),
          f"steps={steps}: every step count must be an integer >= 1")
     need(len(set(map(str, steps))) == len(steps), f"steps={steps}: step counts must be distinct")
     need(cfg.images_per_prompt >= 1, f"images_per_prompt={cfg.images_per_prompt}: need >= 1")
@@ -97,6 +98,8 @@ def validate_eval_config(cfg: DictConfig) -> tuple[list[str], list[int], list[tu
     if cfg.lora is not None:
         lora = Path(str(cfg.lora)).expanduser()
         need(lora.exists(), f"lora={cfg.lora}: no such file or folder")
+        if lora.is_dir() and not list(lora.glob("*.safetensors")):
+            problems.append(f"lora={cfg.lora}: {not_exported_weights(lora)}")
         need(lora.suffix != ".ckpt", f"lora={cfg.lora} is a training checkpoint: evaluate it with "
                                      f"checkpoint={cfg.lora} (lora= takes an exported folder, e.g. <run>/trained)")
     try:

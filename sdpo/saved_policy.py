@@ -13,6 +13,8 @@ from typing import Any
 import torch
 from diffusers import UNet2DConditionModel
 
+from sdpo.config_checks import ConfigError
+from sdpo.model_card import recorded_training
 from sdpo.policy.loading import TINY, PolicyComponents
 
 log = logging.getLogger(__name__)
@@ -53,9 +55,45 @@ def load_policy(model_cfg: Mapping[str, Any], checkpoint: str | Path | None = No
     config = folder / "config.json"
     if path.is_dir() and config.exists() and not list(folder.glob("*lora*.safetensors")):
         components.unet = _load_full_unet(folder, components.unet)
+        warn_if_trained_on_another_base(folder, model_cfg)
         return LoadedPolicy(components, model_cfg, f"full UNet {folder}")
     load_lora_into(components, path)
+    warn_if_trained_on_another_base(folder, model_cfg)
     return LoadedPolicy(components, model_cfg, f"LoRA {path}")
+
+
+def base_model_differences(trained_on: Mapping[str, Any], model_cfg: Mapping[str, Any]) -> list[str]:
+    """How ``model_cfg`` names another base model than the one an export was trained on (its recorded ``model``
+    settings): source, revision, and for the built-in tiny model its spec (another seed is another model)."""
+    keys = ["source", "revision"] + (["tiny"] if model_cfg.get("source") == TINY else [])
+    differences = []
+    for key in keys:
+        then, now = _plain(trained_on.get(key)), _plain(model_cfg.get(key))
+        if isinstance(then, dict) and isinstance(now, dict):  # the tiny spec: name the fields that differ
+            differences += [f"model.{key}.{field}: trained on {then.get(field)!r}, here {now.get(field)!r}"
+                            for field in sorted(set(then) | set(now)) if then.get(field) != now.get(field)]
+        elif then != now:
+            differences.append(f"model.{key}: trained on {then!r}, here {now!r}")
+    return differences
+
+
+def _plain(value: Any) -> Any:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
+
+
+def warn_if_trained_on_another_base(folder: Path, model_cfg: Mapping[str, Any]) -> None:
+    """Weights that fit another base model load without complaint, and the scores then describe neither model.
+    Evaluating on another base can be meant (a LoRA carried over), so say it rather than refuse."""
+    recorded = recorded_training(folder) or {}
+    if not recorded.get("model"):
+        return
+    differences = base_model_differences(recorded["model"], model_cfg)
+    if differences:
+        log.warning("%s was trained on another base model than the one it is applied to here (%s): if that was not "
+                    "meant, give the training run's model settings (its %s records them)", folder,
+                    "; ".join(differences), "sdpo_training.json")
 
 
 def _load_checkpoint(path: Path, current: dict) -> LoadedPolicy:
@@ -99,7 +137,7 @@ def _load_full_unet(folder: Path, base: UNet2DConditionModel) -> UNet2DCondition
     unet = UNet2DConditionModel.from_pretrained(folder, use_safetensors=True, local_files_only=True)
     for key in ("in_channels", "cross_attention_dim", "sample_size"):
         if unet.config[key] != base.config[key]:
-            raise ValueError(f"the UNet in {folder} has {key}={unet.config[key]}, the base model "
+            raise ConfigError(f"the UNet in {folder} has {key}={unet.config[key]}, the base model "
                              f"{base.config[key]}: it was not fine-tuned from this model")
     return unet.to(next(base.parameters()).device).requires_grad_(False).eval()
 
@@ -117,7 +155,7 @@ def load_lora_into(components: PolicyComponents, path: str | Path) -> None:
         local_files_only=True, return_lora_metadata=True,
     )
     if not any(k.startswith("unet.") for k in state_dict):
-        raise ValueError(f"{path} holds no UNet LoRA weights (keys like 'unet.*')")
+        raise ConfigError(f"{path} holds no UNet LoRA weights (keys like 'unet.*')")
     if any(not k.startswith("unet.") for k in state_dict):
         log.warning("%s also holds text-encoder LoRA weights: only the UNet's are loaded", path)
     try:
@@ -128,7 +166,7 @@ def load_lora_into(components: PolicyComponents, path: str | Path) -> None:
 
         named = recorded_base_model(folder)  # the card sdpo writes next to the weights it exports
         trained_on = f" ({CARD_NAME} says: {named})" if named else ""
-        raise ValueError(
+        raise ConfigError(
             f"the LoRA in {path} does not fit the UNet of {components.source}: {mismatch}. Evaluate it on the "
             f"base model it was trained from{trained_on}, with model=<that model's config> or model.source=..."
         ) from None

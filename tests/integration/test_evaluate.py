@@ -159,12 +159,16 @@ def test_bad_inputs_fail_early(tmp_path, cache_dir):
     ckpt = tmp_path / "x.ckpt"
     ckpt.write_bytes(b"")
     (tmp_path / "w.safetensors").write_bytes(b"")
+    run = tmp_path / "finished"  # a finished run's folder, given for its export
+    (run / "trained").mkdir(parents=True)
     cases = {
         "rewards=[brightness,sharpness]": "unknown reward 'sharpness'",
         f"checkpoint={ckpt}": f"checkpoint={ckpt}: not a checkpoint torch can load safely",
         f"checkpoint={tmp_path / 'w.safetensors'}": f"exported weights, not a training checkpoint .* lora={tmp_path}",
         "prompts=[cat]": None,  # fine on its own
         "steps=[0,2]": "steps=[0, 2]",
+        "steps=[]": "steps=[]: give at least one step count",
+        f"lora={run}": f"lora={run}: is a run folder: use lora={run / 'trained'}",
         "checkpoint=/nope.ckpt": "checkpoint=/nope.ckpt: no such file",
         "prompts=/nope.txt": "prompts:",
         "resolution=36": "resolution=36: use null or a positive multiple of 8",
