@@ -22,6 +22,7 @@ from typing import Any
 import hydra
 import lightning as L
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -185,6 +186,19 @@ def warn_single_pair(cfg: DictConfig) -> bool:
     return False
 
 
+def instantiate_callback(name: str, callback_cfg: DictConfig) -> L.Callback:
+    """``callbacks.<name>``, with a ValueError from its own argument checks (a step count of 0, a period < 1)
+    turned into a refusal: the message alone, no Hydra instantiation traceback, no run folder left behind."""
+    try:
+        return instantiate(callback_cfg)
+    except InstantiationException as error:
+        cause = error.__cause__
+        if not isinstance(cause, ValueError):
+            raise
+        said = str(cause)
+        raise ConfigError(said if said.startswith(f"callbacks.{name}") else f"callbacks.{name}: {said}") from None
+
+
 def train(cfg: DictConfig) -> L.Trainer:
     """Train with a composed config; returns the fitted Trainer (tests read its metrics)."""
     validate_config(cfg)
@@ -216,9 +230,10 @@ def train(cfg: DictConfig) -> L.Trainer:
         log.warning("resuming %s with a changed setting (resume_check=false): %s", ckpt_path, difference)
     continue_wandb_run(cfg, resumed, ckpt_path)
     datamodule = instantiate(cfg.data)
+    # before the module loads its models: a callback's own argument checks are refusals like the config check's
+    callbacks = [instantiate_callback(name, c) for name, c in cfg.get("callbacks", {}).items() if c is not None]
     module = SDPOModule(model=cfg.model, algo=cfg.algo, reward=cfg.reward, optim=cfg.optim, seed=cfg.seed)
     loggers = [instantiate(c) for c in cfg.get("logger", {}).values() if c is not None]
-    callbacks = [instantiate(c) for c in cfg.get("callbacks", {}).values() if c is not None]
     no_checkpoints = {}
     if not any(isinstance(c, ModelCheckpoint) for c in callbacks) and "enable_checkpointing" not in cfg.trainer:
         no_checkpoints = {"enable_checkpointing": False}  # callbacks.checkpoint=null: not Lightning's default either

@@ -334,6 +334,8 @@ def test_bad_config_fails_before_loading(tmp_path, cache_dir):
     ("sdpo.train", "reward=color_match", "set data.source to prompts that each name one of"),
     ("sdpo.train", "algo.num_steps=four", "algo.num_steps='four': need an integer"),
     ("sdpo.train", "data.source=my_prompts.txt", "data.source: prompt source 'my_prompts.txt' is neither"),
+    # a callback's own argument check, before any model loads
+    ("sdpo.train", "callbacks.eval.steps=[0,1]", "callbacks.eval.steps=[0, 1]: need distinct step counts >= 1"),
     # weights that are not here: the message says how to provide them, found as the models load
     ("sdpo.train", "model.source=/no/such/model", "point `model.source` at a local diffusers-layout copy"),
     ("sdpo.evaluate", "model.source=/no/such/model", "point `model.source` at a local diffusers-layout copy"),
