@@ -31,13 +31,14 @@ from unet_mfu import parse, prepare  # noqa: E402
 
 from sdpo.scoring import synchronize  # noqa: E402
 
-# First match wins: attention before matmul (cuDNN's and flash's attention kernels name gemm-like parts), convolution
+# First match wins: Triton first (inductor names a fused kernel after the ops it fuses, attention's neighbours
+# included), attention before matmul (cuDNN's and flash's attention kernels name gemm-like parts), convolution
 # before matmul (cuDNN convolutions run implicit-GEMM kernels).
 KINDS: tuple[tuple[str, str], ...] = (
+    ("Triton (fused)", r"^triton_"),
     ("attention", r"fmha|flash|attention|sdpa|attn"),
     ("convolution", r"conv|fprop|dgrad|wgrad|implicit_gemm|winograd"),
     ("matmul", r"gemm|cutlass|nvjet|xmma|matmul|_mm_|addmm|\bmm\b|bmm"),
-    ("Triton (fused)", r"^triton_"),
     ("normalisation", r"norm"),
     ("dtype copies, layout", r"copy|cast|to_copy|nchwtonhwc|nhwctonchw|transpose|memcpy"),
     ("elementwise", r"elementwise|vectorized|unrolled|reduce|silu|gelu|add|mul"),
