@@ -292,8 +292,9 @@ class SDPOModule(L.LightningModule):
             return values
         # torch's collective itself: Lightning's all_gather goes through torch.distributed.nn, deprecated (a
         # FutureWarning per rank), for the gradients these statistics never need
+        values = values.contiguous().to(self.device)  # NCCL gathers CUDA tensors only; gloo, CPU ones
         parts = [torch.empty_like(values) for _ in range(dist.get_world_size())]
-        dist.all_gather(parts, values.contiguous())
+        dist.all_gather(parts, values)
         return torch.cat(parts)
 
     def _update_plan(self, num_pairs: int, num_steps: int, generators: list[torch.Generator]):
