@@ -144,21 +144,30 @@ def measure(v: dict, args, device: torch.device, dtype: torch.dtype) -> dict:
             "flop": flops / 1e12, "first_s": first, "peak_gib": peak}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("variants", nargs="*", default=list(DEFAULT_VARIANTS))
+def add_call_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of a script that times variants' calls (this one, ``unet_profile.py``)."""
     parser.add_argument("--scale", choices=("full", "tiny"), default="full")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--calls", type=int, default=5, help="timed calls per variant")
-    parser.add_argument("--warmup", type=int, default=2, help="calls after the first, before timing")
+    parser.add_argument("--warmup", type=int, default=2, help="calls after the first (compiling) one, before timing")
     parser.add_argument("--lora-rank", type=int, default=4)
     parser.add_argument("--peak-flops", type=float, default=989e12, help="H100/H200 SXM dense bf16")
+
+
+def device_and_dtype(choice: str) -> tuple[torch.device, torch.dtype, str]:
+    """The device (``--device``), the autocast dtype there (bf16 on CUDA, fp32 on CPU), and the device's name."""
+    device = torch.device("cuda" if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()) else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    return device, dtype, torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("variants", nargs="*", default=list(DEFAULT_VARIANTS))
+    add_call_arguments(parser)
     args = parser.parse_args()
     variants = [parse(v) for v in args.variants]  # all checked before the first (slow) one runs
-    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-                          else "cpu")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    device, dtype, name = device_and_dtype(args.device)
     print(f"UNet MFU sweep: {args.scale} SD-Turbo UNet, LoRA r{args.lora_rank}, {dtype}, {name}, "
           f"torch {torch.__version__}, peak {args.peak_flops / 1e12:.0f} TFLOP/s", flush=True)
     print(f"{'variant':<30} {'TFLOP/call':>10} {'ms/call':>9} {'TFLOP/s':>8} {'MFU':>6} {'peak GiB':>9} "

@@ -27,7 +27,7 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from unet_mfu import parse, prepare  # noqa: E402
+from unet_mfu import add_call_arguments, device_and_dtype, parse, prepare  # noqa: E402
 
 from sdpo.scoring import synchronize  # noqa: E402
 
@@ -81,19 +81,11 @@ def report(name: str, ms_per_call: float, flops: float, peak_flops: float, times
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("variants", nargs="*", default=["train:32"])
-    parser.add_argument("--scale", choices=("full", "tiny"), default="full")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    parser.add_argument("--calls", type=int, default=5, help="timed calls per variant")
-    parser.add_argument("--warmup", type=int, default=2, help="calls after the first (compiling) one, before timing")
     parser.add_argument("--top", type=int, default=25, help="kernels listed per variant")
-    parser.add_argument("--lora-rank", type=int, default=4)
-    parser.add_argument("--peak-flops", type=float, default=989e12, help="H100/H200 SXM dense bf16")
+    add_call_arguments(parser)
     args = parser.parse_args()
     variants = [parse(v) for v in args.variants]  # all checked before the first (slow) one runs
-    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-                          else "cpu")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    device, dtype, name = device_and_dtype(args.device)
     print(f"UNet profile: {args.scale} SD-Turbo UNet, LoRA r{args.lora_rank}, {dtype}, {name}, "
           f"torch {torch.__version__}", flush=True)
     for v in variants:
