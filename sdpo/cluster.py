@@ -19,7 +19,8 @@ import os
 import signal as signals
 import subprocess
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -133,3 +134,37 @@ def requeue(env: Mapping[str, str]) -> bool:
         return False
     log.info("requeued SLURM job %s; it will continue from checkpoints/last.ckpt", job)
     return True
+
+
+def stop_local_ranks(trainer: L.Trainer) -> int:
+    """Kill the processes this one started for the run's other local ranks (Lightning's launcher of
+    ``trainer.devices=N``); returns how many were still running.
+
+    A rank that fails alone (an out-of-memory error in the held-out evaluation only rank 0 runs, a refusal only it
+    makes) leaves the others waiting in their next collective for the process group's timeout, 30 minutes, holding
+    their GPUs. Lightning kills its children only on Ctrl-C. They are taken off the launcher's list first: its
+    watchdog kills this process too when a child ends with an error, which would cut short this rank's report.
+    """
+    children = getattr(getattr(trainer.strategy, "launcher", None), "procs", None)
+    if not children:
+        return 0
+    running = [proc for proc in children if proc.poll() is None]
+    children.clear()  # the watchdog's list too: it now sees no child to avenge
+    for proc in running:
+        proc.kill()
+        proc.wait(timeout=30)
+    if running:
+        log.error("this rank failed: stopped the %d other local process(es) of the run, which would otherwise wait "
+                  "for it in their next collective until the process group's timeout", len(running))
+    return len(running)
+
+
+@contextmanager
+def local_ranks_stopped_on_failure(trainer: L.Trainer) -> Iterator[None]:
+    """Around ``trainer.fit``: if it raises here, stop this node's other ranks (``stop_local_ranks``). A signal
+    (Ctrl-C, SIGTERM) reaches every rank by itself and is left to Lightning."""
+    try:
+        yield
+    except Exception:
+        stop_local_ranks(trainer)
+        raise

@@ -28,7 +28,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from sdpo.cluster import restart_checkpoint, slurm_plugins
+from sdpo.cluster import local_ranks_stopped_on_failure, restart_checkpoint, slurm_plugins
 from sdpo.config_checks import ConfigError, pairs_per_rank, runs_on_cpu, validate_config
 from sdpo.loggers import continue_metrics, continue_wandb_run
 from sdpo.policy.speed import compile_mode, use_compile_cache
@@ -241,7 +241,9 @@ def train(cfg: DictConfig) -> L.Trainer:
                           **no_checkpoints)
     for logger in trainer.loggers:  # not ``loggers``: trainer.fast_dev_run swaps them for a logger that writes nothing
         log_config(logger, cfg)
-    with reports_after_fit():  # the reward table after the progress bar's last redraw, not above it
+    # the reward table after the progress bar's last redraw, not above it; then, after a failure here, the ranks
+    # this process started are stopped rather than left waiting for it
+    with local_ranks_stopped_on_failure(trainer), reports_after_fit():
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     return trainer
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import lightning as L
@@ -33,3 +34,19 @@ class RankProbe(L.Callback):
             "total_queries": pl_module.total_queries,
         }
         torch.save(state, self.dirpath / f"rank{trainer.global_rank}_epoch{trainer.current_epoch}.pt")
+
+
+class FailOnRank(L.Callback):
+    """Raise on one rank alone as epoch ``epoch`` starts, as an out-of-memory error in rank 0's evaluation would,
+    while every other rank blocks as it would in an NCCL collective waiting for the failed one (gloo would notice
+    the closed connection; NCCL waits for the process group's timeout)."""
+
+    def __init__(self, rank: int, epoch: int) -> None:
+        self.rank, self.epoch = rank, epoch
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.current_epoch != self.epoch:
+            return
+        if trainer.global_rank == self.rank:
+            raise RuntimeError(f"rank {self.rank} failed alone")
+        time.sleep(600)

@@ -223,6 +223,20 @@ def test_launch_overrides():
                                               "hydra.output_subdir=null", "hydra.job.name=train_rank_3"]
 
 
+def test_a_rank_0_failure_stops_the_other_ranks_instead_of_leaving_them_waiting(tmp_path, cache_dir):
+    """Rank 1 would wait for rank 0 in its next collective until the process group's timeout (30 minutes), and
+    hold the pipes this test reads, so without the stop this run would outlast the test's timeout."""
+    args = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.max_epochs=3", *COMMON,
+            *PER_RANK, "+callbacks.fail._target_=tests.integration.rank_probe.FailOnRank", "+callbacks.fail.rank=0",
+            "+callbacks.fail.epoch=1"]
+    result = subprocess.run([sys.executable, "-m", "sdpo.train", *args], cwd=tmp_path, env=launch_env(cache_dir),
+                            capture_output=True, text=True, timeout=180)
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "rank 0 failed alone" in result.stderr
+    assert "stopped the 1 other local process(es) of the run" in result.stdout
+    assert "run stopped (RuntimeError during epoch 1)" in result.stdout + result.stderr  # rank 0's report came
+
+
 @pytest.mark.parametrize("trainer", [["trainer=ddp", "trainer.accelerator=cpu"], ["trainer.accelerator=cpu"]])
 def test_multirun_refuses_jobs_of_several_processes(tmp_path, cache_dir, trainer):
     """Lightning would re-launch rank 1 with the sweep's command line: one job per sweep point instead. The default
