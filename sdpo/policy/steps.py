@@ -329,7 +329,7 @@ def ddim_step_with_logprob(
         ))
         t_prev = prev_timestep(scheduler, t)  # [B]
 
-        alphas_cumprod = scheduler.alphas_cumprod.to(device=device, dtype=torch.float32)  # [num_train]
+        alphas_cumprod = scheduler_tensor(scheduler, "alphas_cumprod", device, torch.float32)  # [num_train]
         alpha_t = alphas_cumprod[t].view(bshape)  # ᾱ_t
         alpha_prev = alphas_cumprod[t_prev].view(bshape)  # ᾱ_prev
 
@@ -379,6 +379,25 @@ def _check_finite(timesteps: Tensor, kind: str = "DDIM", **tensors: Tensor) -> N
 # ------------------------------------------------------------------------------------------------ LCM step
 
 
+def scheduler_tensor(scheduler: Any, name: str, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """``scheduler.<name>`` (``alphas_cumprod``, ``timesteps``) on ``device`` in ``dtype``, copied once.
+
+    diffusers keeps these on the CPU, and a copy from pageable host memory to a GPU waits for every kernel already
+    queued: one host sync per policy step, in sampling and in every training micro-batch, which is what the deferred
+    checks exist to avoid. The copy is kept on the scheduler and made again only when the tensor is replaced
+    (``set_timesteps``) or changed in place.
+    """
+    source = getattr(scheduler, name)
+    if source.device == torch.device(device) and source.dtype == dtype:
+        return source
+    cache = vars(scheduler).setdefault("_sdpo_device_copies", {})
+    key = (name, str(device), dtype)
+    kept = cache.get(key)
+    if kept is None or kept[0] is not source or kept[1] != source._version:
+        kept = cache[key] = (source, source._version, source.to(device=device, dtype=dtype))
+    return kept[2]
+
+
 def lcm_prev_timestep(scheduler: LCMScheduler, timestep: int | Tensor) -> int | Tensor:
     """The timestep after ``timestep`` in ``scheduler.timesteps``, or 0 after the last one.
 
@@ -391,9 +410,8 @@ def lcm_prev_timestep(scheduler: LCMScheduler, timestep: int | Tensor) -> int | 
             "scheduler.num_inference_steps is None: call timestep_schedule(scheduler, T) "
             "(or scheduler.set_timesteps(T)) before stepping"
         )
-    schedule = scheduler.timesteps.long()  # [T], descending
     t = torch.as_tensor(timestep).long()
-    schedule = schedule.to(t.device)
+    schedule = scheduler_tensor(scheduler, "timesteps", t.device, torch.long)  # [T], descending
     match = t.reshape(-1, 1) == schedule.reshape(1, -1)  # [N, T]
     found = match.any(dim=1)  # [N]
     require_not(~found, lambda: ValueError(
@@ -448,7 +466,7 @@ def lcm_step_with_logprob(
         t = _checked_timesteps(timestep, batch_size, device, config.num_train_timesteps)  # [B]
         t_prev = lcm_prev_timestep(scheduler, t)  # [B]
 
-        alphas_cumprod = scheduler.alphas_cumprod.to(device=device, dtype=torch.float32)
+        alphas_cumprod = scheduler_tensor(scheduler, "alphas_cumprod", device, torch.float32)
         alpha_t = alphas_cumprod[t].view(bshape)
         alpha_prev = alphas_cumprod[t_prev].view(bshape)
         c_skip, c_out = (c.view(bshape) for c in lcm_boundary_scalings(scheduler, t))

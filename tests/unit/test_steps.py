@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DDIMScheduler, EulerDiscreteScheduler
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from sdpo.policy.steps import (
     StepOutput,
@@ -350,3 +351,37 @@ def test_a_verdict_read_later_names_the_first_failure(device) -> None:
         ddim_step_with_logprob(sched, out, torch.tensor([999, 749, 249], device=device), x)
     assert len(fine) > 0 and Verdict(fine).first_failure() is None
     assert Verdict([]).first_failure() is None
+
+
+class CopiesOf(TorchDispatchMode):
+    """Counts the copies (``aten._to_copy``) a block makes of ``tensor``."""
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        super().__init__()
+        self.tensor, self.count = tensor, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._to_copy.default and args[0] is self.tensor:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_the_schedule_is_copied_once_not_on_every_step() -> None:
+    """diffusers keeps alphas_cumprod on the CPU; on a GPU each step's copy waited for every queued kernel (a host
+    sync per sampling step and training micro-batch). Here the copy is a dtype change, which the CPU can count."""
+    sched = scheduler_for("trailing")
+    timesteps = timestep_schedule(sched, 4)
+    sched.alphas_cumprod = sched.alphas_cumprod.double()  # a copy to fp32 then happens on the CPU too
+    x, out = randn(*SHAPE, seed=1), randn(*SHAPE, seed=2)
+    with CopiesOf(sched.alphas_cumprod) as copies:
+        first = ddim_step_with_logprob(sched, out, timesteps[0], x, generator=torch.Generator().manual_seed(3))
+        again = ddim_step_with_logprob(sched, out, timesteps[1], x, prev_sample=first.prev_sample)
+    assert copies.count == 1 and torch.isfinite(again.log_prob).all()
+    sched.alphas_cumprod = sched.alphas_cumprod * 1.0  # replaced: copied again, with its new values
+    with CopiesOf(sched.alphas_cumprod) as copies:
+        ddim_step_with_logprob(sched, out, timesteps[0], x, prev_sample=first.prev_sample)
+    assert copies.count == 1
+    sched.alphas_cumprod.mul_(1.0)  # changed in place: copied again
+    with CopiesOf(sched.alphas_cumprod) as copies:
+        ddim_step_with_logprob(sched, out, timesteps[0], x, prev_sample=first.prev_sample)
+    assert copies.count == 1
