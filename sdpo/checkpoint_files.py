@@ -10,8 +10,17 @@ from __future__ import annotations
 import os
 import shlex
 from pathlib import Path
+from typing import Any
 
 from sdpo.commands import cli_arg
+
+
+def run_last_checkpoint(cfg: Any) -> Path | None:
+    """Where this run's own ``last.ckpt`` is (``callbacks.checkpoint.dirpath``); None without checkpointing."""
+    checkpoint = (cfg.get("callbacks") or {}).get("checkpoint")
+    if not checkpoint or not checkpoint.get("dirpath"):
+        return None
+    return Path(str(checkpoint["dirpath"])) / "last.ckpt"
 
 
 def as_argument(key: str | None, path: Path) -> str:

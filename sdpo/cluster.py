@@ -21,12 +21,11 @@ import subprocess
 import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 import lightning as L
 
-from sdpo.checkpoint_files import not_a_checkpoint
+from sdpo.checkpoint_files import not_a_checkpoint, run_last_checkpoint
 from sdpo.config_checks import ConfigError
 
 log = logging.getLogger(__name__)
@@ -40,10 +39,9 @@ def restart_checkpoint(cfg: Any, env: Mapping[str, str]) -> str | None:
     restarts = {name: env[name] for name in RESTART_COUNTS if int(env.get(name) or 0) > 0}
     if cfg.get("ckpt_path") or not restarts:
         return None
-    checkpoint = (cfg.get("callbacks") or {}).get("checkpoint")
-    if not checkpoint or not checkpoint.get("dirpath"):
+    last = run_last_checkpoint(cfg)
+    if last is None:
         return None
-    last = Path(checkpoint["dirpath"]) / "last.ckpt"
     if last.exists():
         return str(last)
     if last.is_symlink():  # a link to a deleted file: training from the base model would discard the run

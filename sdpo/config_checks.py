@@ -9,7 +9,7 @@ import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from sdpo.algo.dense import STRATEGIES
-from sdpo.checkpoint_files import not_a_checkpoint
+from sdpo.checkpoint_files import not_a_checkpoint, run_last_checkpoint
 from sdpo.commands import cli_arg
 from sdpo.config_keys import unknown_keys
 from sdpo.data import load_prompts
@@ -154,8 +154,7 @@ def ckpt_path_problems(cfg: DictConfig) -> list[str]:
         return []
     example = "ckpt_path=outputs/train/<run>/checkpoints/last.ckpt"
     if str(ckpt) in LIGHTNING_CKPT_NAMES:
-        folder = (cfg.get("callbacks") or {}).get("checkpoint") or {}
-        here = Path(str(folder.get("dirpath", ""))) / "last.ckpt" if folder.get("dirpath") else None
+        here = run_last_checkpoint(cfg)  # a run continued in its own folder has one
         use = cli_arg("ckpt_path", here) if here is not None and here.is_file() else example
         return [f"ckpt_path={ckpt}: give the checkpoint's path ({use}); Lightning would look for '{ckpt}' only in "
                 f"this run's own folder and, finding none, train from the base model"]

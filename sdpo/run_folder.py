@@ -45,9 +45,10 @@ def safe_dirname(text: str) -> str:
 OmegaConf.register_new_resolver("sdpo_dirname", safe_dirname, replace=True)  # conf/hydra/default.yaml
 
 
-def names_run_dir(hydra_overrides: Any) -> bool:
-    """Whether the command named its run folder (``hydra.run.dir=``): a folder that may hold earlier work."""
-    return any(str(o).lstrip("+~").startswith("hydra.run.dir=") for o in hydra_overrides)
+def names_run_dir(hydra_overrides: Any, key: str = "hydra.run.dir") -> bool:
+    """Whether the command named its run folder (``hydra.run.dir=``; or ``key``, e.g. ``hydra.sweep.dir``): a
+    folder that may hold earlier work."""
+    return any(str(o).lstrip("+~").startswith(f"{key}=") for o in hydra_overrides)
 
 
 RECORD_FILES = ("config.yaml", "hydra.yaml", "overrides.yaml")
@@ -114,7 +115,7 @@ def discard_refused_run_folder() -> Path | None:
     shutil.rmtree(folder, ignore_errors=True)
     if multirun:
         sweep = Path(hydra_cfg.sweep.dir)
-        named = any(str(o).lstrip("+~").startswith("hydra.sweep.dir=") for o in hydra_cfg.overrides.hydra)
+        named = names_run_dir(hydra_cfg.overrides.hydra, "hydra.sweep.dir")
         if not named and sweep.is_dir() and all(entry.name == "multirun.yaml" for entry in sweep.iterdir()):
             shutil.rmtree(sweep, ignore_errors=True)
             return sweep

@@ -14,7 +14,7 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from sdpo.config_checks import ConfigError
-from sdpo.model_card import recorded_training
+from sdpo.model_card import CARD_NAME, recorded_base_model, recorded_training
 from sdpo.policy.loading import TINY, PolicyComponents
 
 log = logging.getLogger(__name__)
@@ -53,12 +53,11 @@ def load_policy(model_cfg: Mapping[str, Any], checkpoint: str | Path | None = No
         raise FileNotFoundError(f"no LoRA/UNet at {path}")
     folder = path if path.is_dir() else path.parent
     config = folder / "config.json"
+    warn_if_trained_on_another_base(folder, model_cfg)
     if path.is_dir() and config.exists() and not list(folder.glob("*lora*.safetensors")):
         components.unet = _load_full_unet(folder, components.unet)
-        warn_if_trained_on_another_base(folder, model_cfg)
         return LoadedPolicy(components, model_cfg, f"full UNet {folder}")
     load_lora_into(components, path)
-    warn_if_trained_on_another_base(folder, model_cfg)
     return LoadedPolicy(components, model_cfg, f"LoRA {path}")
 
 
@@ -162,8 +161,6 @@ def load_lora_into(components: PolicyComponents, path: str | Path) -> None:
         mixin.load_lora_into_unet(state_dict, alphas, components.unet, metadata=metadata)
     except RuntimeError as error:  # torch lists every mismatched tensor: a screenful that hides the cause
         mismatch = next((line.strip() for line in str(error).splitlines() if "size mismatch" in line), str(error))
-        from sdpo.model_card import CARD_NAME, recorded_base_model
-
         named = recorded_base_model(folder)  # the card sdpo writes next to the weights it exports
         trained_on = f" ({CARD_NAME} says: {named})" if named else ""
         raise ConfigError(
