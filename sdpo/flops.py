@@ -4,7 +4,9 @@
 a backward of twice the forward. The fused CUDA kernels (flash, memory-efficient, cuDNN) are counted with their
 backward's recomputation of the scores, 2.5 times the forward: hardware FLOPs, which raised the SD-Turbo UNet's
 training call by 3.6% (56.91 against 54.90 TFLOP at 32 rows) and so its MFU. The CPU's fused kernel is not counted
-at all. Here every SDPA kernel counts the model's FLOPs: two matmuls forward, four backward.
+at all. Here every SDPA kernel counts the model's FLOPs: two matmuls forward, four backward. ``addmm_``, which
+torch's counter skips, counts as ``addmm``: the fused LoRA layers (``algo.fused_lora``) sum their adapter's product
+into the base matmul's output with it, and must count the FLOPs of PEFT's layers.
 """
 
 from __future__ import annotations
@@ -34,9 +36,15 @@ def _sdpa_ops(suffix: str) -> list[Any]:
     return [getattr(aten, name + suffix) for name in names if hasattr(aten, name + suffix)]
 
 
+def _addmm_in_place(self_shape: Any, mat1_shape: Any, mat2_shape: Any, *args: Any, out_shape: Any = None,
+                    **kwargs: Any) -> int:
+    return 2 * mat1_shape[0] * mat1_shape[1] * mat2_shape[1]
+
+
 MODEL_FLOP_FORMULAS: dict[Any, Callable[..., int]] = {
     **{op: _attention_forward for op in _sdpa_ops("")},
     **{op: _attention_backward for op in _sdpa_ops("_backward")},
+    aten.addmm_: _addmm_in_place,  # torch counts addmm but not its in-place form (the fused LoRA layers' sums)
 }
 
 

@@ -36,3 +36,9 @@ def test_attention_counts_its_model_flops_on_every_kernel(backend):
 def test_matmuls_count_as_torch_counts_them():
     a, b = torch.randn(8, 16), torch.randn(16, 4)
     assert model_flops(lambda: a @ b) == 2 * 8 * 16 * 4
+
+
+def test_in_place_addmm_counts_as_addmm():
+    """torch's counter skips ``addmm_``, which the fused LoRA layers sum their adapter's product with."""
+    c, a, b = torch.randn(8, 4), torch.randn(8, 16), torch.randn(16, 4)
+    assert model_flops(lambda: c.addmm_(a, b)) == model_flops(lambda: torch.addmm(c, a, b)) == 2 * 8 * 16 * 4
