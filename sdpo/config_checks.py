@@ -276,6 +276,8 @@ def validate_config(cfg: DictConfig) -> None:
     need(low is not True or bool(m.lora.enabled),
          "algo.low_precision_base=true needs a frozen base (model.lora.enabled=true): a full fine-tune trains every "
          "UNet weight, which stays fp32")
+    fused = a.get("fused_lora", True)
+    need(isinstance(fused, bool), f"algo.fused_lora={fused!r}: use true or false")
     attention = a.get("attention_backend", "auto")
     need(attention not in CUDA_ONLY or cfg.trainer.get("accelerator") != "cpu",
          f"algo.attention_backend={attention} is a CUDA kernel, but trainer.accelerator=cpu: use auto, flash or math")

@@ -38,6 +38,7 @@ from sdpo.overlap import BackgroundScorer
 from sdpo.policy.attention import check_attention_backend, pin_attention_backend
 from sdpo.policy.checks import collected_checks, require_not
 from sdpo.policy.conditioning import Conditioning, encode_prompts, truncated_prompts
+from sdpo.policy.fused_lora import fuse_lora_layers
 from sdpo.policy.loading import TINY, TinySpec, ensure_tiny_pipeline, load_components
 from sdpo.policy.lora import make_trainable
 from sdpo.policy.rollout import PairTrajectories, sample_pair_chunks, transition_log_prob
@@ -85,6 +86,9 @@ class SDPOModule(L.LightningModule):
         with torch.random.fork_rng(devices=[]):  # the adapters' init depends on the seed alone
             torch.manual_seed(seed)
             make_trainable(self.unet, lora["enabled"], lora["rank"], lora["alpha"], lora["targets"], lora["init"])
+        if lora["enabled"] and self.algo_cfg.get("fused_lora", True):
+            log.info("algo.fused_lora: %d LoRA Linear layers run as one autograd node each",
+                     fuse_lora_layers(self.unet))
         if self.model_cfg.get("gradient_checkpointing"):
             self.unet.enable_gradient_checkpointing()
         pin_attention_backend(self.unet, self.algo_cfg.get("attention_backend"))  # before compiling: graphs trace it

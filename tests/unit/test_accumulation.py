@@ -8,6 +8,7 @@ import torch
 
 from sdpo.algo.shuffle import sharded_update_order, update_groups
 from sdpo.config_checks import ConfigError, validate_config
+from sdpo.policy.fused_lora import has_fused_lora
 from sdpo.policy.speed import REGIONAL_BLOCKS
 from sdpo.train import train
 from tests.conftest import FAST, assert_weights_match, compose, trainable_state
@@ -85,6 +86,7 @@ def test_micro_batch_times_accumulation_gives_the_same_update(tmp_path, cache_di
 @pytest.fixture(scope="module")
 def plain_update(tmp_path_factory, cache_dir) -> dict[str, torch.Tensor]:
     trainer = train(compose(MEMORY_OPTION_BASE, tmp_path_factory.mktemp("plain"), cache_dir))
+    assert has_fused_lora(trainer.lightning_module.unet)  # the default: algo.fused_lora=true
     return trainable_state(trainer.lightning_module)
 
 
@@ -93,10 +95,11 @@ MEMORY_OPTION_BASE = [*FAST, "model.lora.enabled=true", "optim.lr=0.1", "optim.e
 
 
 @pytest.mark.parametrize("option", ["model.gradient_checkpointing=true", "algo.channels_last=true",
-                                    "algo.compile=regional", "optim.fused=true"])
+                                    "algo.compile=regional", "optim.fused=true", "algo.fused_lora=false"])
 def test_speed_and_memory_options_leave_the_update_unchanged(option, plain_update, tmp_path, cache_dir):
-    """Recomputing activations in backward, another memory layout, compiled blocks or the fused AdamW must train the
-    same weights (and keep the plain UNet's parameter names, which checkpoints and LoRA files use)."""
+    """Recomputing activations in backward, another memory layout, compiled blocks, the fused AdamW or PEFT's own
+    LoRA forward (the default runs the fused one) must train the same weights (and keep the plain UNet's parameter
+    names, which checkpoints and LoRA files use)."""
     graphs_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     # aot_eager: dynamo's capture and AOT autograd as with inductor, without minutes of C++ kernel builds on CPU
     extra = ["algo.compile_backend=aot_eager"] if option.startswith("algo.compile") else []
@@ -108,6 +111,8 @@ def test_speed_and_memory_options_leave_the_update_unchanged(option, plain_updat
         assert unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
     elif option.startswith("optim.fused"):
         assert trainer.optimizers[0].defaults["fused"]  # the plain run's, on a CPU: foreach
+    elif option.startswith("algo.fused_lora"):
+        assert not has_fused_lora(unet)  # the plain run's are fused (the plain_update fixture checks)
     else:
         compiled = {type(m).__name__ for m in unet.modules() if getattr(m, "_compiled_call_impl", None) is not None}
         assert compiled == set(REGIONAL_BLOCKS)

@@ -66,6 +66,7 @@ def problems(overrides: list[str], tmp_path) -> str:
     (["optim.lr=abc"], "optim.lr='abc': need a number"),
     (["model.resolution=big"], "model.resolution='big': need an integer or null"),
     (["algo.max_grad_norm=yes"], "algo.max_grad_norm='yes': need a number or null"),
+    (["algo.fused_lora=peft"], "algo.fused_lora='peft': use true or false"),
     (["model.lora.alpha=[8]"], "model.lora.alpha=[8]: need a number or null"),
     (["data.source=my_prompts.txt"], "data.source: prompt source 'my_prompts.txt' is neither a built-in set"),
     (["callbacks.eval.prompts=held_out.txt"], "callbacks.eval.prompts: prompt source 'held_out.txt' is neither"),
