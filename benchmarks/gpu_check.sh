@@ -5,13 +5,15 @@
 #   bash benchmarks/gpu_check.sh calls                # CUDA tests and the compiled call alone, about 7 min
 #   bash benchmarks/gpu_check.sh overlap [ATTN]       # the iteration with algo.overlap_scoring=true, about 7 min
 #   bash benchmarks/gpu_check.sh autotune [ATTN]      # the compiled call under max-autotune (long compile)
-#   bash benchmarks/gpu_check.sh profile [ATTN]       # the compiled call with and without LoRA, profiled, ~6 min
+#   bash benchmarks/gpu_check.sh profile [ATTN]       # PEFT's LoRA against the fused one, layers and call, ~7 min
 # Measured on an H100 on 2026-11-27 (benchmarks/README.md): a whole T = 50 iteration at the reference batch,
 # micro-batch 16 x 1, compiled, reached 27.7% training MFU (model FLOPs, sdpo.flops) against the 30% target, with an
 # overhead ratio of 1.02 and the training loop adding nothing to its primitives (0.99). The compiled 32-row call
 # itself runs at 197.6 ms (27.8%), as on 2026-11-26. torch's own attention choice was already the fastest kernel
-# (38 ms of the call), so what is left is the other 160 ms: stage "profile" shows where it goes and what the LoRA
-# adapters cost, stage "autotune" what inductor's kernel search wins. Run "profile" next.
+# (38 ms of the call), so what is left is the other 160 ms: stage "profile" shows where it goes, what the LoRA
+# adapters cost and what the fused LoRA layers (algo.fused_lora, the default since 2026-11-27, never yet run on a
+# GPU) win; stage "autotune" what inductor's kernel search wins. Run "profile" next, then "epoch" (which now runs
+# the fused layers) if time is left.
 # Every stage first times the UNet's attention alone under each SDPA backend (attention_backends.py, seconds) and
 # uses the fastest for training unless ATTN names one (algo.attention_backend: flash | cudnn | efficient | math).
 # Stage "epoch": epoch.py at the issue's settings (T = 50, the reference batch, micro-batch 16 x 1, 16 prompts per
@@ -25,9 +27,10 @@
 #   torch's attention and with the fastest pinned one.
 # Stage "autotune": unet_mfu.py's compiled call under max-autotune-no-cudagraphs (kernel choices benchmarked while
 #   compiling: minutes more; algo.compile_mode).
-# Stage "profile": unet_profile.py on the compiled 32-row training call with LoRA r4 and without adapters (the input
-#   takes the gradient): ms per call, MFU, the top kernels and kernel time by kind (attention, matmul, convolution,
-#   fused Triton, ...). The gap between the two is what the adapters cost, i.e. what fusing them could win at most.
+# Stage "profile": the fused LoRA layers' CUDA test (seconds), lora_layers.py (seconds: every LoRA layer shape of the 32-row call timed alone, eager, frozen
+#   Linear against PEFT's LoRA and the fused LoRA, summed over the call), then unet_profile.py on the compiled
+#   32-row training call with PEFT's LoRA forward and with the fused one (algo.fused_lora): ms per call, MFU, the top
+#   kernels and kernel time by kind (attention, matmul, convolution, fused Triton, ...).
 # GPU_CHECK_DRY=1 runs any stage at toy sizes on CPU: a check of this script that costs no device time.
 # Packages the machine lacks can be put as wheels in .whl/ (installed with --no-deps into a scratch site dir).
 set -uo pipefail
@@ -46,8 +49,9 @@ stage=${1:-epoch}
 if [[ ${GPU_CHECK_DRY:-0} == 1 ]]; then
   attention_args=(--rows 4 --scale tiny --device cpu --repeats 3); epoch_args=(--preset sd_turbo_dry --device cpu)
   steps=2; rows=4; mfu_args=(--scale tiny --device cpu --calls 2 --warmup 1); more=(trainer.precision=bf16-mixed)
+  layer_args=(--device cpu --calls 2 --warmup 1)
 else
-  attention_args=(--rows 32); epoch_args=(--preset sd_turbo); steps=50; rows=32; mfu_args=(); more=()
+  attention_args=(--rows 32); epoch_args=(--preset sd_turbo); steps=50; rows=32; mfu_args=(); more=(); layer_args=()
 fi
 pin() { [[ $1 == auto ]] || echo ":$1"; }  # a unet_mfu.py flag pinning attention backend $1 (none for auto)
 fastest_attention() {  # the SDPA backend that trains the UNet's attention fastest here (or $1 when given)
@@ -85,7 +89,7 @@ if [[ $stage == epoch || $stage == overlap ]]; then
   fi
 elif [[ $stage == calls ]]; then
   timeout 150 python3 -m pytest -q -rA -p no:cacheprovider -k "cuda or 16_mixed" tests/unit/test_model_rewards.py \
-    tests/unit/test_steps.py tests/unit/test_optimizer.py tests/unit/test_attention_backend.py \
+    tests/unit/test_steps.py tests/unit/test_optimizer.py tests/unit/test_attention_backend.py tests/unit/test_fused_lora.py \
     tests/integration/test_overlap.py > "$out/pytest_cuda.log" 2>&1
   grep -E "^(PASSED|FAILED|ERROR|SKIPPED)" "$out/pytest_cuda.log"; tail -1 "$out/pytest_cuda.log"
   attn=$(fastest_attention "${2:-}")
@@ -102,10 +106,16 @@ elif [[ $stage == autotune ]]; then
     > "$out/unet_mfu_32_autotune.log"  # with inductor's AUTOTUNE tables; the result lines:
   grep -E "^(UNet MFU|variant|train|sample)" "$out/unet_mfu_32_autotune.log"
 elif [[ $stage == profile ]]; then
+  timeout 60 python3 -m pytest -q -rA -p no:cacheprovider -k cuda tests/unit/test_fused_lora.py \
+    > "$out/pytest_fused_lora.log" 2>&1  # the fused layers against fp64 on this GPU, fp32 and bf16 (seconds)
+  grep -E "^(PASSED|FAILED|ERROR|SKIPPED)" "$out/pytest_fused_lora.log"; tail -1 "$out/pytest_fused_lora.log"
+  echo "=== lora_layers.py: the LoRA layers of the $rows-row training call, eager"
+  timeout 90 python3 benchmarks/lora_layers.py --rows "$rows" "${layer_args[@]}" 2>&1 | quiet \
+    | tee "$out/lora_layers_$rows.log"
   attn=$(fastest_attention "${2:-}")
-  echo "=== unet_profile.py: the compiled $rows-row training call with LoRA r4 and without adapters, attention $attn"
-  timeout 540 python3 benchmarks/unet_profile.py "${mfu_args[@]}" "train:$rows:bm:full$(pin "$attn")" \
-    "train:$rows:bm:full$(pin "$attn"):nolora" 2>&1 | quiet | grep -v -E "^USDT|kept in float32" \
+  echo "=== unet_profile.py: the compiled $rows-row training call, PEFT's LoRA r4 and the fused one, attention $attn"
+  timeout 480 python3 benchmarks/unet_profile.py "${mfu_args[@]}" "train:$rows:bm:full$(pin "$attn")" \
+    "train:$rows:bm:full$(pin "$attn"):fused" 2>&1 | quiet | grep -v -E "^USDT|kept in float32" \
     | tee "$out/unet_profile_$rows.log"
 else
   echo "unknown stage $stage: use epoch [MODE [ATTN]], calls [ATTN], overlap [ATTN], autotune [ATTN] or profile [ATTN]" >&2

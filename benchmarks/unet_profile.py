@@ -1,10 +1,11 @@
 """Where one SD-Turbo UNet call's GPU time goes: its top kernels and their time by kind, eager or compiled.
 
     python benchmarks/unet_profile.py                                  # the eager 32-row LoRA training call
+    python benchmarks/unet_profile.py train:32:bm:full train:32:bm:full:fused    # compiled, PEFT's and fused LoRA
     python benchmarks/unet_profile.py train:32:bm:full train:32:bm:full:nolora   # compiled, with and without LoRA
     python benchmarks/unet_profile.py --scale tiny --device cpu train:4:full     # a CPU dry run of the same path
 
-Variants are ``unet_mfu.py``'s (``kind:rows[:bm][:full][:nolora]...``). For each: ms per call over ``--calls``
+Variants are ``unet_mfu.py``'s (``kind:rows[:bm][:full][:nolora|:fused]...``). For each: ms per call over ``--calls``
 timed calls, MFU in model FLOPs, then one call under ``torch.profiler``: the kernels that took most time and the
 kernel time summed by kind (attention, matmul, convolution, normalisation, fused Triton kernels, elementwise, dtype
 copies and layout conversions, other). Kinds are read from kernel names, so they are a guide, not an exact split;
