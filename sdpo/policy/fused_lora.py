@@ -55,16 +55,10 @@ class _LoraLinear(torch.autograd.Function):
         return grad_x, None, None, grad_a, grad_b, None
 
 
-def compute_dtype(x: Tensor) -> torch.dtype:
-    """The dtype PEFT's layer would compute in: autocast's where it is on, else the input's."""
-    device_type = x.device.type
-    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
-
-
 class FusedLoraLinear(PeftLoraLinear):
     """A PEFT LoRA Linear whose plain-LoRA forward is one ``_LoraLinear`` node (see the module docstring)."""
 
-    def _plain_lora_adapter(self, x: Tensor, args: tuple, kwargs: dict) -> str | None:
+    def _plain_lora_adapter(self, x: Tensor, autocast: bool, args: tuple, kwargs: dict) -> str | None:
         """The one active adapter when this call is plain LoRA that ``_LoraLinear`` computes exactly; else None."""
         if args or kwargs or self.disable_adapters or self.merged or self.fan_in_fan_out:
             return None
@@ -80,17 +74,18 @@ class FusedLoraLinear(PeftLoraLinear):
                 or type(base) is not nn.Linear or base.weight.requires_grad
                 or (base.bias is not None and base.bias.requires_grad)):
             return None
-        dtype = compute_dtype(x)
-        if not torch.is_autocast_enabled(x.device.type) and not (
+        if not autocast and not (
                 x.dtype == base.weight.dtype == self.lora_A[name].weight.dtype == self.lora_B[name].weight.dtype):
             return None  # mixed dtypes without autocast: PEFT's own casting rules apply
-        return name if dtype.is_floating_point else None
+        return name
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-        name = self._plain_lora_adapter(x, args, kwargs)
+        device_type = x.device.type
+        autocast = torch.is_autocast_enabled(device_type)
+        name = self._plain_lora_adapter(x, autocast, args, kwargs)
         if name is None:
             return super().forward(x, *args, **kwargs)
-        dtype = compute_dtype(x)
+        dtype = torch.get_autocast_dtype(device_type) if autocast else x.dtype  # what PEFT's layer computes in
         base = self.base_layer
         bias = base.bias.to(dtype) if base.bias is not None else None
         flat = x.to(dtype).reshape(-1, x.shape[-1])
