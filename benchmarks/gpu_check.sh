@@ -83,12 +83,12 @@ if [[ $stage == epoch || $stage == overlap ]]; then
     epoch auto $((480 - (SECONDS - start)))
   fi
   if (( SECONDS - start < 490 )); then  # the pinned kernels against math on this GPU, when time is left
-    timeout 50 python3 -m pytest -q -rA -p no:cacheprovider -k cuda tests/unit/test_attention_backend.py \
+    timeout 50 python3 -m pytest -o addopts="" -q -rA -p no:cacheprovider -k cuda tests/unit/test_attention_backend.py \
       > "$out/pytest_attention.log" 2>&1
     grep -E "^(PASSED|FAILED|ERROR|SKIPPED)" "$out/pytest_attention.log"; tail -1 "$out/pytest_attention.log"
   fi
 elif [[ $stage == calls ]]; then
-  timeout 150 python3 -m pytest -q -rA -p no:cacheprovider -k "cuda or 16_mixed" tests/unit/test_model_rewards.py \
+  timeout 150 python3 -m pytest -o addopts="" -q -rA -p no:cacheprovider -k "cuda or 16_mixed" tests/unit/test_model_rewards.py \
     tests/unit/test_steps.py tests/unit/test_optimizer.py tests/unit/test_attention_backend.py tests/unit/test_fused_lora.py \
     tests/integration/test_overlap.py > "$out/pytest_cuda.log" 2>&1
   grep -E "^(PASSED|FAILED|ERROR|SKIPPED)" "$out/pytest_cuda.log"; tail -1 "$out/pytest_cuda.log"
@@ -106,7 +106,7 @@ elif [[ $stage == autotune ]]; then
     > "$out/unet_mfu_32_autotune.log"  # with inductor's AUTOTUNE tables; the result lines:
   grep -E "^(UNet MFU|variant|train|sample)" "$out/unet_mfu_32_autotune.log"
 elif [[ $stage == profile ]]; then
-  timeout 60 python3 -m pytest -q -rA -p no:cacheprovider -k cuda tests/unit/test_fused_lora.py \
+  timeout 60 python3 -m pytest -o addopts="" -q -rA -p no:cacheprovider -k cuda tests/unit/test_fused_lora.py \
     > "$out/pytest_fused_lora.log" 2>&1  # the fused layers against fp64 on this GPU, fp32 and bf16 (seconds)
   grep -E "^(PASSED|FAILED|ERROR|SKIPPED)" "$out/pytest_fused_lora.log"; tail -1 "$out/pytest_fused_lora.log"
   echo "=== lora_layers.py: the LoRA layers of the $rows-row training call, eager"

@@ -12,7 +12,41 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+MAX_WORKERS = 4  # `-n auto` on a big machine: more workers than this mostly add start-up time and memory
+
+
+def threads_per_worker() -> int:
+    """Torch threads for this test process: the cores shared out over pytest-xdist's workers (at most 2 each; tiny
+    models gain little from more). Two processes that each take every core slow each other badly."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    return max(1, min(2, (os.cpu_count() or 1) // workers))
+
+
+torch.set_num_threads(threads_per_worker())
+if "PYTEST_XDIST_WORKER" in os.environ:
+    # Subprocesses (the CLI tests) start torch with this worker's share of the cores, not the value the controller
+    # passed down: two threads per process next to other busy processes double a run's time on 2 cores.
+    os.environ["OMP_NUM_THREADS"] = str(threads_per_worker())
+
+
+@pytest.hookimpl(optionalhook=True)  # a machine without pytest-xdist runs `pytest -o addopts=""` in one process
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    return max(1, min(MAX_WORKERS, os.cpu_count() or 1))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under pytest-xdist (``--dist loadgroup``): the tests of a module that share a module-scoped fixture run on
+    one worker, so the fixture (a DDP run, a trained checkpoint) is built once; every other test goes where there is
+    room. Tests marked ``slow`` start first, so that no worker begins a minutes-long one when the rest are done."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: otherwise in file order
+    if not config.pluginmanager.hasplugin("xdist"):
+        return
+    for item in items:
+        fixture_info = getattr(item, "_fixtureinfo", None)
+        defs = fixture_info.name2fixturedefs.values() if fixture_info else []
+        if any(d[-1].scope == "module" for d in defs if d):
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIG_DIR = str(REPO / "conf")

@@ -95,7 +95,8 @@ MEMORY_OPTION_BASE = [*FAST, "model.lora.enabled=true", "optim.lr=0.1", "optim.e
 
 
 @pytest.mark.parametrize("option", ["model.gradient_checkpointing=true", "algo.channels_last=true",
-                                    "algo.compile=regional", "optim.fused=true", "algo.fused_lora=false"])
+                                    pytest.param("algo.compile=regional", marks=pytest.mark.slow),
+                                    "optim.fused=true", "algo.fused_lora=false"])
 def test_speed_and_memory_options_leave_the_update_unchanged(option, plain_update, tmp_path, cache_dir):
     """Recomputing activations in backward, another memory layout, compiled blocks, the fused AdamW or PEFT's own
     LoRA forward (the default runs the fused one) must train the same weights (and keep the plain UNet's parameter
