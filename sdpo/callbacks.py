@@ -24,7 +24,7 @@ from sdpo.eval_results import cells_legend
 from sdpo.grids import fit_to_grid, image_grid
 from sdpo.policy.attention import torch_attention
 from sdpo.rewards.base import UnscorablePrompts
-from sdpo.run_log import report_at_end
+from sdpo.run_log import log_file_paths, report_at_end
 
 
 def is_final_iteration(trainer: L.Trainer) -> bool:
@@ -207,15 +207,28 @@ class RewardSummary(L.Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._report(pl_module, stopped=None)
 
-    @rank_zero_only
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        signal = isinstance(exception, KeyboardInterrupt | SIGTERMException)
+        if trainer.global_rank != 0:
+            # A rank that fails alone: Lightning's launcher then kills rank 0 (SIGKILL) before it can say anything,
+            # so this rank gives the stop notice. A signal reaches rank 0 too, which reports it.
+            if not signal:
+                where = f"{stop_cause(exception)} on rank {trainer.global_rank} during epoch {trainer.current_epoch}"
+                notice = stop_notice(trainer, where, exception, self._unsaved(trainer))
+                logs = log_file_paths()
+                report_at_end(notice + (f"\n  this rank's log (the error): {logs[0]}" if logs else ""))
+            return
         stopped = f"{stop_cause(exception)} during epoch {trainer.current_epoch}"
         self._report(pl_module, stopped)  # nothing without a complete iteration
-        if self.history or isinstance(exception, KeyboardInterrupt | SIGTERMException):  # a signal: say so anyway
-            saved = trainer.checkpoint_callback  # RunCheckpoint knows what last.ckpt names, not just what was written
-            newest = saved.linked_epoch if isinstance(saved, RunCheckpoint) else self.checkpointed_epoch
-            unsaved = [int(h["epoch"]) for h in self.history if h["epoch"] > newest]
-            report_at_end(stop_notice(trainer, stopped, exception, unsaved))
+        if self.history or signal:  # a signal: say so anyway
+            report_at_end(stop_notice(trainer, stopped, exception, self._unsaved(trainer)))
+
+    def _unsaved(self, trainer: L.Trainer) -> list[int]:
+        """Epochs of the table that ended after the checkpoint ``last.ckpt`` names (RunCheckpoint knows what it
+        names, not just what was written)."""
+        saved = trainer.checkpoint_callback
+        newest = saved.linked_epoch if isinstance(saved, RunCheckpoint) else self.checkpointed_epoch
+        return [int(h["epoch"]) for h in self.history if h["epoch"] > newest]
 
     def _report(self, pl_module: L.LightningModule, stopped: str | None) -> None:
         if not self.history:

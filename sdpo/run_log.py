@@ -31,6 +31,11 @@ def to_log_files(text: str, level: int = logging.INFO,
             handler.handle(record)
 
 
+def log_file_paths() -> list[str]:
+    """The files the root logger writes to: Hydra's ``<job>.log`` in the run folder (one per rank)."""
+    return [h.baseFilename for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)]
+
+
 def report(text: str) -> None:
     """Print ``text`` for the person watching, and keep it in the run's log file."""
     print(text, flush=True)

@@ -240,6 +240,24 @@ def test_a_rank_0_failure_stops_the_other_ranks_instead_of_leaving_them_waiting(
     assert "run stopped (RuntimeError during epoch 1)" in result.stdout + result.stderr  # rank 0's report came
 
 
+def test_a_failure_on_another_rank_still_says_what_was_kept_and_how_to_continue(tmp_path, cache_dir):
+    """Lightning kills rank 0 (SIGKILL) within seconds when a rank it started fails, before rank 0 can report: the
+    failed rank gives the stop notice, naming the last complete checkpoint and its own log with the error."""
+    args = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.max_epochs=3", *COMMON,
+            *PER_RANK, "+callbacks.fail._target_=tests.integration.rank_probe.FailOnRank", "+callbacks.fail.rank=1",
+            "+callbacks.fail.epoch=1", f"hydra.run.dir={tmp_path / 'run'}"]
+    result = subprocess.run([sys.executable, "-m", "sdpo.train", *args], cwd=tmp_path, env=launch_env(cache_dir),
+                            capture_output=True, text=True, timeout=180)
+    assert result.returncode != 0 and "rank 1 failed alone" in result.stderr
+    checkpoint = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    assert f"run stopped (RuntimeError on rank 1 during epoch 1); newest checkpoint: {checkpoint} (epoch=0-" \
+        in result.stdout, result.stdout[-2000:]
+    assert f"continue: the same command with ckpt_path={checkpoint}" in result.stdout
+    rank_log = tmp_path / "run" / "train_node0_local1.log"
+    assert f"this rank's log (the error): {rank_log}" in result.stdout
+    assert "rank 1 failed alone" in rank_log.read_text() and "run stopped" in rank_log.read_text()
+
+
 @pytest.mark.parametrize("trainer", [["trainer=ddp", "trainer.accelerator=cpu"], ["trainer.accelerator=cpu"]])
 def test_multirun_refuses_jobs_of_several_processes(tmp_path, cache_dir, trainer):
     """Lightning would re-launch rank 1 with the sweep's command line: one job per sweep point instead. The default
