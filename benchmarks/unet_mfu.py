@@ -9,8 +9,7 @@ reach only the LoRA weights). Each variant builds its own UNet, so compiled and 
     python benchmarks/unet_mfu.py --scale tiny --device cpu train:4 train:4:regional   # a CPU dry run
 
 A variant is ``kind:rows[:cl][:bm][:dyn][:regional|:full][:autotune][:flash|:cudnn|:efficient|:math][:nolora|:fused]``:
-kind
-``sample`` or ``train``; rows = UNet batch rows (a pair is 2 rows, so training micro-batch m pairs is 2m rows);
+kind ``sample`` or ``train``; rows = UNet batch rows (a pair is 2 rows, so training micro-batch m pairs is 2m rows);
 ``cl`` = channels_last weights; ``bm`` = cuDNN autotuning (``torch.backends.cudnn.benchmark``, Lightning's
 ``trainer.benchmark=true``); ``regional`` / ``full`` = ``algo.compile`` (see ``sdpo/policy/speed.py``); ``dyn`` =
 ``full`` compiled with a symbolic batch size (what torch's default makes of a graph that meets a second size;

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+from torch.utils.flop_counter import FlopCounterMode, mm_flop, sdpa_flop_count
 
 aten = torch.ops.aten
 
@@ -36,9 +36,8 @@ def _sdpa_ops(suffix: str) -> list[Any]:
     return [getattr(aten, name + suffix) for name in names if hasattr(aten, name + suffix)]
 
 
-def _addmm_in_place(self_shape: Any, mat1_shape: Any, mat2_shape: Any, *args: Any, out_shape: Any = None,
-                    **kwargs: Any) -> int:
-    return 2 * mat1_shape[0] * mat1_shape[1] * mat2_shape[1]
+def _addmm_in_place(self_shape: Any, mat1_shape: Any, mat2_shape: Any, *args: Any, **kwargs: Any) -> int:
+    return mm_flop(mat1_shape, mat2_shape)  # torch's formula for addmm's product
 
 
 MODEL_FLOP_FORMULAS: dict[Any, Callable[..., int]] = {

@@ -26,14 +26,18 @@ def to_log_files(text: str, level: int = logging.INFO,
                  exc_info: tuple[type[BaseException], BaseException, TracebackType | None] | None = None) -> None:
     """Write ``text`` (and a traceback, if given) to the root logger's file handlers only, not to the console."""
     record = log.makeRecord(log.name, level, __file__, 0, text, None, exc_info)
-    for handler in logging.getLogger().handlers:
-        if isinstance(handler, logging.FileHandler) and record.levelno >= handler.level:
+    for handler in _file_handlers():
+        if record.levelno >= handler.level:
             handler.handle(record)
+
+
+def _file_handlers() -> list[logging.FileHandler]:
+    return [h for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)]
 
 
 def log_file_paths() -> list[str]:
     """The files the root logger writes to: Hydra's ``<job>.log`` in the run folder (one per rank)."""
-    return [h.baseFilename for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)]
+    return [h.baseFilename for h in _file_handlers()]
 
 
 def report(text: str) -> None:

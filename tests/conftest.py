@@ -22,11 +22,12 @@ def threads_per_worker() -> int:
     return max(1, min(2, (os.cpu_count() or 1) // workers))
 
 
-torch.set_num_threads(threads_per_worker())
+THREADS = threads_per_worker()
+torch.set_num_threads(THREADS)
 if "PYTEST_XDIST_WORKER" in os.environ:
     # Subprocesses (the CLI tests) start torch with this worker's share of the cores, not the value the controller
     # passed down: two threads per process next to other busy processes double a run's time on 2 cores.
-    os.environ["OMP_NUM_THREADS"] = str(threads_per_worker())
+    os.environ["OMP_NUM_THREADS"] = str(THREADS)
 
 
 @pytest.hookimpl(optionalhook=True)  # a machine without pytest-xdist runs `pytest -o addopts=""` in one process
