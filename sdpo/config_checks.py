@@ -14,6 +14,7 @@ from sdpo.commands import cli_arg
 from sdpo.config_keys import unknown_keys
 from sdpo.data import load_prompts
 from sdpo.policy.attention import CUDA_ONLY, attention_backend
+from sdpo.policy.fused_lora import resolve_fused_lora
 from sdpo.policy.speed import compile_mode, inductor_mode
 from sdpo.policy.steps import SPACINGS
 from sdpo.rewards import available_rewards
@@ -276,8 +277,8 @@ def validate_config(cfg: DictConfig) -> None:
     need(low is not True or bool(m.lora.enabled),
          "algo.low_precision_base=true needs a frozen base (model.lora.enabled=true): a full fine-tune trains every "
          "UNet weight, which stays fp32")
-    fused = a.get("fused_lora", True)
-    need(isinstance(fused, bool), f"algo.fused_lora={fused!r}: use true or false")
+    layouts = a.get("compile_layout_optimization", False)
+    need(isinstance(layouts, bool), f"algo.compile_layout_optimization={layouts!r}: use true or false")
     attention = a.get("attention_backend", "auto")
     need(attention not in CUDA_ONLY or cfg.trainer.get("accelerator") != "cpu",
          f"algo.attention_backend={attention} is a CUDA kernel, but trainer.accelerator=cpu: use auto, flash or math")
@@ -285,6 +286,11 @@ def validate_config(cfg: DictConfig) -> None:
         attention_backend(attention)
         compile_mode(a.get("compile"))
         inductor_mode(a.get("compile_mode"), a.get("compile"), a.get("compile_backend", "inductor"))
+        resolve_fused_lora(a.get("fused_lora", "auto"), a.get("compile"), a.get("compile_backend", "inductor"))
+        need(layouts is not True or (compile_mode(a.get("compile")) != "off"
+                                     and a.get("compile_backend", "inductor") == "inductor"),
+             "algo.compile_layout_optimization=true needs the UNet compiled by inductor (algo.compile=true or "
+             "regional, algo.compile_backend=inductor): nothing would change")
     except ValueError as error:
         problems.append(str(error))
     problems += unknown_keys(cfg, CONFIG_DIR)

@@ -38,7 +38,7 @@ from sdpo.overlap import BackgroundScorer
 from sdpo.policy.attention import check_attention_backend, pin_attention_backend
 from sdpo.policy.checks import collected_checks, require_not
 from sdpo.policy.conditioning import Conditioning, encode_prompts, truncated_prompts
-from sdpo.policy.fused_lora import fuse_lora_layers
+from sdpo.policy.fused_lora import COMPILED_FUSED_LORA_WRONG, fuse_lora_layers, resolve_fused_lora
 from sdpo.policy.loading import TINY, TinySpec, ensure_tiny_pipeline, load_components
 from sdpo.policy.lora import make_trainable
 from sdpo.policy.rollout import PairTrajectories, sample_pair_chunks, transition_log_prob
@@ -86,16 +86,21 @@ class SDPOModule(L.LightningModule):
         with torch.random.fork_rng(devices=[]):  # the adapters' init depends on the seed alone
             torch.manual_seed(seed)
             make_trainable(self.unet, lora["enabled"], lora["rank"], lora["alpha"], lora["targets"], lora["init"])
-        if lora["enabled"] and self.algo_cfg.get("fused_lora", True):
-            log.info("algo.fused_lora: %d LoRA Linear layers run as one autograd node each",
+        backend = self.algo_cfg.get("compile_backend", "inductor")
+        fused = self.algo_cfg.get("fused_lora", "auto")
+        if lora["enabled"] and resolve_fused_lora(fused, self.algo_cfg.get("compile"), backend):
+            log.info("algo.fused_lora=%s: %d LoRA Linear layers run as one autograd node each", fused,
                      fuse_lora_layers(self.unet))
+        elif lora["enabled"] and fused == "auto":
+            log.info("algo.fused_lora=auto: PEFT's LoRA forward, since inductor compiles the UNet (%s)",
+                     COMPILED_FUSED_LORA_WRONG)
         if self.model_cfg.get("gradient_checkpointing"):
             self.unet.enable_gradient_checkpointing()
         pin_attention_backend(self.unet, self.algo_cfg.get("attention_backend"))  # before compiling: graphs trace it
-        backend = self.algo_cfg.get("compile_backend", "inductor")
         apply_speed_options(self.unet, bool(self.algo_cfg.get("channels_last")), self.algo_cfg.get("compile"), backend,
                             inductor_mode=inductor_mode(self.algo_cfg.get("compile_mode"),
-                                                        self.algo_cfg.get("compile"), backend))
+                                                        self.algo_cfg.get("compile"), backend),
+                            layout_optimization=bool(self.algo_cfg.get("compile_layout_optimization", False)))
         reward_kwargs = {k: v for k, v in self.reward_cfg.items() if k not in ("name", "_target_")}
         self.reward_fn = build_reward(self.reward_cfg["name"], **reward_kwargs)
 

@@ -23,6 +23,8 @@ import torch
 from peft.tuners.lora.layer import Linear as PeftLoraLinear
 from torch import Tensor, nn
 
+from sdpo.policy.speed import compile_mode
+
 
 class _LoraLinear(torch.autograd.Function):
     """``x @ W.T + b + s * (x @ A.T) @ B.T`` for 2-D ``x``, every tensor already in the compute dtype; W and b
@@ -106,6 +108,28 @@ def fuse_lora_layers(module: nn.Module) -> int:
             layer.__class__ = FusedLoraLinear
             fused += 1
     return fused
+
+
+COMPILED_FUSED_LORA_WRONG = (
+    "inductor's compiled fused LoRA layers gave wrong gradients on an H100 (torch 2.11: all 64 LoRA gradients of the "
+    "tiny UNet off by 100%, and the SD-Turbo training call kept 3.4 GiB where a real backward keeps ~20; "
+    "benchmarks/compiled_gradients.py checks a torch version)")
+
+
+def resolve_fused_lora(setting: object, compile: object, backend: str) -> bool:
+    """Whether a LoRA run fuses its layers, for ``algo.fused_lora`` = true | false | auto.
+
+    auto fuses them when the UNet runs eagerly or under a backend other than inductor, and keeps PEFT's forward when
+    inductor compiles it (whole or regional), where the fused layers' gradients were measured wrong (see
+    COMPILED_FUSED_LORA_WRONG). true with inductor is refused rather than quietly trained on wrong gradients.
+    """
+    if not (isinstance(setting, bool) or setting == "auto"):
+        raise ValueError(f"algo.fused_lora={setting!r}: use auto, true or false")
+    compiled_by_inductor = compile_mode(compile) != "off" and backend == "inductor"
+    if setting is True and compiled_by_inductor:
+        raise ValueError(f"algo.fused_lora=true with algo.compile={compile} (inductor): {COMPILED_FUSED_LORA_WRONG}. "
+                         "Use algo.fused_lora=auto (PEFT's forward when compiled) or false, or algo.compile=false")
+    return not compiled_by_inductor if setting == "auto" else bool(setting)
 
 
 def has_fused_lora(module: nn.Module) -> bool:

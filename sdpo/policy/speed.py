@@ -66,8 +66,28 @@ def use_compile_cache(directory: str | None) -> str | None:
     return str(path)
 
 
+def set_inductor_layout_optimization(enabled: bool) -> None:
+    """Turn inductor's layout optimization on or off, process-wide; sdpo turns it off by default.
+
+    With it on, inductor stores convolution activations channels-last inside a compiled graph, and on torch 2.13
+    (CPU) the backward of a diffusers resnet block followed by ``Upsample2D``'s nearest upsampling and conv came out
+    as zeros (the forward was right): every LoRA layer before the tiny UNet's first upsampler trained on a missing or
+    wrong gradient, silently. Eager, ``aot_eager`` and inductor with it off agree (tests/integration/test_compile.py;
+    benchmarks/compiled_gradients.py prints both settings on any device). Off, compiled graphs keep eager
+    PyTorch's layouts: no extra copies, and none of channels-last's possible gain on a GPU. Off has a bug of its own
+    on that CPU build, a loud one: the backward of a nearest upsampling of a 1 x 1 map fails to compile (an
+    InductorError at the first training call), which only toy UNets meet (SD's deepest map is 8 x 8).
+    """
+    import torch._inductor.config as inductor_config
+
+    if inductor_config.layout_optimization != enabled:
+        inductor_config.layout_optimization = enabled
+        log.info("inductor's layout optimization %s (algo.compile_layout_optimization)", "on" if enabled else "off")
+
+
 def apply_speed_options(unet: nn.Module, channels_last: bool, compile: object, backend: str = "inductor",
-                        dynamic: bool | None = False, inductor_mode: str | None = None) -> None:
+                        dynamic: bool | None = False, inductor_mode: str | None = None,
+                        layout_optimization: bool = False) -> None:
     """Put the UNet's weights in channels_last and/or torch.compile it in place.
 
     Both act in place (``nn.Module.compile``), so ``state_dict`` keys, LoRA saving and checkpoints are those of the
@@ -84,8 +104,11 @@ def apply_speed_options(unet: nn.Module, channels_last: bool, compile: object, b
 
     ``inductor_mode`` is torch.compile's ``mode`` (inductor only; e.g. ``max-autotune-no-cudagraphs`` benchmarks
     kernel choices while compiling: a longer compile for a possibly faster call, measured by ``unet_mfu.py``).
+    ``layout_optimization`` is inductor's (``set_inductor_layout_optimization``: off unless asked for).
     """
     mode = compile_mode(compile)
+    if mode != "off" and backend == "inductor":
+        set_inductor_layout_optimization(layout_optimization)
     if channels_last:
         unet.to(memory_format=torch.channels_last)
     if mode == "full":

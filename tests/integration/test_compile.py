@@ -1,5 +1,5 @@
 """torch.compile in a real run: the whole UNet compiles one static graph per (grad mode, batch shape) whatever the
-order it meets them in, and the held-out evaluation compiles nothing."""
+order it meets them in, the held-out evaluation compiles nothing, and inductor's gradients are eager's."""
 
 from __future__ import annotations
 
@@ -134,3 +134,62 @@ def test_a_compiled_run_points_inductor_at_the_configured_folder(tmp_path, cache
     with pytest.raises(ModuleBuilt):
         train(cfg)
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str((cache_dir / "inductor").resolve())
+
+
+class ResnetThenUpsample(torch.nn.Module):
+    """A diffusers resnet block with a time embedding, then ``Upsample2D``: the UNet pattern whose compiled backward
+    inductor's layout optimization made all zeros (torch 2.13, CPU)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from diffusers.models.resnet import ResnetBlock2D
+        from diffusers.models.upsampling import Upsample2D
+
+        self.resnet = ResnetBlock2D(in_channels=96, out_channels=64, temb_channels=128, groups=8)
+        self.up = Upsample2D(64, use_conv=True)
+
+    def forward(self, x: Tensor, temb: Tensor) -> Tensor:
+        return self.up(self.resnet(x, temb))
+
+
+def test_inductor_as_sdpo_compiles_gives_eager_gradients():
+    """The block compiled by inductor the way a run compiles its UNet (``apply_speed_options``, whose default
+    turns inductor's layout optimization off) returns the input gradient eager PyTorch does. With the layout
+    optimization on, this torch version returned zeros."""
+    import torch._inductor.config as inductor_config
+
+    from sdpo.policy.speed import apply_speed_options
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    eager = ResnetThenUpsample().requires_grad_(False)
+    compiled = ResnetThenUpsample().requires_grad_(False)
+    compiled.load_state_dict(eager.state_dict())
+    apply_speed_options(compiled, channels_last=False, compile=True)
+    assert inductor_config.layout_optimization is False
+    x, temb = torch.randn(2, 96, 8, 8), torch.randn(2, 128)
+    grads = []
+    for model in (eager, compiled):
+        leaf = x.clone().requires_grad_(True)
+        model(leaf, temb).square().mean().backward()
+        grads.append(leaf.grad)
+    torch._dynamo.reset()
+    assert grads[0].abs().max() > 0
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize(("overrides", "fused"), [
+    ([], True),  # eager: fused
+    (["algo.compile=regional"], False),  # inductor: PEFT's forward
+    (["algo.compile=true", "algo.compile_backend=aot_eager"], True),  # traced, no kernels generated: fused
+])
+def test_auto_fused_lora_keeps_peft_forward_where_inductor_compiles(overrides, fused, tmp_path, cache_dir):
+    """algo.fused_lora=auto (the default) fuses the LoRA layers unless inductor compiles them, where the compiled
+    fused layers' gradients were wrong on an H100."""
+    from sdpo.module import SDPOModule
+    from sdpo.policy.fused_lora import has_fused_lora
+
+    cfg = compose([*FAST, "model.lora.enabled=true", *overrides], tmp_path, cache_dir)
+    module = SDPOModule(cfg.model, cfg.algo, cfg.reward, cfg.optim, seed=0)
+    torch._dynamo.reset()
+    assert has_fused_lora(module.unet) is fused

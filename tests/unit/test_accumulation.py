@@ -86,7 +86,7 @@ def test_micro_batch_times_accumulation_gives_the_same_update(tmp_path, cache_di
 @pytest.fixture(scope="module")
 def plain_update(tmp_path_factory, cache_dir) -> dict[str, torch.Tensor]:
     trainer = train(compose(MEMORY_OPTION_BASE, tmp_path_factory.mktemp("plain"), cache_dir))
-    assert has_fused_lora(trainer.lightning_module.unet)  # the default: algo.fused_lora=true
+    assert has_fused_lora(trainer.lightning_module.unet)  # the default, algo.fused_lora=auto, in an eager run
     return trainable_state(trainer.lightning_module)
 
 

@@ -4,6 +4,7 @@ gradient), fall back to PEFT wherever they would not, keep PEFT's parameters and
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from peft.utils import get_peft_model_state_dict
 from torch import nn
 
 from sdpo.flops import model_flops
-from sdpo.policy.fused_lora import FusedLoraLinear, fuse_lora_layers, has_fused_lora
+from sdpo.policy.fused_lora import FusedLoraLinear, fuse_lora_layers, has_fused_lora, resolve_fused_lora
 from sdpo.policy.loading import TinySpec, ensure_tiny_pipeline
 from sdpo.policy.lora import make_trainable
 
@@ -192,3 +193,27 @@ def test_fused_layer_compiles_as_one_graph_with_eager_gradients():
         assert compiled_grads.keys() == eager_grads.keys()
         for name, grad in eager_grads.items():
             torch.testing.assert_close(compiled_grads[name], grad)
+
+
+@pytest.mark.parametrize(("setting", "compile", "backend", "fused"), [
+    ("auto", False, "inductor", True),
+    ("auto", True, "inductor", False),
+    ("auto", "regional", "inductor", False),
+    ("auto", True, "aot_eager", True),
+    (True, False, "inductor", True),
+    (True, "regional", "aot_eager", True),
+    (False, False, "inductor", False),
+    (False, True, "inductor", False),
+])
+def test_fused_lora_setting_resolves_by_what_compiles_the_unet(setting, compile, backend, fused):
+    assert resolve_fused_lora(setting, compile, backend) is fused
+
+
+@pytest.mark.parametrize(("setting", "compile", "expected"), [
+    (True, True, "algo.fused_lora=true with algo.compile=True (inductor): inductor's compiled fused LoRA layers"),
+    ("yes", False, "algo.fused_lora='yes': use auto, true or false"),
+    (1, False, "algo.fused_lora=1: use auto, true or false"),
+])
+def test_fused_lora_settings_that_cannot_be_trusted_are_refused(setting, compile, expected):
+    with pytest.raises(ValueError, match=re.escape(expected)):
+        resolve_fused_lora(setting, compile, "inductor")

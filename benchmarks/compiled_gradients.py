@@ -1,0 +1,127 @@
+"""Do inductor's compiled UNet gradients equal eager ones on this machine? Prints, per variant, how far the LoRA
+gradients of the compiled UNet are from eager PyTorch's (fp32, TF32 off), with inductor's layout optimization as
+torch ships it and as sdpo sets it (off: ``algo.compile_layout_optimization``, ``sdpo.policy.speed``).
+
+Why: on torch 2.13 (CPU) inductor's channels-last layout optimization made the backward of a diffusers resnet block
+followed by ``Upsample2D`` all zeros, so every LoRA layer before the UNet's first upsampler trained on a wrong or
+missing gradient, silently. The first variant is that block alone (a resnet with a time embedding, then nearest
+upsampling and a conv; the input's gradient); the others are the embedded tiny UNet with PEFT's LoRA and with the
+fused layers (``algo.fused_lora``). Not a test: the test (tests/integration/test_compile.py) runs sdpo's setting
+only, so that it does not fail when torch fixes the bug.
+
+    python benchmarks/compiled_gradients.py                 # CPU: about 6 minutes on 2 cores (4 UNet compiles)
+    python benchmarks/compiled_gradients.py --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import tempfile
+import time
+
+import torch
+import torch._inductor.config as inductor_config
+from torch import nn
+
+
+def relative_error(value: torch.Tensor | None, oracle: torch.Tensor) -> float:
+    if value is None:
+        return float("inf")
+    return float((value - oracle).abs().max() / oracle.abs().max().clamp_min(1e-30))
+
+
+def block_case(device: torch.device):
+    """A diffusers resnet block with a time embedding, then Upsample2D: the pattern the layout bug broke."""
+    from diffusers.models.resnet import ResnetBlock2D
+    from diffusers.models.upsampling import Upsample2D
+
+    torch.manual_seed(0)
+    block = nn.ModuleDict({"resnet": ResnetBlock2D(in_channels=96, out_channels=64, temb_channels=128, groups=8),
+                           "up": Upsample2D(64, use_conv=True)}).to(device).requires_grad_(False)
+    x0 = torch.randn(2, 96, 8, 8, device=device)
+    temb = torch.randn(2, 128, device=device)
+
+    def grads(fn) -> dict[str, torch.Tensor | None]:
+        x = x0.clone().requires_grad_(True)
+        fn(x).square().mean().backward()
+        return {"input": x.grad}
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return block["up"](block["resnet"](x, temb))
+
+    return forward, grads
+
+
+def unet_case(device: torch.device, fused: bool):
+    """The embedded tiny UNet with LoRA r4 on its attention projections (non-zero B), the adapters' gradients."""
+    from diffusers import UNet2DConditionModel
+
+    from sdpo.policy.fused_lora import fuse_lora_layers
+    from sdpo.policy.loading import TinySpec, ensure_tiny_pipeline
+    from sdpo.policy.lora import make_trainable
+
+    cache = tempfile.mkdtemp(prefix="sdpo-compiled-gradients-")
+    unet = UNet2DConditionModel.from_pretrained(ensure_tiny_pipeline(cache, TinySpec()) / "unet").to(device)
+    torch.manual_seed(0)
+    make_trainable(unet, True, 4, 8, ["to_q", "to_k", "to_v", "to_out.0"], "gaussian")
+    for name, p in unet.named_parameters():
+        if "lora_B" in name:
+            nn.init.normal_(p, std=0.1)
+    if fused:
+        fuse_lora_layers(unet)
+    g = torch.Generator().manual_seed(1)
+    size = unet.config.sample_size
+    args = (torch.randn(2, 4, size, size, generator=g).to(device), torch.tensor([999, 400], device=device),
+            torch.randn(2, 77, unet.config.cross_attention_dim, generator=g).to(device))
+
+    def grads(model) -> dict[str, torch.Tensor | None]:
+        model.zero_grad(set_to_none=True)
+        model(*args).sample.square().mean().backward()
+        return {n.removeprefix("_orig_mod."): p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+    return unet, grads
+
+
+def compare(name: str, model, grads, layout_optimization: bool) -> None:
+    """Eager against inductor-compiled gradients of ``model``, with inductor's layout optimization as given."""
+    torch._dynamo.reset()
+    inductor_config.layout_optimization = layout_optimization
+    eager = grads(model)
+    compiled_model = torch.compile(copy.deepcopy(model) if isinstance(model, nn.Module) else model,
+                                   backend="inductor")
+    start = time.perf_counter()
+    compiled = grads(compiled_model)
+    seconds = time.perf_counter() - start
+    errors = {key: relative_error(compiled.get(key), oracle) for key, oracle in eager.items()}
+    wrong = sorted(key for key, error in errors.items() if error > 1e-3)
+    setting = "on (torch's default)" if layout_optimization else "off (sdpo's setting)"
+    print(f"{name:<22} layout optimization {setting:<21} max relative error {max(errors.values()):.2e}   "
+          f"{len(wrong)} of {len(errors)} gradients off by > 1e-3   (compile + call {seconds:.0f} s)")
+    for key in wrong[:3]:
+        print(f"    e.g. {key}: {errors[key]:.2e}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--cases", default="block,peft,fused", help="comma-separated: block, peft, fused")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    torch.backends.cudnn.allow_tf32 = False  # eager and compiled convolutions in full fp32, comparable to 1e-3
+    torch.backends.cuda.matmul.allow_tf32 = False
+    print(f"compiled against eager gradients, fp32, torch {torch.__version__}, {device}"
+          + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""))
+    for case in args.cases.split(","):
+        if case == "block":
+            forward, grads = block_case(device)
+            model, label = forward, "resnet + Upsample2D"
+        else:
+            model, grads = unet_case(device, fused=case == "fused")
+            label = f"tiny UNet, {'fused' if case == 'fused' else 'PEFT'} LoRA"
+        for layout_optimization in (True, False):
+            compare(label, model, grads, layout_optimization)
+
+
+if __name__ == "__main__":
+    main()
