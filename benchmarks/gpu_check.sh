@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU figures issue 5 still needs, in stages that each fit one device call (timeout near 570 s). Each log goes
 # to ${OUT:-/tmp} as soon as its step ends, so a run cut short keeps the rest.
+#   bash benchmarks/gpu_check.sh gradients            # compiled against eager gradients, and what the fix costs, ~7 min
 #   bash benchmarks/gpu_check.sh epoch [MODE [ATTN]]  # the target itself, about 8 min (measured 2026-11-27)
 #   bash benchmarks/gpu_check.sh calls                # CUDA tests and the compiled call alone, about 7 min
 #   bash benchmarks/gpu_check.sh overlap [ATTN]       # the iteration with algo.overlap_scoring=true, about 7 min
@@ -8,12 +9,16 @@
 #   bash benchmarks/gpu_check.sh profile [ATTN]       # PEFT's LoRA against the fused one, layers and call, ~7 min
 # Measured on an H100 on 2026-11-27 (benchmarks/README.md): a whole T = 50 iteration at the reference batch,
 # micro-batch 16 x 1, compiled, reached 27.7% training MFU (model FLOPs, sdpo.flops) against the 30% target, with an
-# overhead ratio of 1.02 and the training loop adding nothing to its primitives (0.99). The compiled 32-row call
-# itself runs at 197.6 ms (27.8%), as on 2026-11-26. torch's own attention choice was already the fastest kernel
-# (38 ms of the call), so what is left is the other 160 ms: stage "profile" shows where it goes, what the LoRA
-# adapters cost and what the fused LoRA layers (algo.fused_lora, the default since 2026-11-27, never yet run on a
-# GPU) win; stage "autotune" what inductor's kernel search wins. Run "profile auto" next (auto: skip timing the
-# attention kernels again; torch's choice was the fastest), then "epoch" (which now runs the fused layers).
+# overhead ratio of 1.02. The compiled 32-row call ran at 197.6 ms. Later that day the fused LoRA layers compiled by
+# inductor "reached" 61.6% (99.8 ms, 8.1 GiB peak): their gradients were wrong (every LoRA gradient of the tiny UNet
+# off, compiled_gradients.py), so a run now keeps PEFT's forward when inductor compiles (algo.fused_lora=auto). On CPU
+# inductor's layout optimization zeroed the gradients of the blocks before the first upsampler; runs now turn it off
+# (algo.compile_layout_optimization=false), never yet measured on a GPU. Run "gradients" next: whether compiled PEFT
+# gradients agree with eager on the GPU, with the layout optimization on and off, and the compiled 32-row call's
+# speed both ways; then "epoch auto" for the target at sdpo's settings.
+# Stage "gradients": compiled_gradients.py (the resnet + Upsample2D block, the tiny UNet with PEFT's and the fused
+#   LoRA, compiled against eager, layout optimization on and off), unet_mfu.py's eager 32-row call with PEFT's and the
+#   fused layers, then the compiled call with the layout optimization off (sdpo's setting) and on.
 # Every stage first times the UNet's attention alone under each SDPA backend (attention_backends.py, seconds) and
 # uses the fastest for training unless ATTN names one (algo.attention_backend: flash | cudnn | efficient | math).
 # Stage "epoch": epoch.py at the issue's settings (T = 50, the reference batch, micro-batch 16 x 1, 16 prompts per
@@ -27,10 +32,10 @@
 #   torch's attention and with the fastest pinned one.
 # Stage "autotune": unet_mfu.py's compiled call under max-autotune-no-cudagraphs (kernel choices benchmarked while
 #   compiling: minutes more; algo.compile_mode).
-# Stage "profile": the fused LoRA layers' CUDA test (seconds), lora_layers.py (seconds: every LoRA layer shape of the 32-row call timed alone, eager, frozen
-#   Linear against PEFT's LoRA and the fused LoRA, summed over the call), then unet_profile.py on the compiled
-#   32-row training call with PEFT's LoRA forward and with the fused one (algo.fused_lora): ms per call, MFU, the top
-#   kernels and kernel time by kind (attention, matmul, convolution, fused Triton, ...).
+# Stage "profile": the fused LoRA layers' CUDA test (seconds), lora_layers.py (seconds: every LoRA layer shape of
+#   the 32-row call timed alone, eager, frozen Linear against PEFT's LoRA and the fused LoRA, summed over the call),
+#   then unet_profile.py on the compiled 32-row training call (PEFT's LoRA forward) and the eager one with the fused
+#   layers: ms per call, MFU, the top kernels and kernel time by kind (attention, matmul, convolution, Triton, ...).
 # GPU_CHECK_DRY=1 runs any stage at toy sizes on CPU: a check of this script that costs no device time.
 # Packages the machine lacks can be put as wheels in .whl/ (installed with --no-deps into a scratch site dir).
 set -uo pipefail
@@ -49,9 +54,10 @@ stage=${1:-epoch}
 if [[ ${GPU_CHECK_DRY:-0} == 1 ]]; then
   attention_args=(--rows 4 --scale tiny --device cpu --repeats 3); epoch_args=(--preset sd_turbo_dry --device cpu)
   steps=2; rows=4; mfu_args=(--scale tiny --device cpu --calls 2 --warmup 1); more=(trainer.precision=bf16-mixed)
-  layer_args=(--device cpu --calls 2 --warmup 1)
+  layer_args=(--device cpu --calls 2 --warmup 1); grad_args=(--device cpu --cases block)
 else
   attention_args=(--rows 32); epoch_args=(--preset sd_turbo); steps=50; rows=32; mfu_args=(); more=(); layer_args=()
+  grad_args=(--device cuda)
 fi
 pin() { [[ $1 == auto ]] || echo ":$1"; }  # a unet_mfu.py flag pinning attention backend $1 (none for auto)
 fastest_attention() {  # the SDPA backend that trains the UNet's attention fastest here (or $1 when given)
@@ -113,12 +119,18 @@ elif [[ $stage == profile ]]; then
   timeout 90 python3 benchmarks/lora_layers.py --rows "$rows" "${layer_args[@]}" 2>&1 | quiet \
     | tee "$out/lora_layers_$rows.log"
   attn=$(fastest_attention "${2:-}")
-  echo "=== unet_profile.py: the compiled $rows-row training call, PEFT's LoRA r4 and the fused one, attention $attn"
-  # fused first: PEFT's compiled call is measured already (197.6 ms, 2026-11-26 and -27), so a cut run keeps the new one
-  timeout 480 python3 benchmarks/unet_profile.py "${mfu_args[@]}" "train:$rows:bm:full$(pin "$attn"):fused" \
-    "train:$rows:bm:full$(pin "$attn")" 2>&1 | quiet | grep -v -E "^USDT|kept in float32" \
+  echo "=== unet_profile.py: the $rows-row training call compiled (PEFT's LoRA r4) and eager (fused), attention $attn"
+  timeout 480 python3 benchmarks/unet_profile.py "${mfu_args[@]}" "train:$rows:bm:full$(pin "$attn")" \
+    "train:$rows:bm$(pin "$attn"):fused" 2>&1 | quiet | grep -v -E "^USDT|kept in float32" \
     | tee "$out/unet_profile_$rows.log"
+elif [[ $stage == gradients ]]; then
+  echo "=== compiled_gradients.py: inductor against eager, layout optimization on and off"
+  timeout 200 python3 benchmarks/compiled_gradients.py "${grad_args[@]}" 2>&1 | quiet | tee "$out/compiled_gradients.log"
+  echo "=== unet_mfu.py: the $rows-row training call, eager PEFT and fused, then compiled, layout optimization off and on"
+  timeout 330 python3 benchmarks/unet_mfu.py "${mfu_args[@]}" "train:$rows:bm" "train:$rows:bm:fused" \
+    "train:$rows:bm:full" "train:$rows:bm:full:layout" 2>&1 | quiet | tee "$out/unet_mfu_layout.log"
 else
-  echo "unknown stage $stage: use epoch [MODE [ATTN]], calls [ATTN], overlap [ATTN], autotune [ATTN] or profile [ATTN]" >&2
+  echo "unknown stage $stage: use gradients, epoch [MODE [ATTN]], calls [ATTN], overlap [ATTN], autotune [ATTN] or" \
+    "profile [ATTN]" >&2
   exit 2
 fi

@@ -8,11 +8,13 @@ over the UNet's layers of that shape, so the last lines estimate the millisecond
 call, and what fusing saves of it:
 
     python benchmarks/lora_layers.py                         # GPU: bf16 autocast, bf16 frozen weights, eager
-    python benchmarks/lora_layers.py --compile               # each layer compiled by inductor
+    python benchmarks/lora_layers.py --compile               # each layer compiled by inductor (timing only: the
+                                                             # whole UNet's compiled fused layers trained wrong)
     python benchmarks/lora_layers.py --device cpu --rows 2   # CPU: fp32
 
 Layers timed alone miss what a compiled UNet fuses across layers, so the whole call (``unet_mfu.py`` variants
-``train:32:bm:full`` and ``train:32:bm:full:fused``) is the final word. Not a test.
+``train:32:bm`` and ``train:32:bm:fused``, eager; ``train:32:bm:full`` compiled with PEFT's layers) is the final
+word. H100, 2026-11-27, 32 rows, eager: frozen 82.2 ms, PEFT's LoRA 206.2 ms, fused 161.1 ms. Not a test.
 """
 
 from __future__ import annotations

@@ -8,19 +8,24 @@ reach only the LoRA weights). Each variant builds its own UNet, so compiled and 
     python benchmarks/unet_mfu.py train:32:cl:regional sample:16     # chosen variants
     python benchmarks/unet_mfu.py --scale tiny --device cpu train:4 train:4:regional   # a CPU dry run
 
-A variant is ``kind:rows[:cl][:bm][:dyn][:regional|:full][:autotune][:flash|:cudnn|:efficient|:math][:nolora|:fused]``:
+A variant is ``kind:rows[:cl][:bm][:dyn][:regional|:full][:autotune][:layout][:flash|:cudnn|:efficient|:math]
+[:nolora|:fused]``:
 kind ``sample`` or ``train``; rows = UNet batch rows (a pair is 2 rows, so training micro-batch m pairs is 2m rows);
 ``cl`` = channels_last weights; ``bm`` = cuDNN autotuning (``torch.backends.cudnn.benchmark``, Lightning's
 ``trainer.benchmark=true``); ``regional`` / ``full`` = ``algo.compile`` (see ``sdpo/policy/speed.py``); ``dyn`` =
 ``full`` compiled with a symbolic batch size (what torch's default makes of a graph that meets a second size;
 ``algo.compile=true`` compiles static ones); ``autotune`` = inductor's ``max-autotune-no-cudagraphs`` mode (kernel
-choices benchmarked while compiling); ``flash`` / ``cudnn`` / ``efficient`` / ``math`` pin the UNet's attention
-kernel (``algo.attention_backend``; torch chooses otherwise; ``attention_backends.py`` compares them alone);
+choices benchmarked while compiling); ``layout`` = inductor's layout optimization on
+(``algo.compile_layout_optimization=true``; off by default, since it returned wrong gradients on CPU: check a torch
+version with ``compiled_gradients.py`` before trusting a figure with it); ``flash`` / ``cudnn`` / ``efficient`` /
+``math`` pin the UNet's attention kernel (``algo.attention_backend``; torch chooses otherwise;
+``attention_backends.py`` compares them alone);
 ``nolora`` trains without adapters: the backward computes the input's gradient instead, the same data-gradient work
 down to the UNet's input but no adapter, so its MFU next to the LoRA variant's shows what the adapters' extra memory
 traffic costs (the backward through the first down block's resnets, which a LoRA run skips, is in its FLOPs);
-``fused`` runs the LoRA layers fused (``algo.fused_lora``, a run's default; without it PEFT's forward, as every
-figure before 2026-11-27 was measured), its MFU counted on PEFT's FLOPs, the same model's. Prints
+``fused`` runs the LoRA layers fused (``algo.fused_lora``; without it PEFT's forward, as every figure before
+2026-11-27 was measured), its MFU counted on PEFT's FLOPs, the same model's; eager only, as in a run: compiled by
+inductor their gradients were wrong on an H100 (a fast call that skipped most of its backward). Prints
 one line per variant as soon as it is measured: ms per call, TFLOP/s, MFU against ``--peak-flops``, peak memory, and
 the compile (first-call) time. Not a test.
 """
@@ -51,18 +56,19 @@ DEFAULT_VARIANTS = ("sample:16", "sample:16:cl", "train:4", "train:16", "train:1
 def parse(variant: str) -> dict:
     kind, rows, *flags = variant.split(":")
     kernels = [f for f in flags if f in KERNEL_FLAGS]
-    known = {"cl", "bm", "dyn", "regional", "full", "autotune", "nolora", "fused", *KERNEL_FLAGS}
+    known = {"cl", "bm", "dyn", "regional", "full", "autotune", "layout", "nolora", "fused", *KERNEL_FLAGS}
     compile_flag = next((f for f in flags if f in ("regional", "full")), "off")
     if (kind not in ("sample", "train") or not rows.isdigit() or set(flags) - known
-            or ("autotune" in flags and compile_flag == "off") or len(kernels) > 1
-            or {"nolora", "fused"} <= set(flags)):
-        raise SystemExit(f"bad variant {variant!r}: use kind:rows[:cl][:bm][:dyn][:regional|:full][:autotune]"
-                         "[:flash|:cudnn|:efficient|:math][:nolora|:fused], kind sample or train (autotune needs "
-                         "regional or full)")
+            or ({"autotune", "layout"} & set(flags) and compile_flag == "off") or len(kernels) > 1
+            or {"nolora", "fused"} <= set(flags) or ("fused" in flags and compile_flag != "off")):
+        raise SystemExit(f"bad variant {variant!r}: use kind:rows[:cl][:bm][:dyn][:regional|:full][:autotune][:layout]"
+                         "[:flash|:cudnn|:efficient|:math][:nolora|:fused], kind sample or train (autotune and "
+                         "layout need regional or full; fused runs eagerly: compiled, its gradients were wrong)")
     return {"name": variant, "kind": kind, "rows": int(rows), "channels_last": "cl" in flags,
             "benchmark": "bm" in flags, "compile": compile_flag, "dynamic": "dyn" in flags,
             "inductor_mode": "max-autotune-no-cudagraphs" if "autotune" in flags else None,
-            "attention": kernels[0] if kernels else "auto", "lora": "nolora" not in flags, "fused": "fused" in flags}
+            "attention": kernels[0] if kernels else "auto", "lora": "nolora" not in flags, "fused": "fused" in flags,
+            "layout": "layout" in flags}
 
 
 def build_unet(scale: str, device: torch.device, dtype: torch.dtype, lora_rank: int | None):
@@ -120,7 +126,7 @@ def prepare(v: dict, scale: str, lora_rank: int, device: torch.device, dtype: to
         fuse_lora_layers(unet)
     pin_attention_backend(unet, v["attention"])
     apply_speed_options(unet, v["channels_last"], v["compile"], dynamic=None if v["dynamic"] else False,
-                        inductor_mode=v["inductor_mode"])
+                        inductor_mode=v["inductor_mode"], layout_optimization=v["layout"])
     return unet, call, flops
 
 

@@ -1,7 +1,7 @@
 """Where one SD-Turbo UNet call's GPU time goes: its top kernels and their time by kind, eager or compiled.
 
     python benchmarks/unet_profile.py                                  # the eager 32-row LoRA training call
-    python benchmarks/unet_profile.py train:32:bm:full train:32:bm:full:fused    # compiled, PEFT's and fused LoRA
+    python benchmarks/unet_profile.py train:32:bm:full train:32:bm:fused         # compiled PEFT, eager fused LoRA
     python benchmarks/unet_profile.py train:32:bm:full train:32:bm:full:nolora   # compiled, with and without LoRA
     python benchmarks/unet_profile.py --scale tiny --device cpu train:4:full     # a CPU dry run of the same path
 
