@@ -15,12 +15,12 @@
 # inductor's layout optimization zeroed the gradients of the blocks before the first upsampler; runs now turn it off
 # (algo.compile_layout_optimization=false), never yet measured on a GPU. Run "gradients" next: whether compiled PEFT
 # gradients agree with eager on the GPU, with the layout optimization on and off, and the compiled 32-row call's
-# speed both ways; then "epoch auto" for the target at sdpo's settings.
+# speed both ways; then "epoch default auto" for the target at sdpo's settings.
 # Stage "gradients": compiled_gradients.py (the resnet + Upsample2D block, the tiny UNet with PEFT's and the fused
 #   LoRA, compiled against eager, layout optimization on and off), unet_mfu.py's eager 32-row call with PEFT's and the
 #   fused layers, then the compiled call with the layout optimization off (sdpo's setting) and on.
-# Every stage first times the UNet's attention alone under each SDPA backend (attention_backends.py, seconds) and
-# uses the fastest for training unless ATTN names one (algo.attention_backend: flash | cudnn | efficient | math).
+# Every other stage first times the UNet's attention alone under each SDPA backend (attention_backends.py, seconds)
+# and uses the fastest for training unless ATTN names one (algo.attention_backend: flash | cudnn | efficient | math).
 # Stage "epoch": epoch.py at the settings (T = 50, the reference batch, micro-batch 16 x 1, 16 prompts per
 #   sampling call, compiled with algo.compile_mode=MODE (default: default), cuDNN autotuning, bf16 base): per-phase
 #   times, overhead ratio and training MFU. Two graphs compile in the warm-up iteration (about 2 min each), then one

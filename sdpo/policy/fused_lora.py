@@ -112,7 +112,7 @@ def fuse_lora_layers(module: nn.Module) -> int:
 
 COMPILED_FUSED_LORA_WRONG = (
     "inductor's compiled fused LoRA layers gave wrong gradients on an H100 (torch 2.11: all 64 LoRA gradients of the "
-    "tiny UNet off by 100%, and the SD-Turbo training call kept 3.4 GiB where a real backward keeps ~20; "
+    "tiny UNet off by 100%, and the SD-Turbo training call kept 3.4 GiB where a real backward keeps ~20 GiB; "
     "benchmarks/compiled_gradients.py checks a torch version)")
 
 
@@ -127,7 +127,8 @@ def resolve_fused_lora(setting: object, compile: object, backend: str) -> bool:
         raise ValueError(f"algo.fused_lora={setting!r}: use auto, true or false")
     compiled_by_inductor = compile_mode(compile) != "off" and backend == "inductor"
     if setting is True and compiled_by_inductor:
-        raise ValueError(f"algo.fused_lora=true with algo.compile={compile} (inductor): {COMPILED_FUSED_LORA_WRONG}. "
+        shown = str(compile).lower() if isinstance(compile, bool) else compile  # as Hydra spells it
+        raise ValueError(f"algo.fused_lora=true with algo.compile={shown} (inductor): {COMPILED_FUSED_LORA_WRONG}. "
                          "Use algo.fused_lora=auto (PEFT's forward when compiled) or false, or algo.compile=false")
     return not compiled_by_inductor if setting == "auto" else bool(setting)
 

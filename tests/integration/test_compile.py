@@ -165,15 +165,19 @@ def test_inductor_as_sdpo_compiles_gives_eager_gradients():
     eager = ResnetThenUpsample().requires_grad_(False)
     compiled = ResnetThenUpsample().requires_grad_(False)
     compiled.load_state_dict(eager.state_dict())
-    apply_speed_options(compiled, channels_last=False, compile=True)
-    assert inductor_config.layout_optimization is False
-    x, temb = torch.randn(2, 96, 8, 8), torch.randn(2, 128)
-    grads = []
-    for model in (eager, compiled):
-        leaf = x.clone().requires_grad_(True)
-        model(leaf, temb).square().mean().backward()
-        grads.append(leaf.grad)
-    torch._dynamo.reset()
+    torch_default = inductor_config.layout_optimization
+    try:
+        apply_speed_options(compiled, channels_last=False, compile=True)
+        assert inductor_config.layout_optimization is False
+        x, temb = torch.randn(2, 96, 8, 8), torch.randn(2, 128)
+        grads = []
+        for model in (eager, compiled):
+            leaf = x.clone().requires_grad_(True)
+            model(leaf, temb).square().mean().backward()
+            grads.append(leaf.grad)
+    finally:
+        inductor_config.layout_optimization = torch_default
+        torch._dynamo.reset()
     assert grads[0].abs().max() > 0
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-7)
 

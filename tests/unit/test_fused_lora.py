@@ -210,7 +210,7 @@ def test_fused_lora_setting_resolves_by_what_compiles_the_unet(setting, compile,
 
 
 @pytest.mark.parametrize(("setting", "compile", "expected"), [
-    (True, True, "algo.fused_lora=true with algo.compile=True (inductor): inductor's compiled fused LoRA layers"),
+    (True, True, "algo.fused_lora=true with algo.compile=true (inductor): inductor's compiled fused LoRA layers"),
     ("yes", False, "algo.fused_lora='yes': use auto, true or false"),
     (1, False, "algo.fused_lora=1: use auto, true or false"),
 ])
