@@ -15,7 +15,7 @@ from sdpo.config_keys import unknown_keys
 from sdpo.data import load_prompts
 from sdpo.policy.attention import CUDA_ONLY, attention_backend
 from sdpo.policy.fused_lora import resolve_fused_lora
-from sdpo.policy.speed import compile_mode, inductor_mode
+from sdpo.policy.speed import compile_mode, compiled_by_inductor, inductor_mode
 from sdpo.policy.steps import SPACINGS
 from sdpo.rewards import available_rewards
 
@@ -287,8 +287,7 @@ def validate_config(cfg: DictConfig) -> None:
         compile_mode(a.get("compile"))
         inductor_mode(a.get("compile_mode"), a.get("compile"), a.get("compile_backend", "inductor"))
         resolve_fused_lora(a.get("fused_lora", "auto"), a.get("compile"), a.get("compile_backend", "inductor"))
-        need(layouts is not True or (compile_mode(a.get("compile")) != "off"
-                                     and a.get("compile_backend", "inductor") == "inductor"),
+        need(layouts is not True or compiled_by_inductor(a.get("compile"), a.get("compile_backend", "inductor")),
              "algo.compile_layout_optimization=true needs the UNet compiled by inductor (algo.compile=true or "
              "regional, algo.compile_backend=inductor): nothing would change")
     except ValueError as error:

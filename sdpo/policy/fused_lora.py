@@ -23,7 +23,7 @@ import torch
 from peft.tuners.lora.layer import Linear as PeftLoraLinear
 from torch import Tensor, nn
 
-from sdpo.policy.speed import compile_mode
+from sdpo.policy.speed import compiled_by_inductor
 
 
 class _LoraLinear(torch.autograd.Function):
@@ -125,12 +125,12 @@ def resolve_fused_lora(setting: object, compile: object, backend: str) -> bool:
     """
     if not (isinstance(setting, bool) or setting == "auto"):
         raise ValueError(f"algo.fused_lora={setting!r}: use auto, true or false")
-    compiled_by_inductor = compile_mode(compile) != "off" and backend == "inductor"
-    if setting is True and compiled_by_inductor:
+    compiled = compiled_by_inductor(compile, backend)
+    if setting is True and compiled:
         shown = str(compile).lower() if isinstance(compile, bool) else compile  # as Hydra spells it
         raise ValueError(f"algo.fused_lora=true with algo.compile={shown} (inductor): {COMPILED_FUSED_LORA_WRONG}. "
                          "Use algo.fused_lora=auto (PEFT's forward when compiled) or false, or algo.compile=false")
-    return not compiled_by_inductor if setting == "auto" else bool(setting)
+    return not compiled if setting == "auto" else bool(setting)
 
 
 def has_fused_lora(module: nn.Module) -> bool:

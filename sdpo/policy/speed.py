@@ -30,6 +30,12 @@ def compile_mode(value: object) -> str:
     raise ValueError(f"algo.compile={value!r}: use false, true (the whole UNet) or 'regional' (its repeated blocks)")
 
 
+def compiled_by_inductor(compile: object, backend: str) -> bool:
+    """Whether ``algo.compile`` / ``algo.compile_backend`` hand the UNet (whole or its blocks) to inductor, the
+    settings that inductor's own options (mode, layout optimization) and the fused LoRA layers depend on."""
+    return compile_mode(compile) != "off" and backend == "inductor"
+
+
 INDUCTOR_MODES = ("default", "max-autotune-no-cudagraphs")  # algo.compile_mode
 
 
@@ -107,7 +113,7 @@ def apply_speed_options(unet: nn.Module, channels_last: bool, compile: object, b
     ``layout_optimization`` is inductor's (``set_inductor_layout_optimization``: off unless asked for).
     """
     mode = compile_mode(compile)
-    if mode != "off" and backend == "inductor":
+    if compiled_by_inductor(compile, backend):
         set_inductor_layout_optimization(layout_optimization)
     if channels_last:
         unet.to(memory_format=torch.channels_last)
