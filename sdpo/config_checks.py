@@ -279,6 +279,8 @@ def validate_config(cfg: DictConfig) -> None:
          "UNet weight, which stays fp32")
     layouts = a.get("compile_layout_optimization", False)
     need(isinstance(layouts, bool), f"algo.compile_layout_optimization={layouts!r}: use true or false")
+    compile_check = a.get("compile_check", True)
+    need(isinstance(compile_check, bool), f"algo.compile_check={compile_check!r}: use true or false")
     attention = a.get("attention_backend", "auto")
     need(attention not in CUDA_ONLY or cfg.trainer.get("accelerator") != "cpu",
          f"algo.attention_backend={attention} is a CUDA kernel, but trainer.accelerator=cpu: use auto, flash or math")

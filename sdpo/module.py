@@ -37,12 +37,13 @@ from sdpo.loggers import wandb_run_id
 from sdpo.overlap import BackgroundScorer
 from sdpo.policy.attention import check_attention_backend, pin_attention_backend
 from sdpo.policy.checks import collected_checks, require_not
+from sdpo.policy.compile_check import CompiledGradientCheck
 from sdpo.policy.conditioning import Conditioning, encode_prompts, truncated_prompts
-from sdpo.policy.fused_lora import COMPILED_FUSED_LORA_WRONG, fuse_lora_layers, resolve_fused_lora
+from sdpo.policy.fused_lora import fuse_lora_layers, resolve_fused_lora
 from sdpo.policy.loading import TINY, TinySpec, ensure_tiny_pipeline, load_components
 from sdpo.policy.lora import make_trainable
 from sdpo.policy.rollout import PairTrajectories, sample_pair_chunks, transition_log_prob
-from sdpo.policy.speed import apply_speed_options, cast_frozen_layers, inductor_mode
+from sdpo.policy.speed import apply_speed_options, cast_frozen_layers, compile_mode, inductor_mode
 from sdpo.policy.steps import check_training_schedule, make_policy_scheduler, timestep_schedule
 from sdpo.progress import PhaseProgress
 from sdpo.resume import iterations_done
@@ -89,11 +90,10 @@ class SDPOModule(L.LightningModule):
         backend = self.algo_cfg.get("compile_backend", "inductor")
         fused = self.algo_cfg.get("fused_lora", "auto")
         if lora["enabled"] and resolve_fused_lora(fused, self.algo_cfg.get("compile"), backend):
-            log.info("algo.fused_lora=%s: %d LoRA Linear layers run as one autograd node each", fused,
+            log.info("algo.fused_lora=%s: %d LoRA Linear layers run as one autograd node each", str(fused).lower(),
                      fuse_lora_layers(self.unet))
         elif lora["enabled"] and fused == "auto":
-            log.info("algo.fused_lora=auto: PEFT's LoRA forward, since inductor compiles the UNet (%s)",
-                     COMPILED_FUSED_LORA_WRONG)
+            log.info("algo.fused_lora=auto: PEFT's LoRA forward, which inductor fuses itself (it compiles the UNet)")
         if self.model_cfg.get("gradient_checkpointing"):
             self.unet.enable_gradient_checkpointing()
         pin_attention_backend(self.unet, self.algo_cfg.get("attention_backend"))  # before compiling: graphs trace it
@@ -101,6 +101,10 @@ class SDPOModule(L.LightningModule):
                             inductor_mode=inductor_mode(self.algo_cfg.get("compile_mode"),
                                                         self.algo_cfg.get("compile"), backend),
                             layout_optimization=bool(self.algo_cfg.get("compile_layout_optimization", False)))
+        compiled = compile_mode(self.algo_cfg.get("compile"))
+        self.compile_check = (CompiledGradientCheck(f"algo.compile={str(self.algo_cfg.get('compile')).lower()}, "
+                                                    f"algo.compile_backend={backend}")
+                              if compiled != "off" and self.algo_cfg.get("compile_check", True) else None)
         reward_kwargs = {k: v for k, v in self.reward_cfg.items() if k not in ("name", "_target_")}
         self.reward_fn = build_reward(self.reward_cfg["name"], **reward_kwargs)
 
@@ -350,6 +354,8 @@ class SDPOModule(L.LightningModule):
         with steps_guard, PhaseProgress(self._trainer).phase("training", total) as advance:
             for _ in range(a["num_inner_epochs"]):
                 for group in self._update_plan(num_pairs, num_steps, generators):
+                    if self.compile_check is not None and self.compile_check.due:
+                        self._check_compiled_gradients(traj, *group[0])
                     with collected_checks() as checks:  # the group's step checks, and its loss's
                         ratio = self._group_backward(traj, adv, group, weight_of_step, sums)
                     count += len(group)
@@ -394,6 +400,18 @@ class SDPOModule(L.LightningModule):
             f"try trainer.precision=32-true or a lower optim.lr"
         ))
         return ratio
+
+    def _check_compiled_gradients(self, traj: PairTrajectories, idx: Tensor, steps: Tensor) -> None:
+        """The compiled UNet's gradients against eager ones on this micro-batch (``sdpo.policy.compile_check``),
+        before an optimizer step uses them."""
+        params = {name: p for name, p in self.unet.named_parameters() if p.requires_grad}
+
+        def worst_of_all_ranks(worst: float) -> float:
+            return float(self._gather_values(torch.tensor([worst], device=self.device)).max())
+
+        # the mean, not the sum: gradients in range under 16-mixed too, where no loss scale applies here
+        self.compile_check.run(lambda: self._micro_batch_log_probs(traj, idx, steps).mean(), params,
+                               worst_of_all_ranks)
 
     @staticmethod
     def _optimizer_step(optimizer) -> None:

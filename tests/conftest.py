@@ -119,6 +119,30 @@ def compose_eval(overrides: list[str], output_dir: Path, cache_dir: Path):
     return compose(["progress=false", *overrides], output_dir, cache_dir, "evaluate")
 
 
+def _zeroed_backward(graph: torch.fx.GraphModule, example_inputs: list) -> object:
+    """A compiled backward that returns zeros: what torch 2.11's dynamo made of the fused LoRA layers."""
+    from functorch.compile import make_boxed_func
+
+    def run(*args: object) -> list:
+        return [torch.zeros_like(g) if isinstance(g, torch.Tensor) else g for g in graph(*args)]
+
+    return make_boxed_func(run)
+
+
+def _zero_gradient_backend() -> str:
+    """A torch.compile backend with a right forward and a zero backward, as both compiler failures met here were."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    name = "sdpo_test_zero_gradients"
+    if name not in torch._dynamo.list_backends(exclude_tags=()):
+        torch._dynamo.register_backend(name=name)(aot_autograd(
+            fw_compiler=lambda graph, _: make_boxed_func(graph.forward), bw_compiler=_zeroed_backward))
+    return name
+
+
+ZERO_GRADIENT_BACKEND = _zero_gradient_backend()
+
 # Small and fast: a few prompts, the default tiny model; progress bars off to keep logs short.
 FAST = [
     "trainer.enable_progress_bar=false",

@@ -6,13 +6,13 @@ base output; the backward then writes the adapter's input gradient in full and a
 SD-Turbo sizes every such pass moves a (rows x 4096 tokens x 320 channels) activation through memory, and the
 adapters' own matmuls are rank 4, so it is that traffic, not arithmetic, which they cost.
 
-Here the adapter's rank-r product is accumulated into the base output by the matmul itself (``addmm_``: one read
-and one write of the output), and the same for the input gradient; the low-rank factors are formed once from the
+Here the adapter's rank-r product is added to the base output by the matmul itself (``addmm``: one read of the base
+output and one write of the sum), and the same for the input gradient; the low-rank factors are formed once from the
 saved input and the rank-r intermediate. The arithmetic is PEFT's with fewer roundings (the adapter's contribution
 is rounded once, with the sum), so outputs and gradients agree with PEFT's to the compute dtype's rounding
 (tests/unit/test_fused_lora.py). Parameter names, ``state_dict``, saving and loading stay PEFT's: only the layer's
-forward changes. Anything beyond plain LoRA (adapters disabled or merged, several active adapters, dropout, DoRA
-and other variants, LoRA bias, ``adapter_names`` batches) runs PEFT's own forward.
+forward changes. Anything beyond plain LoRA (adapters disabled or merged, several active adapters, dropout, DoRA and
+other variants, LoRA bias, ``adapter_names`` batches) runs PEFT's own forward.
 """
 
 from __future__ import annotations
@@ -34,8 +34,11 @@ class _LoraLinear(torch.autograd.Function):
     def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, lora_b: Tensor,
                 scaling: float) -> Tensor:
         down = x @ lora_a.t()  # (rows, r): the only intermediate the backward needs besides x
-        out = torch.addmm(bias, x, weight.t()) if bias is not None else x @ weight.t()
-        out.addmm_(down, lora_b.t(), alpha=scaling)
+        base = torch.addmm(bias, x, weight.t()) if bias is not None else x @ weight.t()
+        # Out of place on purpose: torch 2.11's dynamo routes the gradient of an autograd.Function whose forward
+        # mutates its returned tensor to the wrong output, so every gradient comes back zero under torch.compile
+        # (pytorch/pytorch#180642). addmm reads the base output once either way, so this costs no extra traffic.
+        out = torch.addmm(base, down, lora_b.t(), alpha=scaling)
         ctx.save_for_backward(x, weight, lora_a, lora_b, down)
         ctx.scaling = scaling
         return out
@@ -110,27 +113,18 @@ def fuse_lora_layers(module: nn.Module) -> int:
     return fused
 
 
-COMPILED_FUSED_LORA_WRONG = (
-    "inductor's compiled fused LoRA layers gave wrong gradients on an H100 (torch 2.11: all 64 LoRA gradients of the "
-    "tiny UNet off by 100%, and the SD-Turbo training call kept 3.4 GiB where a real backward keeps ~20 GiB; "
-    "benchmarks/compiled_gradients.py checks a torch version)")
-
-
 def resolve_fused_lora(setting: object, compile: object, backend: str) -> bool:
-    """Whether a LoRA run fuses its layers, for ``algo.fused_lora`` = true | false | auto.
+    """Whether a LoRA run fuses its layers, for ``algo.fused_lora`` = auto | true | false.
 
     auto fuses them when the UNet runs eagerly or under a backend other than inductor, and keeps PEFT's forward when
-    inductor compiles it (whole or regional), where the fused layers' gradients were measured wrong (see
-    COMPILED_FUSED_LORA_WRONG). true with inductor is refused rather than quietly trained on wrong gradients.
+    inductor compiles it: inductor fuses PEFT's separate elementwise passes itself, and the fused layers' matmuls
+    are opaque to it (on CPU the compiled tiny UNet's training call took 130 ms with PEFT's forward, 174 ms fused;
+    benchmarks/README.md). true fuses them anyway: since the forward stopped writing in place, compiled fused
+    layers train on eager's gradients (they were zero under torch 2.11, pytorch/pytorch#180642).
     """
     if not (isinstance(setting, bool) or setting == "auto"):
         raise ValueError(f"algo.fused_lora={setting!r}: use auto, true or false")
-    compiled = compiled_by_inductor(compile, backend)
-    if setting is True and compiled:
-        shown = str(compile).lower() if isinstance(compile, bool) else compile  # as Hydra spells it
-        raise ValueError(f"algo.fused_lora=true with algo.compile={shown} (inductor): {COMPILED_FUSED_LORA_WRONG}. "
-                         "Use algo.fused_lora=auto (PEFT's forward when compiled) or false, or algo.compile=false")
-    return not compiled if setting == "auto" else bool(setting)
+    return not compiled_by_inductor(compile, backend) if setting == "auto" else setting
 
 
 def has_fused_lora(module: nn.Module) -> bool:

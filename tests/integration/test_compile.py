@@ -3,6 +3,7 @@ order it meets them in, the held-out evaluation compiles nothing, and inductor's
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 
@@ -11,7 +12,7 @@ import torch
 from torch import Tensor
 
 from sdpo.train import train
-from tests.conftest import FAST, compose, read_metrics
+from tests.conftest import FAST, ZERO_GRADIENT_BACKEND, compose, read_metrics
 
 # (grad mode, any symbolic size, rows of the latent input) of every graph the backend is handed
 COMPILED: list[tuple[bool, bool, object]] = []
@@ -32,18 +33,24 @@ def recording_backend(graph: torch.fx.GraphModule, example_inputs: list) -> obje
     return graph.forward
 
 
-@pytest.mark.parametrize("attention", ["auto", "math"])
-def test_whole_unet_compiles_static_graphs_and_evaluation_compiles_none(attention, tmp_path, cache_dir):
+@pytest.mark.parametrize(("attention", "lora"), [("auto", False), ("math", True)])
+def test_whole_unet_compiles_static_graphs_and_evaluation_compiles_none(attention, lora, tmp_path, cache_dir,
+                                                                        caplog):
     """Sampling meets the UNet first with 8 rows (4 prompts x 2), training then with 4 (2 pairs x 2): torch's
     default would compile the training graph with a symbolic batch. The held-out evaluation (3 images x 4 prompts
     = 12 rows, after both epochs) would compile two more graphs; it runs eagerly instead. With a pinned attention
-    kernel, evaluation swaps in torch's processors and back; the graphs' guards still hold: nothing recompiles."""
+    kernel, evaluation swaps in torch's processors and back; the graphs' guards still hold: nothing recompiles.
+
+    algo.compile_check compares the compiled gradients with eager ones, compiling nothing more: a full fine-tune's
+    once, a fresh LoRA's twice (its A factors' gradients are zero until B has taken a step)."""
+    caplog.set_level(logging.INFO, logger="sdpo.policy.compile_check")
     torch._dynamo.reset()  # no cache entries or seen sizes left by other tests
     COMPILED.clear()
     cfg = compose([*FAST, "algo.num_steps=2", "trainer.max_epochs=2", "algo.compile=true",
                    "algo.compile_backend=sdpo_test_recording", "callbacks.eval.every_n_epochs=1",
                    "callbacks.eval.images_per_prompt=3", "callbacks.eval.steps=[1,2]",
-                   f"algo.attention_backend={attention}"], tmp_path, cache_dir)
+                   f"algo.attention_backend={attention}", f"model.lora.enabled={str(lora).lower()}"],
+                  tmp_path, cache_dir)
     train(cfg)
     torch._dynamo.reset()
     assert len(COMPILED) == 2, COMPILED  # one graph per grad mode, compiled once in the first epoch
@@ -51,6 +58,9 @@ def test_whole_unet_compiles_static_graphs_and_evaluation_compiles_none(attentio
     assert not any(dynamic for _, dynamic, _ in COMPILED), COMPILED
     evaluated = [row for row in read_metrics(tmp_path) if "eval/brightness/2step" in row]
     assert len(evaluated) == 2  # both epochs were evaluated, by the compiled UNet run eagerly
+    checks = [r.getMessage() for r in caplog.records if r.name == "sdpo.policy.compile_check"]
+    assert [c.split(":")[0] for c in checks] == ["compile check 1", "compile check 2"][:1 + lora], checks
+    assert ("had zero gradient, compared again at the next step" in checks[0]) is lora, checks
 
 
 class BatchedScores(torch.nn.Module):
@@ -184,12 +194,13 @@ def test_inductor_as_sdpo_compiles_gives_eager_gradients():
 
 @pytest.mark.parametrize(("overrides", "fused"), [
     ([], True),  # eager: fused
-    (["algo.compile=regional"], False),  # inductor: PEFT's forward
+    (["algo.compile=regional"], False),  # inductor: PEFT's forward, which it fuses itself
     (["algo.compile=true", "algo.compile_backend=aot_eager"], True),  # traced, no kernels generated: fused
+    (["algo.compile=true", "algo.fused_lora=true"], True),  # asked for: fused under inductor too
 ])
 def test_auto_fused_lora_keeps_peft_forward_where_inductor_compiles(overrides, fused, tmp_path, cache_dir):
-    """algo.fused_lora=auto (the default) fuses the LoRA layers unless inductor compiles them, where the compiled
-    fused layers' gradients were wrong on an H100."""
+    """algo.fused_lora=auto (the default) fuses the LoRA layers unless inductor compiles them; true fuses them
+    there too."""
     from sdpo.module import SDPOModule
     from sdpo.policy.fused_lora import has_fused_lora
 
@@ -197,3 +208,21 @@ def test_auto_fused_lora_keeps_peft_forward_where_inductor_compiles(overrides, f
     module = SDPOModule(cfg.model, cfg.algo, cfg.reward, cfg.optim, seed=0)
     torch._dynamo.reset()
     assert has_fused_lora(module.unet) is fused
+
+
+NO_EXTRAS = ["callbacks.eval=null", "callbacks.sample_grid=null", "callbacks.export=null"]
+
+
+def test_a_compiled_run_whose_gradients_are_not_eager_stops_before_its_first_step(tmp_path, cache_dir):
+    """A compiler whose backward is wrong (zeros) and forward right: the run stops at its first optimizer step,
+    naming the tensors, and saves nothing trained on them."""
+    from sdpo.policy.compile_check import CompiledGradientError
+
+    torch._dynamo.reset()
+    cfg = compose([*FAST, "model.lora.enabled=true", "algo.num_steps=2", "algo.compile=true",
+                   f"algo.compile_backend={ZERO_GRADIENT_BACKEND}", *NO_EXTRAS], tmp_path, cache_dir)
+    with pytest.raises(CompiledGradientError, match=r"the compiled UNet's gradients are not eager PyTorch's "
+                       r"\(algo.compile=true, algo.compile_backend=sdpo_test_zero_gradients, .*lora_B"):
+        train(cfg)
+    torch._dynamo.reset()
+    assert not list(tmp_path.rglob("*.ckpt"))

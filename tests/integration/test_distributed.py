@@ -128,10 +128,10 @@ def test_two_processes_equal_one_process(ddp_run, reference):
 
 @pytest.mark.slow
 def test_compiled_unet_under_ddp_equals_one_eager_process(reference, tmp_path, cache_dir):
-    """A compiled UNet inside Lightning's DDP wrapper still all-reduces its LoRA gradients: 2 processes with the
-    whole UNet compiled train the weights of one eager process (aot_eager: dynamo and AOT autograd, no kernel
-    builds). Whole rather than regional: one graph per batch shape instead of one per block shape, half the time;
-    regional blocks are checked against eager in tests/unit/test_accumulation.py."""
+    """A compiled UNet inside Lightning's DDP wrapper still all-reduces its LoRA gradients, its compile check included:
+    2 processes with the whole UNet compiled train the weights of one eager process (aot_eager: dynamo and AOT
+    autograd, no kernel builds). Whole rather than regional: one graph per batch shape instead of one per block
+    shape, half the time; regional blocks are checked against eager in tests/unit/test_accumulation.py."""
     args = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", f"trainer.max_epochs={EPOCHS}",
             "algo.compile=true", "algo.compile_backend=aot_eager", *COMMON, *PER_RANK,
             *probe(tmp_path / "probe"), f"hydra.run.dir={tmp_path / 'run'}"]
@@ -139,7 +139,11 @@ def test_compiled_unet_under_ddp_equals_one_eager_process(reference, tmp_path, c
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     for log_file in (tmp_path / "run").glob("*.log"):  # rank 0's and rank 1's Hydra logs
-        assert "torch.compile (aot_eager)" in log_file.read_text(), log_file.name
+        text = log_file.read_text()
+        assert "torch.compile (aot_eager)" in text, log_file.name
+        # every rank checked its compiled gradients against eager ones (algo.compile_check) without disturbing
+        # the all-reduce, as the weights below show
+        assert "compile check 1: compiled gradients of" in text, log_file.name
     assert len(list((tmp_path / "run").glob("*.log"))) == 2
     for epoch in range(EPOCHS):
         ranks = [load(tmp_path / "probe", r, epoch) for r in (0, 1)]

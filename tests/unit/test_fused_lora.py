@@ -12,6 +12,7 @@ from diffusers import UNet2DConditionModel
 from peft import LoraConfig, inject_adapter_in_model
 from peft.utils import get_peft_model_state_dict
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from sdpo.flops import model_flops
 from sdpo.policy.fused_lora import FusedLoraLinear, fuse_lora_layers, has_fused_lora, resolve_fused_lora
@@ -195,12 +196,40 @@ def test_fused_layer_compiles_as_one_graph_with_eager_gradients():
             torch.testing.assert_close(compiled_grads[name], grad)
 
 
+class MutatingOps(TorchDispatchMode):
+    """Records every aten op that writes into one of its arguments."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func._schema.is_mutable:
+            self.seen.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_fused_forward_writes_into_no_tensor():
+    """torch 2.11's dynamo routes the gradient of an autograd.Function whose forward mutates its output to the wrong
+    slot (pytorch/pytorch#180642): compiled, every gradient came back zero, which voided an H100 run whose forward
+    accumulated the adapter in place. torch 2.13 has the fix, so this checks the cause, not the symptom."""
+    model = adapted(Projection())
+    fuse_lora_layers(model)
+    x = torch.randn(2, 6, 24, requires_grad=True)
+    for amp in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp), MutatingOps() as ops:
+            out = model(x)
+        assert type(out.grad_fn.next_functions[0][0]).__name__ == "_LoraLinearBackward"  # the fused path ran
+        assert ops.seen == [], f"in-place ops in the fused forward (amp={amp}): {ops.seen}"
+
+
 @pytest.mark.parametrize(("setting", "compile", "backend", "fused"), [
     ("auto", False, "inductor", True),
     ("auto", True, "inductor", False),
     ("auto", "regional", "inductor", False),
     ("auto", True, "aot_eager", True),
     (True, False, "inductor", True),
+    (True, True, "inductor", True),  # allowed again: compiled, the layers' gradients are eager's
     (True, "regional", "aot_eager", True),
     (False, False, "inductor", False),
     (False, True, "inductor", False),
@@ -209,11 +238,10 @@ def test_fused_lora_setting_resolves_by_what_compiles_the_unet(setting, compile,
     assert resolve_fused_lora(setting, compile, backend) is fused
 
 
-@pytest.mark.parametrize(("setting", "compile", "expected"), [
-    (True, True, "algo.fused_lora=true with algo.compile=true (inductor): inductor's compiled fused LoRA layers"),
-    ("yes", False, "algo.fused_lora='yes': use auto, true or false"),
-    (1, False, "algo.fused_lora=1: use auto, true or false"),
+@pytest.mark.parametrize(("setting", "expected"), [
+    ("yes", "algo.fused_lora='yes': use auto, true or false"),
+    (1, "algo.fused_lora=1: use auto, true or false"),
 ])
-def test_fused_lora_settings_that_cannot_be_trusted_are_refused(setting, compile, expected):
+def test_fused_lora_setting_that_is_not_one_of_the_three_is_refused(setting, expected):
     with pytest.raises(ValueError, match=re.escape(expected)):
-        resolve_fused_lora(setting, compile, "inductor")
+        resolve_fused_lora(setting, False, "inductor")
