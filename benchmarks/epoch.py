@@ -31,6 +31,7 @@ Not a test: nothing here asserts. Extra arguments are Hydra overrides.
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import os
 import resource
@@ -242,6 +243,9 @@ def main() -> None:
     args = parser.parse_args()
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # sdpo's own notes (what it fused, compiled, and the compile check's verdict) as a Hydra run would show them
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("sdpo").setLevel(logging.INFO)
     if args.threads:
         torch.set_num_threads(args.threads)
         os.environ["SDPO_NUM_THREADS"] = str(args.threads)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU figures issue 5 still needs, in stages that each fit one device call (timeout near 570 s). Each log goes
 # to ${OUT:-/tmp} as soon as its step ends, so a run cut short keeps the rest.
-#   bash benchmarks/gpu_check.sh gradients            # compiled against eager gradients, and what the fix costs, ~7 min
+#   bash benchmarks/gpu_check.sh gradients            # compiled against eager gradients, and compiled speed, ~7 min
 #   bash benchmarks/gpu_check.sh epoch [MODE [ATTN]]  # the target itself, about 8 min (measured 2026-11-27)
 #   bash benchmarks/gpu_check.sh calls                # CUDA tests and the compiled call alone, about 7 min
 #   bash benchmarks/gpu_check.sh overlap [ATTN]       # the iteration with algo.overlap_scoring=true, about 7 min
@@ -10,15 +10,14 @@
 # Measured on an H100 on 2026-11-27 (benchmarks/README.md): a whole T = 50 iteration at the reference batch,
 # micro-batch 16 x 1, compiled, reached 27.7% training MFU (model FLOPs, sdpo.flops) against the 30% target, with an
 # overhead ratio of 1.02. The compiled 32-row call ran at 197.6 ms. Later that day the fused LoRA layers compiled by
-# inductor "reached" 61.6% (99.8 ms, 8.1 GiB peak): their gradients were wrong (every LoRA gradient of the tiny UNet
-# off, compiled_gradients.py), so a run now keeps PEFT's forward when inductor compiles (algo.fused_lora=auto). On CPU
-# inductor's layout optimization zeroed the gradients of the blocks before the first upsampler; runs now turn it off
-# (algo.compile_layout_optimization=false), never yet measured on a GPU. Run "gradients" next: whether compiled PEFT
-# gradients agree with eager on the GPU, with the layout optimization on and off, and the compiled 32-row call's
-# speed both ways; then "epoch default auto" for the target at sdpo's settings.
-# Stage "gradients": compiled_gradients.py (the resnet + Upsample2D block, the tiny UNet with PEFT's and the fused
-#   LoRA, compiled against eager, layout optimization on and off), unet_mfu.py's eager 32-row call with PEFT's and the
-#   fused layers, then the compiled call with the layout optimization off (sdpo's setting) and on.
+# inductor "reached" 61.6% (99.8 ms, 8.1 GiB peak) on zero gradients: torch 2.11's dynamo mishandled their forward's
+# in-place accumulation (pytorch/pytorch#180642, reproduced on CPU with torch 2.11), which the layers no longer do.
+# Runs now check their first compiled gradients against eager ones (algo.compile_check; the epoch log's "compile
+# check" lines) and keep inductor's layout optimization off (algo.compile_layout_optimization=false; it zeroed
+# gradients on CPU with torch 2.13). Run "gradients" next, then "epoch" for the target at sdpo's settings.
+# Stage "gradients": compiled_gradients.py (the resnet + Upsample2D block with the layout optimization on and off;
+#   the tiny UNet with PEFT's and the fused LoRA, layout optimization off, fp32, then the fused one under bf16 autocast),
+#   then unet_mfu.py's 32-row call: eager fused, compiled PEFT and compiled fused (layout optimization off).
 # Every other stage first times the UNet's attention alone under each SDPA backend (attention_backends.py, seconds)
 # and uses the fastest for training unless ATTN names one (algo.attention_backend: flash | cudnn | efficient | math).
 # Stage "epoch": epoch.py at the issue's settings (T = 50, the reference batch, micro-batch 16 x 1, 16 prompts per
@@ -54,10 +53,10 @@ stage=${1:-epoch}
 if [[ ${GPU_CHECK_DRY:-0} == 1 ]]; then
   attention_args=(--rows 4 --scale tiny --device cpu --repeats 3); epoch_args=(--preset sd_turbo_dry --device cpu)
   steps=2; rows=4; mfu_args=(--scale tiny --device cpu --calls 2 --warmup 1); more=(trainer.precision=bf16-mixed)
-  layer_args=(--device cpu --calls 2 --warmup 1); grad_args=(--device cpu --cases block)
+  layer_args=(--device cpu --calls 2 --warmup 1); grad_args=(--device cpu); unet_grads=false  # UNet compiles: minutes each on CPU
 else
   attention_args=(--rows 32); epoch_args=(--preset sd_turbo); steps=50; rows=32; mfu_args=(); more=(); layer_args=()
-  grad_args=(--device cuda)
+  grad_args=(--device cuda); unet_grads=true
 fi
 pin() { [[ $1 == auto ]] || echo ":$1"; }  # a unet_mfu.py flag pinning attention backend $1 (none for auto)
 fastest_attention() {  # the SDPA backend that trains the UNet's attention fastest here (or $1 when given)
@@ -79,6 +78,7 @@ if [[ $stage == epoch || $stage == overlap ]]; then
       "${scoring[@]}" algo.compile=true "algo.compile_mode=$mode" "algo.attention_backend=$1" \
       trainer.benchmark=true algo.low_precision_base=true "${more[@]}" > "$out/${stage}_t${steps}_micro16_$1.log" 2>&1
     grep -v -i warn "$out/${stage}_t${steps}_micro16_$1.log" | sed -n '/SDPO iteration benchmark/,$p'
+    grep -E "compile check" "$out/${stage}_t${steps}_micro16_$1.log" | cut -c1-300 || true
     grep -E "Error|error:" "$out/${stage}_t${steps}_micro16_$1.log" | tail -5 || true
   }
   start=$SECONDS
@@ -124,11 +124,16 @@ elif [[ $stage == profile ]]; then
     "train:$rows:bm$(pin "$attn"):fused" 2>&1 | quiet | grep -v -E "^USDT|kept in float32" \
     | tee "$out/unet_profile_$rows.log"
 elif [[ $stage == gradients ]]; then
-  echo "=== compiled_gradients.py: inductor against eager, layout optimization on and off"
-  timeout 200 python3 benchmarks/compiled_gradients.py "${grad_args[@]}" 2>&1 | quiet | tee "$out/compiled_gradients.log"
-  echo "=== unet_mfu.py: the $rows-row training call, eager PEFT and fused, then compiled, layout optimization off and on"
-  timeout 330 python3 benchmarks/unet_mfu.py "${mfu_args[@]}" "train:$rows:bm" "train:$rows:bm:fused" \
-    "train:$rows:bm:full" "train:$rows:bm:full:layout" 2>&1 | quiet | tee "$out/unet_mfu_layout.log"
+  echo "=== compiled_gradients.py: inductor against eager"
+  { timeout 60 python3 benchmarks/compiled_gradients.py "${grad_args[@]}" --cases block
+    if $unet_grads; then
+      timeout 150 python3 benchmarks/compiled_gradients.py "${grad_args[@]}" --cases peft,fused --layout off
+      timeout 90 python3 benchmarks/compiled_gradients.py "${grad_args[@]}" --cases fused --layout off --autocast
+    fi
+  } 2>&1 | quiet | tee "$out/compiled_gradients.log"
+  echo "=== unet_mfu.py: the $rows-row training call, eager fused, then compiled PEFT and compiled fused"
+  timeout 300 python3 benchmarks/unet_mfu.py "${mfu_args[@]}" "train:$rows:bm:fused" "train:$rows:bm:full" \
+    "train:$rows:bm:full:fused" 2>&1 | quiet | tee "$out/unet_mfu_compiled.log"
 else
   echo "unknown stage $stage: use gradients, epoch [MODE [ATTN]], calls [ATTN], overlap [ATTN], autotune [ATTN] or" \
     "profile [ATTN]" >&2

@@ -24,10 +24,10 @@ version with ``compiled_gradients.py`` before trusting a figure with it); ``flas
 down to the UNet's input but no adapter, so its MFU next to the LoRA variant's shows what the adapters' extra memory
 traffic costs (the backward through the first down block's resnets, which a LoRA run skips, is in its FLOPs);
 ``fused`` runs the LoRA layers fused (``algo.fused_lora``; without it PEFT's forward, as every figure before
-2026-11-27 was measured), its MFU counted on PEFT's FLOPs, the same model's; eager only, as in a run: compiled by
-inductor their gradients were wrong on an H100 (a fast call that skipped most of its backward). Prints
-one line per variant as soon as it is measured: ms per call, TFLOP/s, MFU against ``--peak-flops``, peak memory, and
-the compile (first-call) time. Not a test.
+2026-11-27 was measured), its MFU counted on PEFT's FLOPs, the same model's. Compiled fused figures taken before
+2026-11-27's fix are void: torch 2.11 compiled the layers' in-place forward into zero gradients (a fast call that
+skipped most of its backward). Prints one line per variant as soon as it is measured: ms per call, TFLOP/s, MFU
+against ``--peak-flops``, peak memory, and the compile (first-call) time. Not a test.
 """
 
 from __future__ import annotations
@@ -60,10 +60,10 @@ def parse(variant: str) -> dict:
     compile_flag = next((f for f in flags if f in ("regional", "full")), "off")
     if (kind not in ("sample", "train") or not rows.isdigit() or set(flags) - known
             or ({"autotune", "layout"} & set(flags) and compile_flag == "off") or len(kernels) > 1
-            or {"nolora", "fused"} <= set(flags) or ("fused" in flags and compile_flag != "off")):
+            or {"nolora", "fused"} <= set(flags)):
         raise SystemExit(f"bad variant {variant!r}: use kind:rows[:cl][:bm][:dyn][:regional|:full][:autotune][:layout]"
                          "[:flash|:cudnn|:efficient|:math][:nolora|:fused], kind sample or train (autotune and "
-                         "layout need regional or full; fused runs eagerly: compiled, its gradients were wrong)")
+                         "layout need regional or full)")
     return {"name": variant, "kind": kind, "rows": int(rows), "channels_last": "cl" in flags,
             "benchmark": "bm" in flags, "compile": compile_flag, "dynamic": "dyn" in flags,
             "inductor_mode": "max-autotune-no-cudagraphs" if "autotune" in flags else None,
