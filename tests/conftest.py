@@ -119,25 +119,35 @@ def compose_eval(overrides: list[str], output_dir: Path, cache_dir: Path):
     return compose(["progress=false", *overrides], output_dir, cache_dir, "evaluate")
 
 
-def _zeroed_backward(graph: torch.fx.GraphModule, example_inputs: list) -> object:
-    """A compiled backward that returns zeros: what torch 2.11's dynamo made of the fused LoRA layers."""
-    from functorch.compile import make_boxed_func
+class _ZeroGradient(torch.autograd.Function):
+    """The identity, whose backward returns zeros."""
 
-    def run(*args: object) -> list:
-        return [torch.zeros_like(g) if isinstance(g, torch.Tensor) else g for g in graph(*args)]
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
 
-    return make_boxed_func(run)
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(grad)
 
 
 def _zero_gradient_backend() -> str:
-    """A torch.compile backend with a right forward and a zero backward, as both compiler failures met here were."""
-    from functorch.compile import make_boxed_func
-    from torch._dynamo.backends.common import aot_autograd
-
+    """A torch.compile backend whose graphs compute the right outputs and pass back zero gradients, as both compiler
+    failures met here did (torch 2.11's dynamo with the fused LoRA layers; torch 2.13's inductor layout
+    optimization). It runs the captured graph eagerly: no tracing through AOT autograd, no compile time."""
     name = "sdpo_test_zero_gradients"
+
+    def backend(graph: torch.fx.GraphModule, example_inputs: list) -> object:
+        def run(*args: object) -> object:
+            outputs = graph.forward(*args)
+            zeroed = [_ZeroGradient.apply(o) if isinstance(o, torch.Tensor) and o.requires_grad else o
+                      for o in outputs]
+            return type(outputs)(zeroed)
+
+        return run
+
     if name not in torch._dynamo.list_backends(exclude_tags=()):
-        torch._dynamo.register_backend(name=name)(aot_autograd(
-            fw_compiler=lambda graph, _: make_boxed_func(graph.forward), bw_compiler=_zeroed_backward))
+        torch._dynamo.register_backend(name=name)(backend)
     return name
 
 

@@ -195,7 +195,6 @@ def test_inductor_as_sdpo_compiles_gives_eager_gradients():
 @pytest.mark.parametrize(("overrides", "fused"), [
     ([], True),  # eager: fused
     (["algo.compile=regional"], False),  # inductor: PEFT's forward, which it fuses itself
-    (["algo.compile=true", "algo.compile_backend=aot_eager"], True),  # traced, no kernels generated: fused
     (["algo.compile=true", "algo.fused_lora=true"], True),  # asked for: fused under inductor too
 ])
 def test_auto_fused_lora_keeps_peft_forward_where_inductor_compiles(overrides, fused, tmp_path, cache_dir):
