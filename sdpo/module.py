@@ -101,10 +101,10 @@ class SDPOModule(L.LightningModule):
                             inductor_mode=inductor_mode(self.algo_cfg.get("compile_mode"),
                                                         self.algo_cfg.get("compile"), backend),
                             layout_optimization=bool(self.algo_cfg.get("compile_layout_optimization", False)))
-        compiled = compile_mode(self.algo_cfg.get("compile"))
-        self.compile_check = (CompiledGradientCheck(f"algo.compile={str(self.algo_cfg.get('compile')).lower()}, "
-                                                    f"algo.compile_backend={backend}")
-                              if compiled != "off" and self.algo_cfg.get("compile_check", True) else None)
+        compile = self.algo_cfg.get("compile")
+        checked = compile_mode(compile) != "off" and self.algo_cfg.get("compile_check", True)
+        self.compile_check = (CompiledGradientCheck(f"algo.compile={str(compile).lower()}, "
+                                                    f"algo.compile_backend={backend}") if checked else None)
         reward_kwargs = {k: v for k, v in self.reward_cfg.items() if k not in ("name", "_target_")}
         self.reward_fn = build_reward(self.reward_cfg["name"], **reward_kwargs)
 

@@ -89,7 +89,7 @@ class CompiledGradientCheck:
         worst_here = max(differences.values(), default=0.0)
         self.worst = max(self.worst, worst_of_all_ranks(worst_here))
         failed = {n: d for n, d in differences.items() if d > self.tolerance}
-        if failed or self.worst > self.tolerance:
+        if self.worst > self.tolerance:  # this rank's failures are in it too
             shown = sorted(failed.items(), key=lambda item: -item[1])[:5]
             raise CompiledGradientError(
                 f"the compiled UNet's gradients are not eager PyTorch's ({self.description}, torch "
