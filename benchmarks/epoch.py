@@ -1,6 +1,6 @@
 """Per-phase time of SDPO iterations run through the normal entry point, and their overhead over the primitives.
 
-Runs ``sdpo.train.train`` on a composed Hydra config (the default callbacks, CSV logger and a checkpoint every
+Runs ``sdpo.train_run.train`` on a composed Hydra config (the default callbacks, CSV logger and a checkpoint every
 iteration; the held-out evaluation callback off) for a few iterations and prints, per iteration:
 
 - the module's phase times (sampling, decode, reward model, advantages, training) and the rest of the iteration
@@ -253,7 +253,8 @@ def main() -> None:
                           else "cpu")
     from hydra import compose, initialize_config_dir
 
-    from sdpo.train import CONFIG_DIR, train
+    from sdpo.app_config import CONFIG_DIR
+    from sdpo.train_run import train
 
     epochs = args.warmup + args.iterations
     out = Path(tempfile.mkdtemp(prefix="sdpo-bench-"))

@@ -3,7 +3,7 @@
 Builds, with random weights, a pipeline at the real SD-Turbo sizes (SD 2.1 UNet of ~865 M parameters, 64x64x4
 latents -> 512 px through an SD AutoencoderKL, a 23-layer 1024-wide CLIP text encoder) and the aesthetic reward's
 real architecture (CLIP ViT-L/14 + the LAION MLP head), saves them in diffusers layout, and runs SDPO through the
-normal entry point (``sdpo.train.train`` with a composed Hydra config) for a few iterations.
+normal entry point (``sdpo.train_run.train`` with a composed Hydra config) for a few iterations.
 
     python benchmarks/sd_turbo_scale.py                       # GPU: full sizes, bf16, LoRA r4
     python benchmarks/sd_turbo_scale.py --scale tiny --device cpu   # a minute-long dry run of the same path
@@ -112,7 +112,7 @@ def run_sdpo(name: str, model_dir: Path, clip_dir: Path, head: Path, out: Path, 
     """Train through the real entry point and return per-iteration phase times and peak memory."""
     from hydra import compose, initialize_config_dir
 
-    from sdpo.train import train
+    from sdpo.train_run import train
 
     run_dir = out / name
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):

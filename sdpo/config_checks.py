@@ -9,6 +9,7 @@ import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from sdpo.algo.dense import STRATEGIES
+from sdpo.app_config import CONFIG_DIR
 from sdpo.checkpoint_files import not_a_checkpoint, run_last_checkpoint
 from sdpo.commands import cli_arg
 from sdpo.config_keys import unknown_keys
@@ -20,7 +21,6 @@ from sdpo.policy.steps import SPACINGS
 from sdpo.rewards import available_rewards
 
 PRECISIONS = ("32-true", "32", "bf16-mixed", "16-mixed")
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 LIGHTNING_CKPT_NAMES = ("last", "best", "hpc", "registry")  # ckpt_path values Lightning resolves itself
 
 

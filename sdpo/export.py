@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("out_dir", help="folder to write the LoRA (or full UNet) into; new or empty")
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier export in out_dir")
     args = parser.parse_args(argv)
-    from sdpo.train import quiet_libraries
+    from sdpo.train_run import quiet_libraries
 
     quiet_libraries()
     try:

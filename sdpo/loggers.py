@@ -61,8 +61,8 @@ class _AppendingWriter(ExperimentWriter):
 
 
 class RunCSVLogger(CSVLogger):
-    """``CSVLogger``; ``append=True`` continues the folder's metrics.csv (train.py sets it for a run resumed in its
-    own folder), keeping only the rows of the first ``keep_epochs_below`` iterations when that is set."""
+    """``CSVLogger``; ``append=True`` continues the folder's metrics.csv (sdpo.train_run sets it for a run resumed in
+    its own folder), keeping only the rows of the first ``keep_epochs_below`` iterations when that is set."""
 
     def __init__(self, *args, append: bool = False, keep_epochs_below: int | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)

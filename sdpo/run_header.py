@@ -101,8 +101,8 @@ def _dtype(module: torch.nn.Module) -> str:
 
 
 def precision_text(precision: str, device: str) -> str:
-    """The run's precision, and on a GPU in full fp32 that TF32 is off on purpose (``sdpo.train.train``): Lightning's
-    notice recommending it is dropped, so say why here."""
+    """The run's precision, and on a GPU in full fp32 that TF32 is off on purpose (``sdpo.train_run.train``):
+    Lightning's notice recommending it is dropped, so say why here."""
     text = f"precision {precision}"
     if precision.startswith("32") and device == "cuda":
         text += " (TF32 off: it moves log-probs by about 1e-4, the clip range)"

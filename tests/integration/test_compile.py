@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from sdpo.train import train
+from sdpo.train_run import train
 from tests.conftest import FAST, ZERO_GRADIENT_BACKEND, compose, read_metrics
 
 # (grad mode, any symbolic size, rows of the latent input) of every graph the backend is handed

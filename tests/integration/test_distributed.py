@@ -30,7 +30,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from sdpo.train import LaunchError, launch_overrides, train
+from sdpo.train import LaunchError, launch_overrides
+from sdpo.train_run import train
 from tests.conftest import REPO, assert_weights_match, compose, read_metrics
 
 EPOCHS = 2  # iterations of the 2-process run

@@ -24,13 +24,13 @@ from PIL import Image
 
 from sdpo.callbacks import EvalDuringTraining
 from sdpo.config_checks import ConfigError
-from sdpo.evaluate import evaluate, validate_eval_config
+from sdpo.evaluate_run import evaluate, validate_eval_config
 from sdpo.evaluation import evaluate_policy, item_seed
 from sdpo.grids import GRID_HEADER_HEIGHT, GRID_LABEL_WIDTH, grid_scale
 from sdpo.rewards.specs import build_rewards, parse_reward_specs
 from sdpo.saved_policy import load_policy
 from sdpo.statistics import _t_quantile_builtin, t_quantile
-from sdpo.train import train
+from sdpo.train_run import train
 from tests.conftest import FAST, REPO, compose, compose_eval, read_metrics
 
 PROMPTS = ["cat", "a red dog"]

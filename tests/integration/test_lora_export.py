@@ -13,7 +13,7 @@ from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionMod
 from sdpo.export import export_checkpoint, main
 from sdpo.model_card import model_card
 from sdpo.policy.loading import load_components
-from sdpo.train import train
+from sdpo.train_run import train
 from tests.conftest import FAST, compose
 
 

@@ -17,7 +17,7 @@ from sdpo.policy.loading import TinySpec, ensure_tiny_pipeline, load_components
 from sdpo.policy.rollout import PairTrajectories, sample_pair_chunks
 from sdpo.policy.steps import make_scheduler, timestep_schedule
 from sdpo.scoring import PairRewards, score_pairs
-from sdpo.train import train
+from sdpo.train_run import train
 from tests.conftest import FAST, assert_weights_match, compose, read_metrics, trainable_state
 
 # 4 pairs in chunks of 2; random anchors (keyed by global trajectory index, so a chunk must know where it starts);

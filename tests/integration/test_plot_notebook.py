@@ -20,9 +20,9 @@ import torch
 from omegaconf import OmegaConf
 
 from sdpo import plot
-from sdpo.evaluate import evaluate
+from sdpo.evaluate_run import evaluate
 from sdpo.phase_times import PHASES, phase_table, plot_phase_times
-from sdpo.train import train
+from sdpo.train_run import train
 from tests.conftest import FAST, REPO, compose, compose_eval
 
 NOTEBOOK = REPO / "notebooks" / "analysis.ipynb"

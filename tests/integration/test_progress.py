@@ -6,7 +6,7 @@ import math
 
 import lightning as L
 
-from sdpo.train import train
+from sdpo.train_run import train
 from tests.conftest import compose, read_metrics
 
 RUN = ["trainer.enable_progress_bar=true", "trainer.max_epochs=2", "data.prompts_per_batch=6",

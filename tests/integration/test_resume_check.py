@@ -7,7 +7,7 @@ import logging
 import pytest
 
 from sdpo.resume import NothingToResume, ResumeMismatch, resume_differences, resume_settings
-from sdpo.train import train
+from sdpo.train_run import train
 from tests.conftest import FAST, compose, read_metrics
 
 BASE = [*FAST, "model.lora.enabled=true", "trainer.max_epochs=1"]

@@ -7,7 +7,7 @@ import re
 import pytest
 
 from sdpo.run_header import count
-from sdpo.train import train
+from sdpo.train_run import train
 from tests.conftest import FAST, compose, read_metrics
 
 

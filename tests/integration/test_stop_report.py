@@ -13,7 +13,7 @@ from lightning.pytorch import Callback
 
 from sdpo.callbacks import RunCheckpoint
 from sdpo.export import main as export_main
-from sdpo.train import train
+from sdpo.train_run import train
 from tests.conftest import FAST, compose, read_metrics
 from tests.integration.test_train import run_cli
 

@@ -14,8 +14,8 @@ import torch
 from lightning.pytorch import Callback
 
 from sdpo.config_checks import ConfigError, validate_config
-from sdpo.evaluate import validate_eval_config
-from sdpo.train import train
+from sdpo.evaluate_run import validate_eval_config
+from sdpo.train_run import train
 from tests.conftest import (
     CONFIG_DIR,
     FAST,
@@ -31,12 +31,15 @@ EXPERIMENTS = sorted(p.stem for p in (Path(CONFIG_DIR) / "experiment").glob("*.y
 
 
 
+def cli_env(cache_dir: Path) -> dict[str, str]:
+    return {**os.environ, "SDPO_CACHE": str(cache_dir), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline",
+            "PYTHONPATH": str(REPO)}
+
+
 def run_cli(args: list[str], cache_dir: Path, timeout: int = 1500, cwd: Path = REPO,
             module: str = "sdpo.train") -> subprocess.CompletedProcess:
-    env = {**os.environ, "SDPO_CACHE": str(cache_dir), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline",
-           "PYTHONPATH": str(REPO)}
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=cli_env(cache_dir),
+                          capture_output=True, text=True, timeout=timeout)
 
 
 
@@ -301,11 +304,32 @@ def test_multirun_sweeps_steps_and_anchors(tmp_path, cache_dir):
     assert {read_metrics(r)[0]["train/queries_per_trajectory"] for r in runs} == {2.5}
 
 
-def test_each_entry_point_helps_with_its_own_options(tmp_path, cache_dir):
-    """``--help`` of train lists its config groups; evaluate's lists its own file's options, not training's groups."""
-    train_help = run_cli(["--help"], cache_dir, timeout=120).stdout
+# runs an entry point as ``python -m`` would, then names the heavy packages it imported
+HELP_PROBE = """
+import runpy, sys
+module = sys.argv.pop(1)
+try:
+    runpy.run_module(module, run_name="__main__", alter_sys=True)
+except SystemExit:
+    pass
+print("imported:", sorted(m for m in ("torch", "lightning", "diffusers", "transformers") if m in sys.modules))
+"""
+
+
+def test_each_entry_point_helps_with_its_own_options_before_importing_torch(tmp_path, cache_dir):
+    """``--help`` of train lists its config groups; evaluate's lists its own file's options, not training's groups.
+    Neither imports torch, Lightning or diffusers: Hydra answers help and shell completion (a process per TAB) at
+    once."""
+    def probe(module: str) -> str:
+        result = subprocess.run([sys.executable, "-c", HELP_PROBE, module, "--help"], cwd=tmp_path, env=cli_env(
+            cache_dir), capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert result.stdout.rstrip().endswith("imported: []"), result.stdout[-300:]
+        return result.stdout
+
+    train_help = probe("sdpo.train")
     assert "experiment: " in train_help and "conf/<group>/<option>.yaml" in train_help
-    evaluate_help = run_cli(["--help"], cache_dir, timeout=120, module="sdpo.evaluate").stdout
+    evaluate_help = probe("sdpo.evaluate")
     assert "conf/evaluate.yaml" in evaluate_help and "grid_images: 2" in evaluate_help
     assert "experiment: " not in evaluate_help and "== Configuration groups ==" not in evaluate_help
 

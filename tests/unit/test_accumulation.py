@@ -10,7 +10,7 @@ from sdpo.algo.shuffle import sharded_update_order, update_groups
 from sdpo.config_checks import ConfigError, validate_config
 from sdpo.policy.fused_lora import has_fused_lora
 from sdpo.policy.speed import REGIONAL_BLOCKS
-from sdpo.train import train
+from sdpo.train_run import train
 from tests.conftest import FAST, assert_weights_match, compose, trainable_state
 
 

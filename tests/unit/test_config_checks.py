@@ -10,7 +10,7 @@ import torch
 from sdpo.config_checks import ConfigError, validate_config
 from sdpo.policy.lora import make_trainable
 from sdpo.policy.steps import check_training_schedule, make_scheduler, timestep_schedule
-from sdpo.train import train
+from sdpo.train_run import train
 from tests.conftest import FAST, compose
 from tests.unit.test_steps import sd_turbo_like
 
@@ -179,7 +179,7 @@ def test_unknown_lora_target_lists_the_choices(cache_dir) -> None:
 def test_prompts_the_reward_cannot_score_stop_the_run_before_sampling(tmp_path, cache_dir, monkeypatch) -> None:
     """color_match needs a colour in every prompt: the training prompts and the held-out ones are checked when
     fitting starts, the evaluation CLI's once its rewards are built; none of them samples an image first."""
-    from sdpo.evaluate import evaluate
+    from sdpo.evaluate_run import evaluate
     from tests.conftest import compose_eval
 
     def no_sampling(*args, **kwargs):
@@ -219,7 +219,7 @@ def test_every_shipped_config_uses_only_keys_something_reads(tmp_path) -> None:
     """The key check accepts every experiment and option the repo ships, and the keys the tests add with +."""
     from pathlib import Path
 
-    from sdpo.config_checks import CONFIG_DIR
+    from sdpo.app_config import CONFIG_DIR
     from sdpo.config_keys import unknown_keys
 
     experiments = sorted(p.stem for p in (Path(CONFIG_DIR) / "experiment").glob("*.yaml"))
@@ -248,7 +248,7 @@ def test_a_gpu_trainer_on_a_machine_without_one_names_the_cpu_override(tmp_path)
 
 
 def test_a_single_pair_per_iteration_is_warned_about(tmp_path, caplog) -> None:
-    from sdpo.train import warn_single_pair
+    from sdpo.train_run import warn_single_pair
 
     one = ["data.prompts_per_batch=1", "algo.micro_batch_pairs=1"]
     with caplog.at_level("WARNING", logger="sdpo.train"):

@@ -1,4 +1,4 @@
-"""What a run says about precision, and the Lightning notices it drops (``sdpo.train._drop_adverts``)."""
+"""What a run says about precision, and the Lightning notices it drops (``sdpo.train_run._drop_adverts``)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import logging
 import pytest
 
 from sdpo.run_header import precision_text
-from sdpo.train import _drop_adverts
+from sdpo.train_run import _drop_adverts
 
 
 def record(message: str) -> logging.LogRecord:
@@ -36,7 +36,7 @@ def test_the_many_workers_advice_is_silenced_and_other_warnings_are_not():
     """GPU nodes have many cores, and Lightning then advises dataloader workers for a loader of prompt strings."""
     import warnings
 
-    from sdpo.train import quiet_libraries
+    from sdpo.train_run import quiet_libraries
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -76,7 +76,7 @@ def test_fused_adamw_under_lightning_16_mixed_trains_what_foreach_trains(tmp_pat
     - a gradient unscaled twice (divided by 2^16 again) falls below Adam's eps and the LoRA would barely move; the
       weights are compared as the distance between the two runs' LoRA-B (zero at the start) against its size, which
       an element whose tiny gradient took another sign in one run cannot swing."""
-    from sdpo.train import train
+    from sdpo.train_run import train
     from tests.conftest import FAST, compose, read_metrics, trainable_state
 
     runs, norms, skipped = {}, {}, {}
