@@ -23,9 +23,11 @@ from torch import Tensor, nn
 log = logging.getLogger(__name__)
 
 # Largest relative difference (in norm, per tensor) between a compiled and an eager gradient that passes. Both
-# failures above gave 1.0 (a zero gradient); bf16 roundings, which inductor's fusions order differently, stay far
-# below (benchmarks/README.md, "Compiled gradients").
-TOLERANCE = 0.25
+# failures above gave 1.0 (a zero gradient). bf16 roundings, which inductor's fusions order differently, gave up to
+# 0.19 at SD-Turbo's width and depth on small inputs (16 x 16 latents, 2 rows; 0.11 at 32 x 32, median 0.04), where
+# the tiny UNet gave 0.05: halfway, so that neither a real run's rounding nor a zeroed gradient lands near the line
+# (benchmarks/README.md, "Compiled gradients").
+TOLERANCE = 0.5
 MAX_CHECKS = 3
 
 
