@@ -65,18 +65,18 @@ def block_case(device: torch.device):
     return forward, grads
 
 
-def unet_case(device: torch.device, fused: bool, scale: str, latent: int | None, rows: int, autocast: bool,
-              seed: int, timesteps: tuple[int, int]):
+def unet_case(device: torch.device, fused: bool, args: argparse.Namespace):
     """A UNet with LoRA r4 on its attention projections (B ~ N(0, 1e-3): a LoRA a step or two into training), the
-    adapters' gradients of a log-prob-like loss. ``tiny``: the embedded default's UNet; ``sd_turbo``: SD-Turbo's
-    architecture with random weights, its frozen weights in bf16 under ``--autocast`` (``algo.low_precision_base``)."""
+    adapters' gradients of a log-prob-like loss. ``--scale tiny``: the embedded default's UNet; ``sd_turbo``:
+    SD-Turbo's architecture with random weights, its frozen weights in bf16 under ``--autocast``
+    (``algo.low_precision_base``)."""
     from diffusers import UNet2DConditionModel
 
     from sdpo.policy.fused_lora import fuse_lora_layers
     from sdpo.policy.lora import make_trainable
 
     torch.manual_seed(0)
-    if scale == "tiny":
+    if args.scale == "tiny":
         from sdpo.policy.loading import TinySpec, ensure_tiny_pipeline
 
         cache = tempfile.mkdtemp(prefix="sdpo-compiled-gradients-")
@@ -86,27 +86,27 @@ def unet_case(device: torch.device, fused: bool, scale: str, latent: int | None,
 
         with torch.device(device):
             unet = UNet2DConditionModel(**unet_config(SIZES["full"]))
-        if autocast:
+        if args.autocast:
             unet.to(torch.bfloat16)
-    torch.manual_seed(seed)
+    torch.manual_seed(args.seed)
     make_trainable(unet, True, 4, 8, ["to_q", "to_k", "to_v", "to_out.0"], "gaussian")
     for name, p in unet.named_parameters():
         if "lora_B" in name:
             nn.init.normal_(p, std=1e-3)
     if fused:
         fuse_lora_layers(unet)
-    g = torch.Generator().manual_seed(seed + 1)
-    size = latent or unet.config.sample_size
+    g = torch.Generator().manual_seed(args.seed + 1)
+    size, rows = args.latent or unet.config.sample_size, args.rows
     x = torch.randn(rows, 4, size, size, generator=g).to(device)
-    t = torch.linspace(*timesteps, rows).long().to(device)
-    args = (x, t, torch.randn(rows, 77, unet.config.cross_attention_dim, generator=g).to(device, unet.dtype))
+    t = torch.linspace(*(int(t) for t in args.timesteps.split(",")), rows).long().to(device)
+    inputs = (x, t, torch.randn(rows, 77, unet.config.cross_attention_dim, generator=g).to(device, unet.dtype))
     # On policy, a step's log-prob gradient is that of <w, network output> for a fixed w (the recorded action's
     # scaled noise): what the run's compile check differentiates
     weight = torch.randn(rows, 4, size, size, generator=g).to(device)
 
     def grads(model) -> dict[str, torch.Tensor | None]:
         model.zero_grad(set_to_none=True)
-        (model(*args).sample.float() * weight).mean().backward()
+        (model(*inputs).sample.float() * weight).mean().backward()
         return {n.removeprefix("_orig_mod."): p.grad for n, p in model.named_parameters() if p.requires_grad}
 
     return unet, grads
@@ -165,8 +165,7 @@ def main() -> None:
             forward, grads = block_case(device)
             model, label = forward, "resnet + Upsample2D"
         else:
-            model, grads = unet_case(device, case == "fused", args.scale, args.latent, args.rows, args.autocast,
-                                     args.seed, tuple(int(t) for t in args.timesteps.split(",")))
+            model, grads = unet_case(device, case == "fused", args)
             label = f"{args.scale} UNet, {'fused' if case == 'fused' else 'PEFT'} LoRA"
         for layout_optimization in {"both": (True, False), "on": (True,), "off": (False,)}[args.layout]:
             compare(label, model, grads, layout_optimization, args.autocast, device)
