@@ -30,7 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from unet_mfu import build_unet, make_call, parse  # noqa: E402
 
-from sdpo.policy.attention import ATTENTION_BACKENDS, projected_heads  # noqa: E402
+from sdpo.policy.attention import projected_heads  # noqa: E402
+from sdpo.policy.sdpa_backends import ATTENTION_BACKENDS  # noqa: E402
 from sdpo.scoring import synchronize  # noqa: E402
 
 Shape = tuple[tuple[int, ...], tuple[int, ...]]  # (query, key) shapes; value has the key's

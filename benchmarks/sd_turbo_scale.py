@@ -57,8 +57,8 @@ def build_random_sd_turbo(folder: Path, s: dict) -> None:
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from sdpo.data import SIMPLE_ANIMALS
     from sdpo.policy.tokenizer import build_clip_tokenizer, save_tokenizer
+    from sdpo.prompts import SIMPLE_ANIMALS
 
     torch.manual_seed(0)
     tokenizer = build_clip_tokenizer(SIMPLE_ANIMALS)

@@ -45,7 +45,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from epoch import flops_of  # noqa: E402
 
-from sdpo.policy.attention import ATTENTION_BACKENDS, pin_attention_backend  # noqa: E402
+from sdpo.policy.attention import pin_attention_backend  # noqa: E402
+from sdpo.policy.sdpa_backends import ATTENTION_BACKENDS  # noqa: E402
 from sdpo.scoring import synchronize  # noqa: E402
 
 KERNEL_FLAGS = set(ATTENTION_BACKENDS) - {"auto"}  # flags that pin the attention kernel

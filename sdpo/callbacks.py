@@ -353,7 +353,7 @@ class EvalDuringTraining(L.Callback):
         dirpath: str | None = None,
         compare_to_start: bool = True,
     ) -> None:
-        from sdpo.data import load_prompts
+        from sdpo.prompts import load_prompts
         from sdpo.rewards.specs import parse_reward_specs
 
         if every_n_epochs < 1:

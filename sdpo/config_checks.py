@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -13,11 +14,10 @@ from sdpo.app_config import CONFIG_DIR
 from sdpo.checkpoint_files import not_a_checkpoint, run_last_checkpoint
 from sdpo.commands import cli_arg
 from sdpo.config_keys import unknown_keys
-from sdpo.data import load_prompts
-from sdpo.policy.attention import CUDA_ONLY, attention_backend
-from sdpo.policy.fused_lora import resolve_fused_lora
-from sdpo.policy.speed import compile_mode, compiled_by_inductor, inductor_mode
+from sdpo.policy.sdpa_backends import CUDA_ONLY, attention_backend
+from sdpo.policy.speed import compile_mode, compiled_by_inductor, inductor_mode, resolve_fused_lora
 from sdpo.policy.steps import SPACINGS
+from sdpo.prompts import load_prompts
 from sdpo.rewards import available_rewards
 
 PRECISIONS = ("32-true", "32", "bf16-mixed", "16-mixed")
@@ -297,3 +297,38 @@ def validate_config(cfg: DictConfig) -> None:
     problems += unknown_keys(cfg, CONFIG_DIR)
     if problems:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
+
+
+def several_processes(trainer_cfg: Any) -> bool:
+    """Whether Lightning will start more than one process for these trainer settings, whatever the strategy:
+    ``strategy: auto`` with several devices is DDP too. ``devices: auto`` / -1 means every GPU here (one CPU)."""
+    devices, nodes = str(trainer_cfg.get("devices", 1)), str(trainer_cfg.get("num_nodes", 1))
+    if nodes != "1":
+        return True
+    if devices in ("auto", "-1"):
+        return not runs_on_cpu(trainer_cfg.get("accelerator")) and torch.cuda.device_count() > 1
+    if devices.isdigit():
+        return int(devices) > 1
+    return len([d for d in devices.strip("[]").split(",") if d.strip()]) > 1  # a list of device indices
+
+
+def check_distributed(cfg: DictConfig) -> None:
+    """Before any model loads: no multi-process job inside a Hydra multirun, and shuffle shards that fit."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    t = cfg.trainer
+    if several_processes(t) and HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        raise ConfigError(
+            f"a Hydra multirun (-m) cannot run jobs of several processes (trainer.devices={t.get('devices')}, "
+            f"trainer.num_nodes={t.get('num_nodes', 1)}): Lightning re-launches the other ranks with the sweep's "
+            f"command line, so they would run the whole sweep again. Launch one job per sweep point instead "
+            f"(README.md, 'Multi-GPU and multi-node'), or sweep with trainer.devices=1"
+        )
+    shards, micro = cfg.algo.get("shuffle_shards", 1), cfg.algo.micro_batch_pairs
+    pairs = pairs_per_rank(cfg)
+    if shards < 1 or pairs % shards or micro % shards:
+        raise ConfigError(
+            f"algo.shuffle_shards={shards} must be >= 1 and divide the pairs per rank ({pairs} = "
+            f"data.prompts_per_batch x data.batches_per_epoch) and algo.micro_batch_pairs ({micro})"
+        )

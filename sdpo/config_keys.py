@@ -3,12 +3,18 @@
 Hydra refuses an unknown key without ``+``, and then suggests the ``+`` form, which it accepts for any name. The
 settings of ``algo``, ``model``, ``data`` and ``optim`` are exactly the keys their ``conf/<group>/*.yaml`` files
 hold; the trainer's are ``lightning.Trainer``'s arguments, a reward's are its class's arguments.
+
+The command line checks the config before it imports Lightning (about 8 s): ``lightning.Trainer``'s arguments are
+then read from its installed source, so that a mistyped key is refused in seconds.
 """
 
 from __future__ import annotations
 
+import ast
 import difflib
+import importlib.util
 import inspect
+import sys
 from collections.abc import Callable, Iterable, Mapping
 from functools import cache
 from pathlib import Path
@@ -57,6 +63,39 @@ def _arguments(factory: Callable[..., Any]) -> set[str] | None:
     return {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
 
 
+def _trainer_source_arguments() -> set[str] | None:
+    """``lightning.Trainer.__init__``'s keyword arguments, parsed from the installed source without importing it;
+    None where that file or definition is not where Lightning 2 keeps it (or takes ``**kwargs``)."""
+    spec = importlib.util.find_spec("lightning")  # a top-level name: finding it imports nothing
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    source = Path(next(iter(spec.submodule_search_locations)), "pytorch", "trainer", "trainer.py")
+    if not source.is_file():
+        return None
+    for node in ast.parse(source.read_text(encoding="utf-8")).body:
+        if isinstance(node, ast.ClassDef) and node.name == "Trainer":
+            for item in node.body:
+                if isinstance(item, ast.FunctionDef) and item.name == "__init__":
+                    args = item.args
+                    if args.kwarg is not None:
+                        return None
+                    return {a.arg for a in [*args.posonlyargs, *args.args][1:] + args.kwonlyargs}
+    return None
+
+
+@cache
+def trainer_arguments() -> set[str] | None:
+    """``lightning.Trainer``'s keyword arguments (None: it takes any). Read from the source while Lightning is not
+    imported yet (the command line's config check), else from the class itself."""
+    if "lightning" not in sys.modules:
+        parsed = _trainer_source_arguments()
+        if parsed is not None:
+            return parsed
+    import lightning as L
+
+    return _arguments(L.Trainer)
+
+
 def _unknown(keys: Iterable[str], known: Iterable[str] | None, where: str, source: str) -> list[str]:
     """``source`` completes "... is not a setting (<source>)", e.g. "conf/algo/ has no such key"; ``where`` is the
     keys' parent (a config group), or the primary config's name for top-level keys."""
@@ -82,8 +121,6 @@ def top_level_keys(config_dir: str, primary: str) -> set[str]:
 
 def unknown_keys(cfg: DictConfig, config_dir: str, primary: str = "train") -> list[str]:
     """A message per key of ``cfg`` (composed from ``conf/<primary>.yaml``) that nothing reads."""
-    import lightning as L
-
     problems = _unknown(cfg.keys(), top_level_keys(config_dir, primary), primary, f"conf/{primary}.yaml has no "
                         f"such key")
     for group in FILE_GROUPS:
@@ -92,8 +129,9 @@ def unknown_keys(cfg: DictConfig, config_dir: str, primary: str = "train") -> li
             problems += _unknown(present, group_keys(config_dir, group), group, f"conf/{group}/ has no such key")
     trainer = cfg.get("trainer")
     if trainer is not None:
-        known = (_arguments(L.Trainer.__init__) or set()) | {"_target_"}
-        problems += _unknown(trainer.keys(), known, "trainer", "lightning.Trainer takes no such argument")
+        known = trainer_arguments()
+        problems += _unknown(trainer.keys(), None if known is None else known | {"_target_"}, "trainer",
+                             "lightning.Trainer takes no such argument")
     reward = cfg.get("reward")
     if reward is not None:
         problems += _reward_keys(reward, "reward")

@@ -1,4 +1,4 @@
-"""Prompt sources and the LightningDataModule that streams one iteration's prompts per rank.
+"""The LightningDataModule that streams one iteration's prompts per rank.
 
 One SDPO iteration (a Lightning "epoch") consumes one batch: the list of prompts this rank samples pairs for.
 The iteration's global prompt list is drawn with a generator seeded by (seed, epoch) alone and rank r takes its
@@ -11,48 +11,15 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import lightning as L
 import numpy as np
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from sdpo.prompts import load_prompts
+
 log = logging.getLogger(__name__)
-
-SIMPLE_ANIMALS: tuple[str, ...] = (
-    "cat", "dog", "horse", "monkey", "rabbit", "zebra", "spider", "bird", "sheep", "deer", "cow", "goat", "lion",
-    "tiger", "bear", "raccoon", "fox", "wolf", "lizard", "beetle", "ant", "butterfly", "fish", "shark", "whale",
-    "dolphin", "squirrel", "mouse", "rat", "snake", "turtle", "frog", "chicken", "duck", "goose", "bee", "pig",
-    "turkey", "fly", "llama", "camel", "bat", "gorilla", "hedgehog", "kangaroo",
-)  # the reference code's 45 training prompts, used verbatim
-UNSEEN_EXAMPLES: tuple[str, ...] = (
-    "A green colored rabbit", "Four wolves in the park", "A cat and a dog", "A dog on the moon",
-)
-
-
-def load_prompts(source: str | Sequence[str]) -> list[str]:
-    """A prompt list from a built-in name ("simple_animals", "unseen_examples"), a text file, or a list.
-
-    A text file holds one prompt per line; blank lines and lines whose first non-blank character is ``#`` (comments)
-    are skipped, surrounding spaces removed. A prompt listed twice is kept twice: it is drawn twice as often."""
-    if not isinstance(source, str):
-        prompts = [str(p) for p in source]
-    elif source == "simple_animals":
-        prompts = list(SIMPLE_ANIMALS)
-    elif source == "unseen_examples":
-        prompts = list(UNSEEN_EXAMPLES)
-    elif Path(source).expanduser().is_file():
-        lines = Path(source).expanduser().read_text().splitlines()
-        prompts = [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
-    else:
-        raise ValueError(
-            f"prompt source {source!r} is neither a built-in set ('simple_animals', 'unseen_examples') "
-            f"nor an existing file (one prompt per line)"
-        )
-    if not prompts:
-        raise ValueError(f"prompt source {source!r} holds no prompts")
-    return prompts
 
 
 def iteration_seed(seed: int, epoch: int, index: int, purpose: int) -> int:

@@ -31,6 +31,7 @@ from sdpo.eval_results import EvalResult
 from sdpo.evaluation import check_step_counts, evaluate_policy
 from sdpo.export import read_checkpoint
 from sdpo.model_card import recorded_reward, recorded_training
+from sdpo.prompts import load_prompts
 from sdpo.rewards.registry import missing_packages
 from sdpo.rewards.specs import build_rewards, parse_reward_specs
 from sdpo.saved_policy import LoadedPolicy, load_policy
@@ -51,7 +52,6 @@ TRAINING_PROMPTS = "training"
 
 def validate_eval_config(cfg: DictConfig) -> tuple[list[str], list[int], list[tuple[str, str, dict]]]:
     """Check every value before any model loads; returns the prompts, the step counts and the reward specs."""
-    from sdpo.data import load_prompts
 
     problems: list[str] = []
     prompts: list[str] = []

@@ -39,11 +39,17 @@ from sdpo.policy.attention import check_attention_backend, pin_attention_backend
 from sdpo.policy.checks import collected_checks, require_not
 from sdpo.policy.compile_check import CompiledGradientCheck
 from sdpo.policy.conditioning import Conditioning, encode_prompts, truncated_prompts
-from sdpo.policy.fused_lora import fuse_lora_layers, resolve_fused_lora
+from sdpo.policy.fused_lora import fuse_lora_layers
 from sdpo.policy.loading import TINY, TinySpec, ensure_tiny_pipeline, load_components
 from sdpo.policy.lora import make_trainable
 from sdpo.policy.rollout import PairTrajectories, sample_pair_chunks, transition_log_prob
-from sdpo.policy.speed import apply_speed_options, cast_frozen_layers, compile_mode, inductor_mode
+from sdpo.policy.speed import (
+    apply_speed_options,
+    cast_frozen_layers,
+    compile_mode,
+    inductor_mode,
+    resolve_fused_lora,
+)
 from sdpo.policy.steps import check_training_schedule, make_policy_scheduler, timestep_schedule
 from sdpo.progress import PhaseProgress
 from sdpo.resume import iterations_done

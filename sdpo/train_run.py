@@ -21,48 +21,13 @@ from omegaconf import DictConfig, OmegaConf
 
 import sdpo.app_config  # noqa: F401  (registers the configs' resolvers)
 from sdpo.cluster import local_ranks_stopped_on_failure, restart_checkpoint, slurm_plugins
-from sdpo.config_checks import ConfigError, pairs_per_rank, runs_on_cpu, validate_config
+from sdpo.config_checks import ConfigError, check_distributed, pairs_per_rank, validate_config
 from sdpo.loggers import continue_metrics, continue_wandb_run
 from sdpo.policy.speed import compile_mode, use_compile_cache
 from sdpo.resume import check_resume, check_work_left, iterations_done, read_resume_state
 from sdpo.run_log import reports_after_fit
 
 log = logging.getLogger(__name__)
-
-
-def several_processes(trainer_cfg: Any) -> bool:
-    """Whether Lightning will start more than one process for these trainer settings, whatever the strategy:
-    ``strategy: auto`` with several devices is DDP too. ``devices: auto`` / -1 means every GPU here (one CPU)."""
-    devices, nodes = str(trainer_cfg.get("devices", 1)), str(trainer_cfg.get("num_nodes", 1))
-    if nodes != "1":
-        return True
-    if devices in ("auto", "-1"):
-        return not runs_on_cpu(trainer_cfg.get("accelerator")) and torch.cuda.device_count() > 1
-    if devices.isdigit():
-        return int(devices) > 1
-    return len([d for d in devices.strip("[]").split(",") if d.strip()]) > 1  # a list of device indices
-
-
-def check_distributed(cfg: DictConfig) -> None:
-    """Before any model loads: no multi-process job inside a Hydra multirun, and shuffle shards that fit."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    t = cfg.trainer
-    if several_processes(t) and HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
-        raise ConfigError(
-            f"a Hydra multirun (-m) cannot run jobs of several processes (trainer.devices={t.get('devices')}, "
-            f"trainer.num_nodes={t.get('num_nodes', 1)}): Lightning re-launches the other ranks with the sweep's "
-            f"command line, so they would run the whole sweep again. Launch one job per sweep point instead "
-            f"(README.md, 'Multi-GPU and multi-node'), or sweep with trainer.devices=1"
-        )
-    shards, micro = cfg.algo.get("shuffle_shards", 1), cfg.algo.micro_batch_pairs
-    pairs = pairs_per_rank(cfg)
-    if shards < 1 or pairs % shards or micro % shards:
-        raise ConfigError(
-            f"algo.shuffle_shards={shards} must be >= 1 and divide the pairs per rank ({pairs} = "
-            f"data.prompts_per_batch x data.batches_per_epoch) and algo.micro_batch_pairs ({micro})"
-        )
 
 
 def _drop_adverts(record: logging.LogRecord) -> bool:

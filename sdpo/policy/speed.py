@@ -36,6 +36,20 @@ def compiled_by_inductor(compile: object, backend: str) -> bool:
     return compile_mode(compile) != "off" and backend == "inductor"
 
 
+def resolve_fused_lora(setting: object, compile: object, backend: str) -> bool:
+    """Whether a LoRA run fuses its layers, for ``algo.fused_lora`` = auto | true | false.
+
+    auto fuses them when the UNet runs eagerly or under a backend other than inductor, and keeps PEFT's forward when
+    inductor compiles it: inductor fuses PEFT's separate elementwise passes itself, and the fused layers' matmuls
+    are opaque to it (on CPU the compiled tiny UNet's training call took 130 ms with PEFT's forward, 174 ms fused;
+    benchmarks/README.md). true fuses them anyway: since the forward stopped writing in place, compiled fused
+    layers train on eager's gradients (they were zero under torch 2.11, pytorch/pytorch#180642).
+    """
+    if not (isinstance(setting, bool) or setting == "auto"):
+        raise ValueError(f"algo.fused_lora={setting!r}: use auto, true or false")
+    return not compiled_by_inductor(compile, backend) if setting == "auto" else setting
+
+
 INDUCTOR_MODES = ("default", "max-autotune-no-cudagraphs")  # algo.compile_mode
 
 

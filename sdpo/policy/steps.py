@@ -19,13 +19,15 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from diffusers import DDIMScheduler, LCMScheduler
 from torch import Tensor
 
 from sdpo.policy.checks import require_not
+
+if TYPE_CHECKING:  # imported where used: the config check reads SPACINGS without loading diffusers (~3 s)
+    from diffusers import DDIMScheduler, LCMScheduler
 
 __all__ = [
     "SPACINGS",
@@ -100,6 +102,8 @@ def make_scheduler(
         if steps_offset < 0:
             raise ValueError(f"steps_offset must be >= 0, got {steps_offset}")
         overrides["steps_offset"] = int(steps_offset)
+    from diffusers import DDIMScheduler
+
     return DDIMScheduler.from_config(config, **overrides)
 
 
@@ -109,6 +113,8 @@ def make_lcm_scheduler(scheduler_or_config: Any) -> LCMScheduler:
     The LCM schedule is set by ``original_inference_steps`` (the distillation grid), not by a spacing, so there
     is nothing to override.
     """
+    from diffusers import LCMScheduler
+
     return LCMScheduler.from_config(_scheduler_config(scheduler_or_config))
 
 
@@ -128,6 +134,12 @@ def make_policy_scheduler(
     raise ValueError(f"step kind must be one of {list(STEP_KINDS)}, got {kind!r}")
 
 
+def _is_lcm(scheduler: Any) -> bool:
+    from diffusers import LCMScheduler
+
+    return isinstance(scheduler, LCMScheduler)
+
+
 def timestep_schedule(scheduler: DDIMScheduler | LCMScheduler, num_steps: int) -> torch.LongTensor:
     """Set ``num_steps`` inference steps on ``scheduler`` (in place) and return its timesteps [T].
 
@@ -137,7 +149,7 @@ def timestep_schedule(scheduler: DDIMScheduler | LCMScheduler, num_steps: int) -
     """
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
-    limit = getattr(scheduler.config, "original_inference_steps", None) if isinstance(scheduler, LCMScheduler) else None
+    limit = getattr(scheduler.config, "original_inference_steps", None) if _is_lcm(scheduler) else None
     if limit is not None and num_steps > limit:  # diffusers' own message speaks of img2img strength
         raise ValueError(f"algo.num_steps={num_steps}: an LCM's schedule has at most {limit} steps (the grid it was "
                          f"distilled on, original_inference_steps); train at T <= {limit}")
@@ -515,7 +527,7 @@ def policy_step(
         return ddim_step_with_logprob(scheduler, model_output, timestep, sample, eta=eta,
                                       prev_sample=prev_sample, generator=generator, variance_noise=variance_noise)
     if step_kind == "lcm":
-        if not isinstance(scheduler, LCMScheduler):
+        if not _is_lcm(scheduler):
             raise TypeError(f"the LCM step needs an LCMScheduler, got {type(scheduler).__name__}")
         return lcm_step_with_logprob(scheduler, model_output, timestep, sample, prev_sample=prev_sample,
                                      generator=generator, variance_noise=variance_noise)

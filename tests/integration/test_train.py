@@ -304,16 +304,27 @@ def test_multirun_sweeps_steps_and_anchors(tmp_path, cache_dir):
     assert {read_metrics(r)[0]["train/queries_per_trajectory"] for r in runs} == {2.5}
 
 
-# runs an entry point as ``python -m`` would, then names the heavy packages it imported
-HELP_PROBE = """
+# runs an entry point as ``python -m`` would, then names the heavy packages it had imported, and exits as it did
+ENTRY_PROBE = """
 import runpy, sys
 module = sys.argv.pop(1)
+code = 0
 try:
     runpy.run_module(module, run_name="__main__", alter_sys=True)
-except SystemExit:
-    pass
+except SystemExit as stop:
+    code = stop.code
 print("imported:", sorted(m for m in ("torch", "lightning", "diffusers", "transformers") if m in sys.modules))
+sys.exit(code)
 """
+
+
+def run_probed(module: str, args: list[str], cache_dir: Path, cwd: Path) -> tuple[subprocess.CompletedProcess, str]:
+    """``python -m <module> <args>`` through ENTRY_PROBE: the result, and the heavy packages it had imported."""
+    result = subprocess.run([sys.executable, "-c", ENTRY_PROBE, module, *args], cwd=cwd, env=cli_env(cache_dir),
+                            capture_output=True, text=True, timeout=300)
+    imported = result.stdout.rstrip().rpartition("\n")[2]
+    assert imported.startswith("imported: "), result.stdout[-300:] + result.stderr[-3000:]
+    return result, imported
 
 
 def test_each_entry_point_helps_with_its_own_options_before_importing_torch(tmp_path, cache_dir):
@@ -321,10 +332,9 @@ def test_each_entry_point_helps_with_its_own_options_before_importing_torch(tmp_
     Neither imports torch, Lightning or diffusers: Hydra answers help and shell completion (a process per TAB) at
     once."""
     def probe(module: str) -> str:
-        result = subprocess.run([sys.executable, "-c", HELP_PROBE, module, "--help"], cwd=tmp_path, env=cli_env(
-            cache_dir), capture_output=True, text=True, timeout=120)
+        result, imported = run_probed(module, ["--help"], cache_dir, tmp_path)
         assert result.returncode == 0, result.stderr[-3000:]
-        assert result.stdout.rstrip().endswith("imported: []"), result.stdout[-300:]
+        assert imported == "imported: []", imported
         return result.stdout
 
     train_help = probe("sdpo.train")
@@ -348,34 +358,40 @@ def test_bad_config_fails_before_loading(tmp_path, cache_dir):
     assert (tmp_path / "x" / "train.log").exists()  # a folder the user named is never removed
 
 
-# one case per stage a refusal comes from (each a subprocess, ~10 s of imports); the config check's own messages
-# are tested in-process (tests/unit/test_config_checks.py, tests/integration/test_evaluate.py)
-@pytest.mark.parametrize("module,bad,says", [
-    ("sdpo.train", "+algo.num_stepz=3", "did you mean algo.num_steps?"),
-    ("sdpo.evaluate", "rewards=[color_match]", "set prompts to prompts that each name one of"),  # cannot score them
+# one case per stage a refusal comes from (each a subprocess: ~5 s to refuse from the config alone, ~12 s once the
+# training stack is imported); the config check's own messages are tested in-process (tests/unit/test_config_checks.py,
+# tests/integration/test_evaluate.py). ``first``: refused before Lightning and diffusers load
+@pytest.mark.parametrize("module,bad,says,first", [
+    ("sdpo.train", "+algo.num_stepz=3", "did you mean algo.num_steps?", True),
+    ("sdpo.train", "+trainer.devicez=2", "did you mean trainer.devices?", True),  # Trainer's arguments, unimported
+    ("sdpo.evaluate", "rewards=[color_match]", "set prompts to prompts that each name one of", False),  # cannot score
     # found as fitting starts, after the CSV logger wrote its copy of the config: still nothing ran; the same
     # refusal says what the training prompts lack too (the module would have found it on the next run)
     ("sdpo.train", "reward=color_match", ("set callbacks.eval.prompts to prompts that each name one of",
-                                          "set data.source to prompts that each name one of")),
+                                          "set data.source to prompts that each name one of"), False),
     # a callback's own argument check, before any model loads
-    ("sdpo.train", "callbacks.eval.steps=[0,1]", "callbacks.eval.steps=[0, 1]: need distinct step counts >= 1"),
+    ("sdpo.train", "callbacks.eval.steps=[0,1]", "callbacks.eval.steps=[0, 1]: need distinct step counts >= 1", False),
     # weights that are not here: the message says how to provide them, found as the models load
-    ("sdpo.train", "model.source=/no/such/model", "point `model.source` at a local diffusers-layout copy"),
-    ("sdpo.evaluate", "model.source=/no/such/model", "point `model.source` at a local diffusers-layout copy"),
+    ("sdpo.train", "model.source=/no/such/model", "point `model.source` at a local diffusers-layout copy", False),
+    ("sdpo.evaluate", "model.source=/no/such/model", "point `model.source` at a local diffusers-layout copy", False),
 ])
-def test_refused_run_leaves_no_empty_folder(tmp_path, cache_dir, module, bad, says):
+@pytest.mark.slow
+def test_refused_run_leaves_no_empty_folder(tmp_path, cache_dir, module, bad, says, first):
     """A run refused by its config check did nothing: the folder Hydra named and made for it is removed, the
-    folders of earlier runs next to it are not."""
+    folders of earlier runs next to it are not. A value the config alone shows to be wrong is refused before
+    Lightning and diffusers load (about 8 s on a 2-core machine)."""
     task = module.split(".")[1]
     earlier = tmp_path / "outputs" / task / "earlier-run"
     earlier.mkdir(parents=True)
     (earlier / f"{task}.log").write_text("an earlier run\n")
-    result = run_cli([bad], cache_dir, timeout=120, cwd=tmp_path, module=module)
+    result, imported = run_probed(module, [bad], cache_dir, tmp_path)
     assert result.returncode == 1
     for said in (says,) if isinstance(says, str) else says:
         assert said in result.stderr, said
     assert "empty run folder" in result.stderr and "Traceback" not in result.stderr
     assert [p.name for p in (tmp_path / "outputs" / task).iterdir()] == ["earlier-run"]
+    if first:
+        assert "lightning" not in imported and "diffusers" not in imported, imported
 
 
 def test_bf16_autocast_run_keeps_log_probs_fp32(tmp_path, cache_dir):

@@ -233,6 +233,18 @@ def test_every_shipped_config_uses_only_keys_something_reads(tmp_path) -> None:
     assert unknown_keys(added, CONFIG_DIR) == []
 
 
+def test_trainer_arguments_read_from_source_are_the_imported_trainers() -> None:
+    """The command line checks trainer keys before importing Lightning, from Trainer's source: the same names as the
+    class's own signature (this fails if a Lightning release moves or reshapes ``Trainer.__init__``)."""
+    import lightning as L
+
+    from sdpo.config_keys import _arguments, _trainer_source_arguments
+
+    from_source = _trainer_source_arguments()
+    assert from_source is not None and {"max_epochs", "devices", "precision", "accumulate_grad_batches"} <= from_source
+    assert from_source == _arguments(L.Trainer)
+
+
 @pytest.mark.skipif(torch.cuda.is_available() or torch.backends.mps.is_available(), reason="this machine has a GPU")
 def test_a_gpu_trainer_on_a_machine_without_one_names_the_cpu_override(tmp_path) -> None:
     """Lightning would say only "No supported gpu backend found!", from inside the trainer's instantiation."""

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from sdpo.data import SIMPLE_ANIMALS, EpochSampler, IterationPrompts, PromptDataModule, load_prompts
+from sdpo.data import EpochSampler, IterationPrompts, PromptDataModule
+from sdpo.prompts import SIMPLE_ANIMALS, load_prompts
 
 
 def test_builtin_and_file_sources(tmp_path):

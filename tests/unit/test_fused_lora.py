@@ -15,9 +15,10 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from sdpo.flops import model_flops
-from sdpo.policy.fused_lora import FusedLoraLinear, fuse_lora_layers, has_fused_lora, resolve_fused_lora
+from sdpo.policy.fused_lora import FusedLoraLinear, fuse_lora_layers, has_fused_lora
 from sdpo.policy.loading import TinySpec, ensure_tiny_pipeline
 from sdpo.policy.lora import make_trainable
+from sdpo.policy.speed import resolve_fused_lora
 
 
 class Projection(nn.Module):
