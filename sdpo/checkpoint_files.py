@@ -12,6 +12,8 @@ import shlex
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from sdpo.commands import cli_arg
 
 
@@ -65,3 +67,22 @@ def not_exported_weights(folder: Path) -> str:
                 f"{as_argument('checkpoint', folder / 'checkpoints' / 'last.ckpt')}")
     return ("holds no exported weights (*.safetensors): give a run's trained/ folder or one written by "
             "python -m sdpo.export")
+
+
+def read_checkpoint(ckpt_path: str | Path, mmap: bool = False) -> dict:
+    """A checkpoint written by ``sdpo.train`` (safe loading only; ``mmap``: its tensors are not read), or an error
+    that says what the file is not."""
+    path = Path(ckpt_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not a checkpoint: {not_a_checkpoint(path, key=None)}")
+    if path.suffix == ".safetensors":
+        raise ValueError(f"{path}: exported weights, not a training checkpoint (a run's checkpoints/last.ckpt); "
+                         f"evaluate exported weights with lora={path.parent}")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as error:  # pickle, zip and weights-only errors all mean: not a checkpoint we can read safely
+        raise ValueError(f"{path}: not a checkpoint torch can load safely ({type(error).__name__}); give a run's "
+                         f"checkpoints/last.ckpt") from error
+    if not isinstance(checkpoint, dict) or "hyper_parameters" not in checkpoint or "state_dict" not in checkpoint:
+        raise ValueError(f"{path}: not a checkpoint written by sdpo.train (it has no hyper_parameters/state_dict)")
+    return checkpoint

@@ -10,7 +10,7 @@ uninterrupted run would.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import lightning as L
@@ -99,15 +99,11 @@ class PromptDataModule(L.LightningDataModule):
         return self.prompts_per_batch * self.batches_per_epoch
 
     def state_dict(self) -> dict[str, Any]:
-        """Saved in every checkpoint (plain containers, weights_only-safe) under the class name:
-        ``sdpo.evaluate prompts=training`` reads the resolved list, so it works where the prompt file is not."""
+        """Saved in every checkpoint (plain containers, weights_only-safe) under the class name, which
+        ``sdpo.prompts.STATE_KEY`` names: ``sdpo.evaluate prompts=training`` reads the resolved list, so it works where
+        the prompt file is not."""
         source = self.source if isinstance(self.source, str) else [str(p) for p in self.source]
         return {"source": source, "training_prompts": list(self.prompts)}
-
-    @classmethod
-    def stored_prompts(cls, checkpoint: Mapping[str, Any]) -> list[str]:
-        """The training prompts a checkpoint holds (``state_dict`` saved them); [] for one written without."""
-        return list((checkpoint.get(cls.__qualname__) or {}).get("training_prompts", []))
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Nothing to restore (the prompt draws are keyed by seed and epoch); say so when the prompts changed."""

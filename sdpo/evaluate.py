@@ -14,8 +14,15 @@ from sdpo.app_config import CONFIG_DIR
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="evaluate")
 def main(cfg: DictConfig) -> None:
-    from sdpo.evaluate_run import evaluate
+    from sdpo.eval_config import validate_eval_config
     from sdpo.run_folder import REFUSALS, refuse
+
+    try:  # the config alone, before diffusers and the models load: a wrong path or value is refused in seconds
+        validate_eval_config(cfg)
+    except REFUSALS as error:
+        raise refuse(error) from None
+
+    from sdpo.evaluate_run import evaluate
 
     try:
         evaluate(cfg)

@@ -13,29 +13,9 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
-
-from sdpo.checkpoint_files import not_a_checkpoint
+from sdpo.checkpoint_files import read_checkpoint
 from sdpo.policy.lora import save_trained_unet
-
-
-def read_checkpoint(ckpt_path: str | Path, mmap: bool = False) -> dict:
-    """A checkpoint written by ``sdpo.train`` (safe loading only; ``mmap``: its tensors are not read), or an error
-    that says what the file is not."""
-    path = Path(ckpt_path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: not a checkpoint: {not_a_checkpoint(path, key=None)}")
-    if path.suffix == ".safetensors":
-        raise ValueError(f"{path}: exported weights, not a training checkpoint (a run's checkpoints/last.ckpt); "
-                         f"evaluate exported weights with lora={path.parent}")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except Exception as error:  # pickle, zip and weights-only errors all mean: not a checkpoint we can read safely
-        raise ValueError(f"{path}: not a checkpoint torch can load safely ({type(error).__name__}); give a run's "
-                         f"checkpoints/last.ckpt") from error
-    if not isinstance(checkpoint, dict) or "hyper_parameters" not in checkpoint or "state_dict" not in checkpoint:
-        raise ValueError(f"{path}: not a checkpoint written by sdpo.train (it has no hyper_parameters/state_dict)")
-    return checkpoint
+from sdpo.prompts import stored_prompts
 
 
 def load_trained_module(ckpt_path: str | Path):
@@ -77,7 +57,6 @@ def check_out_dir(out_dir: str | Path, overwrite: bool) -> None:
 def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path) -> Path:
     """Write the checkpoint's LoRA (or UNet) into ``out_dir`` with its model card, as a finished run does."""
     from sdpo.callbacks import RewardSummary
-    from sdpo.data import PromptDataModule
     from sdpo.model_card import write_model_card
     from sdpo.resume import iterations_done
 
@@ -86,7 +65,7 @@ def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path) -> Path:
     path = save_trained_unet(module.unet, out_dir)
     history = checkpoint.get("callbacks", {}).get(RewardSummary.__qualname__, {}).get("history", [])
     write_model_card(path, module, iterations_done(checkpoint), int(checkpoint.get("global_step", 0)), history,
-                     PromptDataModule.stored_prompts(checkpoint), str(ckpt_path))
+                     stored_prompts(checkpoint), str(ckpt_path))
     return path
 
 

@@ -6,8 +6,9 @@ command that has not imported the training stack yet, and refuse a bad one at on
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 SIMPLE_ANIMALS: tuple[str, ...] = (
     "cat", "dog", "horse", "monkey", "rabbit", "zebra", "spider", "bird", "sheep", "deer", "cow", "goat", "lion",
@@ -18,6 +19,8 @@ SIMPLE_ANIMALS: tuple[str, ...] = (
 UNSEEN_EXAMPLES: tuple[str, ...] = (
     "A green colored rabbit", "Four wolves in the park", "A cat and a dog", "A dog on the moon",
 )
+
+STATE_KEY = "PromptDataModule"  # Lightning saves a datamodule's state_dict under its class's __qualname__
 
 
 def load_prompts(source: str | Sequence[str]) -> list[str]:
@@ -42,3 +45,9 @@ def load_prompts(source: str | Sequence[str]) -> list[str]:
     if not prompts:
         raise ValueError(f"prompt source {source!r} holds no prompts")
     return prompts
+
+
+def stored_prompts(checkpoint: Mapping[str, Any]) -> list[str]:
+    """The training prompts a checkpoint holds (``PromptDataModule.state_dict`` saved them); [] for one written
+    without."""
+    return list((checkpoint.get(STATE_KEY) or {}).get("training_prompts", []))

@@ -101,7 +101,7 @@ def _load_checkpoint(path: Path, current: dict) -> LoadedPolicy:
     Mirrors ``sdpo.export.load_trained_module`` without building the training reward model (a CLIP reward would
     be loaded just to be dropped). A tiny model is built in the current cache, not the training run's.
     """
-    from sdpo.export import read_checkpoint
+    from sdpo.checkpoint_files import read_checkpoint
     from sdpo.module import SDPOModule
     from sdpo.policy.lora import make_trainable
 

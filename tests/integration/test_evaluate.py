@@ -24,7 +24,8 @@ from PIL import Image
 
 from sdpo.callbacks import EvalDuringTraining
 from sdpo.config_checks import ConfigError
-from sdpo.evaluate_run import evaluate, validate_eval_config
+from sdpo.eval_config import validate_eval_config
+from sdpo.evaluate_run import evaluate
 from sdpo.evaluation import evaluate_policy, item_seed
 from sdpo.grids import GRID_HEADER_HEIGHT, GRID_LABEL_WIDTH, grid_scale
 from sdpo.rewards.specs import build_rewards, parse_reward_specs

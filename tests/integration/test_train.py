@@ -14,7 +14,7 @@ import torch
 from lightning.pytorch import Callback
 
 from sdpo.config_checks import ConfigError, validate_config
-from sdpo.evaluate_run import validate_eval_config
+from sdpo.eval_config import validate_eval_config
 from sdpo.train_run import train
 from tests.conftest import (
     CONFIG_DIR,
@@ -364,6 +364,7 @@ def test_bad_config_fails_before_loading(tmp_path, cache_dir):
 @pytest.mark.parametrize("module,bad,says,first", [
     ("sdpo.train", "+algo.num_stepz=3", "did you mean algo.num_steps?", True),
     ("sdpo.train", "+trainer.devicez=2", "did you mean trainer.devices?", True),  # Trainer's arguments, unimported
+    ("sdpo.evaluate", "checkpoint=/no/such.ckpt", "checkpoint=/no/such.ckpt: no such file", True),
     ("sdpo.evaluate", "rewards=[color_match]", "set prompts to prompts that each name one of", False),  # cannot score
     # found as fitting starts, after the CSV logger wrote its copy of the config: still nothing ran; the same
     # refusal says what the training prompts lack too (the module would have found it on the next run)
