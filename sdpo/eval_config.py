@@ -38,7 +38,6 @@ TRAINING_PROMPTS = "training"
 
 def validate_eval_config(cfg: DictConfig) -> tuple[list[str], list[int], list[tuple[str, str, dict]]]:
     """Check every value before any model loads; returns the prompts, the step counts and the reward specs."""
-
     problems: list[str] = []
     prompts: list[str] = []
     specs: list[tuple[str, str, dict]] = []
