@@ -376,11 +376,10 @@ def test_bad_config_fails_before_loading(tmp_path, cache_dir):
     ("sdpo.train", "model.source=/no/such/model", "point `model.source` at a local diffusers-layout copy", False),
     ("sdpo.evaluate", "model.source=/no/such/model", "point `model.source` at a local diffusers-layout copy", False),
 ])
-@pytest.mark.slow
 def test_refused_run_leaves_no_empty_folder(tmp_path, cache_dir, module, bad, says, first):
     """A run refused by its config check did nothing: the folder Hydra named and made for it is removed, the
     folders of earlier runs next to it are not. A value the config alone shows to be wrong is refused before
-    Lightning and diffusers load (about 8 s on a 2-core machine)."""
+    Lightning and diffusers load (their imports take about 8 s on a 2-core machine)."""
     task = module.split(".")[1]
     earlier = tmp_path / "outputs" / task / "earlier-run"
     earlier.mkdir(parents=True)
