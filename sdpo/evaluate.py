@@ -17,14 +17,10 @@ def main(cfg: DictConfig) -> None:
     from sdpo.eval_config import validate_eval_config
     from sdpo.run_folder import REFUSALS, refuse
 
-    try:  # the config alone, before diffusers and the models load: a wrong path or value is refused in seconds
-        validate_eval_config(cfg)
-    except REFUSALS as error:
-        raise refuse(error) from None
-
-    from sdpo.evaluate_run import evaluate
-
     try:
+        validate_eval_config(cfg)  # the config alone, before diffusers and the models load: refused in seconds
+        from sdpo.evaluate_run import evaluate
+
         evaluate(cfg)
     except REFUSALS as error:
         raise refuse(error) from None

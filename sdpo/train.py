@@ -62,30 +62,33 @@ def launch_overrides(argv: Sequence[str], env: Mapping[str, str]) -> list[str]:
     return overrides
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
-def hydra_main(cfg: DictConfig) -> None:
-    from sdpo.config_checks import check_distributed, validate_config
-    from sdpo.run_folder import REFUSALS, refuse
-
-    try:  # the config alone, before Lightning and diffusers load (~8 s): a mistyped key is refused in seconds
-        validate_config(cfg)
-        check_distributed(cfg)
-    except REFUSALS as error:
-        raise refuse(error) from None
-
+def run_training(cfg: DictConfig) -> None:
+    """``train(cfg)``, imported only now (Lightning and diffusers: ~8 s), with Lightning's exit on SIGTERM made a
+    failure: its SystemExit without a code would exit 0, and a killed run must not read as a finished one."""
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-    from sdpo.run_log import log_fatal_error, to_log_files
+    from sdpo.run_log import to_log_files
     from sdpo.train_run import train
 
     try:
         train(cfg)
-    except REFUSALS as error:
-        raise refuse(error) from None
     except SIGTERMException:
-        # Lightning's SystemExit without a code would exit 0: a killed run must not read as a finished one
         to_log_files("run stopped by SIGTERM", logging.WARNING)
         raise SystemExit(128 + signal.SIGTERM) from None
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
+def hydra_main(cfg: DictConfig) -> None:
+    from sdpo.config_checks import check_distributed, validate_config
+    from sdpo.run_folder import REFUSALS, refuse
+    from sdpo.run_log import log_fatal_error
+
+    try:
+        validate_config(cfg)  # the config alone, before the run's imports: a mistyped key is refused in seconds
+        check_distributed(cfg)
+        run_training(cfg)
+    except REFUSALS as error:
+        raise refuse(error) from None
     except Exception:
         log_fatal_error()
         raise
