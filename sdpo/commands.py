@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import re
 import shlex
+import sys
+from pathlib import Path
 
 _PLAIN = re.compile(r"[\w./~+\-@%]+")  # safe unquoted for the shell and for Hydra's override grammar
 
@@ -18,3 +20,10 @@ def cli_arg(key: str, value: object) -> str:
     word = f"{key}='" + text.replace("'", "\\'") + "'"  # Hydra's quoted string: only the quote is escaped
     return f'"{word}"' if not re.search(r'["$`\\!]', word) else shlex.quote(word)
 
+
+
+def program_name(module: str) -> str:
+    """How the user started ``module``'s command, for its usage line: ``sdpo-plot`` through the console script
+    (pyproject's ``[project.scripts]``), else ``python -m sdpo.plot``."""
+    script = Path(sys.argv[0]).name
+    return script if script == "sdpo-" + module.rpartition(".")[2] else f"python -m {module}"

@@ -13,13 +13,15 @@ import argparse
 import sys
 from pathlib import Path
 
-from sdpo.checkpoint_files import read_checkpoint
-from sdpo.policy.lora import save_trained_unet
-from sdpo.prompts import stored_prompts
+from sdpo.commands import program_name
+
+# torch, peft and diffusers load inside the functions, so that ``--help`` answers at once
 
 
 def load_trained_module(ckpt_path: str | Path):
     """Rebuild the SDPOModule a checkpoint was written by, with its trained weights (safe loading only)."""
+    from sdpo.checkpoint_files import read_checkpoint
+
     return module_from_checkpoint(read_checkpoint(ckpt_path))
 
 
@@ -57,7 +59,10 @@ def check_out_dir(out_dir: str | Path, overwrite: bool) -> None:
 def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path) -> Path:
     """Write the checkpoint's LoRA (or UNet) into ``out_dir`` with its model card, as a finished run does."""
     from sdpo.callbacks import RewardSummary
+    from sdpo.checkpoint_files import read_checkpoint
     from sdpo.model_card import write_model_card
+    from sdpo.policy.lora import save_trained_unet
+    from sdpo.prompts import stored_prompts
     from sdpo.resume import iterations_done
 
     checkpoint = read_checkpoint(ckpt_path)
@@ -70,7 +75,8 @@ def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog=program_name("sdpo.export"), description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", help="a .ckpt written by sdpo.train")
     parser.add_argument("out_dir", help="folder to write the LoRA (or full UNet) into; new or empty")
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier export in out_dir")

@@ -44,6 +44,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from omegaconf import DictConfig, OmegaConf
 
+from sdpo.commands import program_name
 from sdpo.phase_times import phase_table, plot_phase_times, timing_noise_notes
 
 METRICS_FILE = Path("csv") / "metrics.csv"
@@ -622,7 +623,7 @@ def default_out(paths: Sequence[str | Path], metric: str = "auto", reward: str |
 
 
 def main(argv: Sequence[str] | None = None) -> Path:
-    parser = argparse.ArgumentParser(prog="python -m sdpo.plot", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog=program_name("sdpo.plot"), description=__doc__.split("\n\n")[0])
     parser.add_argument("paths", nargs="+", help="run folders, or folders to search for runs (outputs/, a multirun)")
     parser.add_argument("--out", type=Path, default=None,
                         help="PNG to write (default: reward_curves[_<metric>][_<reward>].png in the first folder "
@@ -667,6 +668,12 @@ def main(argv: Sequence[str] | None = None) -> Path:
             print(times_png)
     print(out)
     return out
+
+
+def cli() -> None:
+    """The ``sdpo-plot`` console script: ``main`` returns the figure's path, which ``sys.exit`` would print as an
+    error."""
+    main()
 
 
 if __name__ == "__main__":

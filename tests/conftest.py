@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -186,3 +187,10 @@ def assert_weights_match(actual: dict[str, torch.Tensor], expected: dict[str, to
     for name, value in actual.items():
         where = f"{label} {name}".strip()
         torch.testing.assert_close(value, expected[name], rtol=0, atol=atol, msg=lambda m, where=where: f"{where}: {m}")
+
+
+def console_script(name: str) -> Path:
+    """The installed console script ``name`` (pyproject's ``[project.scripts]``) next to this interpreter."""
+    script = Path(sys.executable).parent / name
+    assert script.is_file(), f"{script} is missing: install the package (pip install -e .) to get its commands"
+    return script

@@ -32,7 +32,7 @@ import torch
 
 from sdpo.train import LaunchError, launch_overrides
 from sdpo.train_run import train
-from tests.conftest import REPO, assert_weights_match, compose, read_metrics
+from tests.conftest import REPO, assert_weights_match, compose, console_script, read_metrics
 
 EPOCHS = 2  # iterations of the 2-process run
 COMMON = [
@@ -132,11 +132,14 @@ def test_compiled_unet_under_ddp_equals_one_eager_process(reference, tmp_path, c
     """A compiled UNet inside Lightning's DDP wrapper still all-reduces its LoRA gradients, its compile check included:
     2 processes with the whole UNet compiled train the weights of one eager process (aot_eager: dynamo and AOT
     autograd, no kernel builds). Whole rather than regional: one graph per batch shape instead of one per block
-    shape, half the time; regional blocks are checked against eager in tests/unit/test_accumulation.py."""
+    shape, half the time; regional blocks are checked against eager in tests/unit/test_accumulation.py.
+
+    Started through the console script ``sdpo-train``: Lightning re-launches rank 1 with the script's path instead
+    of ``-m sdpo.train``."""
     args = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", f"trainer.max_epochs={EPOCHS}",
             "algo.compile=true", "algo.compile_backend=aot_eager", *COMMON, *PER_RANK,
             *probe(tmp_path / "probe"), f"hydra.run.dir={tmp_path / 'run'}"]
-    result = subprocess.run([sys.executable, "-m", "sdpo.train", *args], cwd=tmp_path, env=launch_env(cache_dir),
+    result = subprocess.run([console_script("sdpo-train"), *args], cwd=tmp_path, env=launch_env(cache_dir),
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     for log_file in (tmp_path / "run").glob("*.log"):  # rank 0's and rank 1's Hydra logs

@@ -23,7 +23,7 @@ from sdpo import plot
 from sdpo.evaluate_run import evaluate
 from sdpo.phase_times import PHASES, phase_table, plot_phase_times
 from sdpo.train_run import train
-from tests.conftest import FAST, REPO, compose, compose_eval
+from tests.conftest import FAST, REPO, compose, compose_eval, console_script
 
 NOTEBOOK = REPO / "notebooks" / "analysis.ipynb"
 # Two seeds of one config and one run with another T: two groups, one of them with a seed band.
@@ -67,7 +67,8 @@ def last_row(run_dir: Path) -> pd.Series:
 
 
 def test_cli_writes_the_png_into_the_folder_it_searched(runs_root, capsys):
-    result = subprocess.run([sys.executable, "-m", "sdpo.plot", str(runs_root)], cwd=REPO, capture_output=True,
+    # the console script: the same command as `python -m sdpo.plot`, exiting 0 although main() returns the path
+    result = subprocess.run([console_script("sdpo-plot"), str(runs_root)], cwd=REPO, capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     out = Path(result.stdout.strip().splitlines()[-1])
