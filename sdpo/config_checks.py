@@ -14,6 +14,7 @@ from sdpo.app_config import CONFIG_DIR
 from sdpo.checkpoint_files import not_a_checkpoint, run_last_checkpoint
 from sdpo.commands import cli_arg
 from sdpo.config_keys import unknown_keys
+from sdpo.model_sources import model_source_problems
 from sdpo.policy.sdpa_backends import CUDA_ONLY, attention_backend
 from sdpo.policy.speed import compile_mode, compiled_by_inductor, inductor_mode, resolve_fused_lora
 from sdpo.policy.steps import SPACINGS
@@ -260,6 +261,7 @@ def validate_config(cfg: DictConfig) -> None:
         need(cfg.data[key] >= 1, f"data.{key}={cfg.data[key]}: need >= 1")
     problems += prompt_source_problems(cfg)
     problems += optional_package_problems(cfg)
+    problems += model_source_problems(OmegaConf.to_container(m, resolve=True))
     overlap = a.get("overlap_scoring", False)
     need(isinstance(overlap, bool), f"algo.overlap_scoring={overlap!r}: use true or false")
     pairs = pairs_per_rank(cfg)

@@ -7,7 +7,7 @@ models load, so a wrong path or value is refused in seconds (``sdpo.evaluate_run
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,7 @@ from sdpo.checkpoint_files import not_a_checkpoint, not_exported_weights, read_c
 from sdpo.config_checks import ConfigError, type_problems
 from sdpo.config_keys import unknown_keys
 from sdpo.model_card import recorded_reward, recorded_training
+from sdpo.model_sources import model_source_problems
 from sdpo.prompts import load_prompts, stored_prompts
 from sdpo.rewards.registry import missing_packages
 from sdpo.rewards.specs import parse_reward_specs
@@ -79,6 +80,12 @@ def validate_eval_config(cfg: DictConfig) -> tuple[list[str], list[int], list[tu
                 saved = read_checkpoint(checkpoint, mmap=True)
             except ValueError as err:
                 problems.append(f"checkpoint={err}")
+    if cfg.checkpoint is None:
+        problems += model_source_problems(OmegaConf.to_container(cfg.model, resolve=True))
+    elif saved is not None:  # the checkpoint's own base model, which `model` cannot change
+        recorded = (saved.get("hyper_parameters") or {}).get("model") or {}
+        problems += [f"checkpoint={cfg.checkpoint} was trained on a model that is not here: {problem}"
+                     for problem in model_source_problems(recorded, advice=checkpoint_model_advice(cfg.checkpoint))]
     if cfg.lora is not None:
         lora = Path(str(cfg.lora)).expanduser()
         need(lora.exists(), f"lora={cfg.lora}: no such file or folder")
@@ -114,6 +121,16 @@ def validate_eval_config(cfg: DictConfig) -> tuple[list[str], list[int], list[tu
     if problems:
         raise ConfigError("invalid evaluation config:\n  - " + "\n  - ".join(problems))
     return prompts, [int(k) for k in steps], specs
+
+
+def checkpoint_model_advice(checkpoint: str) -> Callable[[str], str]:
+    """What to do when a checkpoint's base model is missing here: evaluating a checkpoint takes the model its config
+    names, so only a copy at that place helps, or the run's export applied to a copy elsewhere (``lora=``)."""
+    def advice(source: str) -> str:
+        return (f"Put a copy where the checkpoint's config points (a hub model: `hf download {source}` on a "
+                f"connected machine), or evaluate the run's export on a copy you have: `python -m sdpo.export "
+                f"{checkpoint} <folder>`, then lora=<folder> model.source=<your copy>.")
+    return advice
 
 
 def trained_rewards(cfg: DictConfig, saved: Mapping[str, Any] | None) -> Any:

@@ -34,13 +34,14 @@ from sdpo.algo.optimizer import build_adamw, clip_gradients, grad_norm_stats
 from sdpo.algo.shuffle import count_update_groups, sharded_update_order, update_groups
 from sdpo.data import iteration_seed
 from sdpo.loggers import wandb_run_id
+from sdpo.model_sources import TINY
 from sdpo.overlap import BackgroundScorer
 from sdpo.policy.attention import check_attention_backend, pin_attention_backend
 from sdpo.policy.checks import collected_checks, require_not
 from sdpo.policy.compile_check import CompiledGradientCheck
 from sdpo.policy.conditioning import Conditioning, encode_prompts, truncated_prompts
 from sdpo.policy.fused_lora import fuse_lora_layers
-from sdpo.policy.loading import TINY, TinySpec, ensure_tiny_pipeline, load_components
+from sdpo.policy.loading import TinySpec, ensure_tiny_pipeline, load_components
 from sdpo.policy.lora import make_trainable
 from sdpo.policy.rollout import PairTrajectories, sample_pair_chunks, transition_log_prob
 from sdpo.policy.speed import (

@@ -15,7 +15,8 @@ from diffusers import UNet2DConditionModel
 
 from sdpo.config_checks import ConfigError
 from sdpo.model_card import CARD_NAME, recorded_base_model, recorded_training
-from sdpo.policy.loading import TINY, PolicyComponents
+from sdpo.model_sources import TINY
+from sdpo.policy.loading import PolicyComponents
 
 log = logging.getLogger(__name__)
 

@@ -69,6 +69,15 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+@pytest.fixture
+def downloads(monkeypatch: pytest.MonkeyPatch):
+    """``downloads(allowed)`` sets whether Hugging Face may download, as HF_HUB_OFFLINE does (the tests run with
+    HF_HUB_OFFLINE=1, which huggingface_hub reads once, at import)."""
+    import huggingface_hub.constants
+
+    return lambda allowed: monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", not allowed)
+
+
 def build_tiny_clip(folder: Path, words: list[str], image_size: int = 32, projection: int = 16) -> Path:
     """A random tiny CLIPModel + CLIP tokenizer saved like a hub repo: what CLIP-based rewards load in tests."""
     from transformers import CLIPConfig, CLIPModel

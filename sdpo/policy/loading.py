@@ -38,13 +38,13 @@ from diffusers import (
 from diffusers.configuration_utils import ConfigMixin
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+from sdpo.model_sources import unavailable_advice
 from sdpo.policy.steps import STEP_KINDS
 from sdpo.policy.tokenizer import build_clip_tokenizer, save_tokenizer
 from sdpo.rewards.hub import WeightsNotFound
 
 log = logging.getLogger(__name__)
 
-TINY = "tiny"
 ARCHS: tuple[str, ...] = ("sd", "sdxl", "lcm")
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
           "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
@@ -378,9 +378,7 @@ def resolve_step_kind(step_kind: str, scheduler_config: dict) -> str:
 
 def _not_available(source: str, err: Exception, key: str = "model.source") -> ModelNotAvailableError:
     return ModelNotAvailableError(
-        f"could not load the model {source!r}: {err}\n"
-        f"With no network: pre-download it on a connected machine with `hf download {source}` (then set "
-        f"HF_HUB_OFFLINE=1), or point `{key}` at a local diffusers-layout copy."
+        f"could not load the model {source!r}: {err}\n" + unavailable_advice(source, key)
     )
 
 

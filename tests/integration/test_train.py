@@ -372,9 +372,12 @@ def test_bad_config_fails_before_loading(tmp_path, cache_dir):
                                           "set data.source to prompts that each name one of"), False),
     # a callback's own argument check, before any model loads
     ("sdpo.train", "callbacks.eval.steps=[0,1]", "callbacks.eval.steps=[0, 1]: need distinct step counts >= 1", False),
-    # weights that are not here: the message says how to provide them, found as the models load
-    ("sdpo.train", "model.source=/no/such/model", "point `model.source` at a local diffusers-layout copy", False),
-    ("sdpo.evaluate", "model.source=/no/such/model", "point `model.source` at a local diffusers-layout copy", False),
+    # a model that is not here: the message says how to provide it (a hub model outside the cache while
+    # downloads are off: tests/unit/test_model_sources.py)
+    ("sdpo.train", "model.source=/no/such/model", "Point `model.source` at a diffusers-layout folder", True),
+    ("sdpo.evaluate", "model.source=/no/such/model", "Point `model.source` at a diffusers-layout folder", True),
+    # reward weights that are not here, found as the reward loads
+    ("sdpo.train", "reward=aesthetic", "`hf download openai/clip-vit-large-patch14`", False),
 ])
 def test_refused_run_leaves_no_empty_folder(tmp_path, cache_dir, module, bad, says, first):
     """A run refused by its config check did nothing: the folder Hydra named and made for it is removed, the

@@ -348,10 +348,13 @@ def test_module_samples_and_trains_on_policy(model, extra, tmp_path, cache_dir):
 
 
 @pytest.mark.parametrize("model", ["sd_turbo", "sdxl_turbo", "lcm"])
-def test_real_model_configs_compose(model, tmp_path, cache_dir):
+def test_real_model_configs_compose(model, tmp_path, cache_dir, downloads):
+    """Valid configs where the hub can be reached (offline, the model must be in the cache first:
+    tests/unit/test_model_sources.py)."""
     from sdpo.config_checks import validate_config
 
     cfg = compose([f"model={model}"], tmp_path, cache_dir)
+    downloads(True)
     validate_config(cfg)
     tiny = compose([], tmp_path, cache_dir).model
     assert set(cfg.model) == set(tiny)  # every model config has the same keys
