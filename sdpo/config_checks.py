@@ -147,6 +147,35 @@ def optional_package_problems(cfg: DictConfig) -> list[str]:
             for problem in missing_packages(name)]
 
 
+def weight_problems(cfg: DictConfig) -> list[str]:
+    """Reward weights the run would load (training reward, a multi reward's parts, held-out rewards) that are neither
+    here nor downloadable, and the policy model's (``sdpo.model_sources``): found now, not as each model loads."""
+    from sdpo.rewards.availability import reward_weight_problems
+    from sdpo.rewards.multi import parse_components
+    from sdpo.rewards.specs import parse_reward_specs
+
+    problems = model_source_problems(OmegaConf.to_container(cfg.model, resolve=True))
+    reward = OmegaConf.to_container(cfg.reward, resolve=True)
+    if reward.get("name") == "multi":
+        try:
+            parts = parse_components(reward.get("components"))
+        except (ValueError, TypeError):
+            parts = []  # the multi reward names its own problem when built
+        for label, name, _, kwargs in parts:
+            problems += reward_weight_problems(name, kwargs, f"reward.components.{label}")
+    else:
+        kwargs = {k: v for k, v in reward.items() if k not in ("name", "_target_")}
+        problems += reward_weight_problems(str(reward.get("name")), kwargs, "reward")
+    held_out = OmegaConf.select(cfg, "callbacks.eval.rewards", default=None)
+    if held_out is not None:
+        try:
+            for label, name, kwargs in parse_reward_specs(held_out):
+                problems += reward_weight_problems(name, kwargs, "callbacks.eval.rewards", label)
+        except ValueError:
+            pass  # the evaluation callback names an unknown reward itself
+    return problems
+
+
 def ckpt_path_problems(cfg: DictConfig) -> list[str]:
     """``ckpt_path`` must name a checkpoint file. Lightning's own names ("last", "best", ...) are refused: it looks
     for them in this run's own folder, which Hydra has just created empty, and without one it trains from the base
@@ -261,7 +290,7 @@ def validate_config(cfg: DictConfig) -> None:
         need(cfg.data[key] >= 1, f"data.{key}={cfg.data[key]}: need >= 1")
     problems += prompt_source_problems(cfg)
     problems += optional_package_problems(cfg)
-    problems += model_source_problems(OmegaConf.to_container(m, resolve=True))
+    problems += weight_problems(cfg)
     overlap = a.get("overlap_scoring", False)
     need(isinstance(overlap, bool), f"algo.overlap_scoring={overlap!r}: use true or false")
     pairs = pairs_per_rank(cfg)

@@ -21,6 +21,7 @@ from sdpo.config_keys import unknown_keys
 from sdpo.model_card import recorded_reward, recorded_training
 from sdpo.model_sources import model_source_problems
 from sdpo.prompts import load_prompts, stored_prompts
+from sdpo.rewards.availability import reward_weight_problems
 from sdpo.rewards.registry import missing_packages
 from sdpo.rewards.specs import parse_reward_specs
 
@@ -98,6 +99,8 @@ def validate_eval_config(cfg: DictConfig) -> tuple[list[str], list[int], list[tu
     except ValueError as err:
         problems.append(str(err))
     problems += [f"rewards: {problem}" for _, name, _ in specs for problem in missing_packages(name)]
+    problems += [problem for label, name, kwargs in specs
+                 for problem in reward_weight_problems(name, kwargs, "rewards", label)]
     if cfg.prompts == TRAINING_PROMPTS:
         if cfg.checkpoint is None:
             problems.append("prompts=training needs checkpoint=<run>/checkpoints/last.ckpt (it reads the prompts "

@@ -78,6 +78,30 @@ def downloads(monkeypatch: pytest.MonkeyPatch):
     return lambda allowed: monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", not allowed)
 
 
+HUB_COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def cache_repo(cache: Path, repo: str, files: list[str], revision: str = "main") -> None:
+    """``repo`` at ``revision`` as ``hf download`` leaves it in the Hugging Face cache ``cache``: refs/<revision>
+    names a commit, whose snapshots/<commit>/ folder holds the files (empty here: only their presence is read)."""
+    folder = cache / f"models--{repo.replace('/', '--')}"
+    (folder / "refs").mkdir(parents=True, exist_ok=True)
+    (folder / "refs" / revision).write_text(HUB_COMMIT)
+    for name in files:
+        (folder / "snapshots" / HUB_COMMIT / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / "snapshots" / HUB_COMMIT / name).write_text("{}")
+
+
+@pytest.fixture
+def hub_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch):
+    """An empty Hugging Face cache in place of the default one; ``hub_cache(repo, files)`` puts files in it."""
+    import huggingface_hub.constants
+
+    cache = tmp_path_factory.mktemp("hf-cache")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    return lambda repo, files: cache_repo(cache, repo, files)
+
+
 def build_tiny_clip(folder: Path, words: list[str], image_size: int = 32, projection: int = 16) -> Path:
     """A random tiny CLIPModel + CLIP tokenizer saved like a hub repo: what CLIP-based rewards load in tests."""
     from transformers import CLIPConfig, CLIPModel

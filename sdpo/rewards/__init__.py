@@ -13,7 +13,7 @@ from sdpo.rewards import (  # noqa: F401  (imported to register the built-ins)
     multi,
     pixel_stats,
 )
-from sdpo.rewards.base import RewardModel, UnscorablePrompts
+from sdpo.rewards.base import RewardModel, UnscorablePrompts, WeightSource
 from sdpo.rewards.clip_based import Aesthetic, AestheticHead, ClipScore, PickScore
 from sdpo.rewards.hpsv2 import HPSv2
 from sdpo.rewards.hub import fetch_file
@@ -37,6 +37,7 @@ __all__ = [
     "PickScore",
     "RewardModel",
     "UnscorablePrompts",
+    "WeightSource",
     "available_rewards",
     "build_reward",
     "clip_preprocess",

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import abc
 import importlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -31,6 +32,16 @@ class _FrozenAfterInit(abc.ABCMeta):
 def optional_package_hint(reward: str, module: str, extra: str) -> str:
     """What a reward without its optional package says, wherever that is found (config check or build)."""
     return f"reward {reward!r} needs the optional package {module}: pip install -e \".[{extra}]\""
+
+
+@dataclass(frozen=True)
+class WeightSource:
+    """Weights a reward loads when built: what the config check looks for before any model loads."""
+
+    key: str  # the reward's setting that names them (clip_model, head_source, ...)
+    source: str  # a local path, or a hub repo id
+    filename: str | None = None  # a file of that folder or repo (fetch_file); None: a from_pretrained folder or repo
+    cache_dir: str | None = None  # the Hugging Face cache it is looked up in (None: the default)
 
 
 class UnscorablePrompts(ValueError):
@@ -56,6 +67,12 @@ class RewardModel(nn.Module, metaclass=_FrozenAfterInit):
     #: (module, pip extra) of each optional package the reward imports when built (``import_optional``): the config
     #: check looks for them before any model loads, rather than after the policy has been downloaded and built.
     optional_modules: tuple[tuple[str, str], ...] = ()
+
+    @classmethod
+    def weight_sources(cls, settings: Mapping[str, Any]) -> list[WeightSource]:
+        """The weights this reward would load with ``settings`` (its ``__init__`` arguments, defaults filled in):
+        the config check makes sure each is here or downloadable before any model loads. None by default."""
+        return []
 
     @classmethod
     def import_optional(cls, module: str) -> Any:

@@ -12,6 +12,7 @@ remote code; the aesthetic head, a plain ``.pth`` state dict, loads with ``torch
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sdpo.rewards.base import RewardModel
+from sdpo.rewards.base import RewardModel, WeightSource
 from sdpo.rewards.hub import fetch_file, load_pretrained
 from sdpo.rewards.preprocess import CLIP_MEAN, CLIP_STD, clip_preprocess, module_dtype_device, parse_dtype
 from sdpo.rewards.registry import register_reward
@@ -60,6 +61,14 @@ class _ClipTextImageReward(RewardModel):
     """Shared CLIP loading and embedding of images and prompts, for the rewards comparing the two."""
 
     requires_prompts = True
+
+    tokenizer_key = "tokenizer"  # the setting that names where the tokenizer comes from
+
+    @classmethod
+    def weight_sources(cls, settings: Mapping[str, Any]) -> list[WeightSource]:
+        model, tokenizer = str(settings["model"]), settings.get(cls.tokenizer_key)
+        same = tokenizer is None or str(tokenizer) == model  # the model's own tokenizer: one source to look for
+        return [WeightSource("model", model)] + ([] if same else [WeightSource(cls.tokenizer_key, str(tokenizer))])
 
     def __init__(self, model: str, tokenizer: str, dtype: str, max_length: int, tokenizer_key: str) -> None:
         super().__init__()
@@ -112,6 +121,8 @@ class PickScore(_ClipTextImageReward):
         dtype: model dtype, ``fp32`` / ``bf16`` / ``fp16``; images are cast to it, scores are float32.
         max_length: token context (padding and truncation).
     """
+
+    tokenizer_key = "processor"
 
     def __init__(
         self,
@@ -227,6 +238,12 @@ class Aesthetic(RewardModel):
         cache_dir: Hugging Face cache directory for the head (``None``: the default cache).
         dtype: CLIP dtype, ``fp32`` / ``bf16`` / ``fp16``; images are cast to it, scores are float32.
     """
+
+    @classmethod
+    def weight_sources(cls, settings: Mapping[str, Any]) -> list[WeightSource]:
+        return [WeightSource("clip_model", str(settings["clip_model"])),
+                WeightSource("head_source", str(settings["head_source"]), settings["head_filename"],
+                             settings["cache_dir"])]
 
     def __init__(
         self,

@@ -11,12 +11,13 @@ without the logit scale (typically ~0.2-0.35).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from sdpo.rewards.base import RewardModel
+from sdpo.rewards.base import RewardModel, WeightSource
 from sdpo.rewards.clip_based import _strip_prefixes, load_state_dict_file
 from sdpo.rewards.hub import fetch_file
 from sdpo.rewards.preprocess import CLIP_MEAN, CLIP_STD, clip_preprocess, module_dtype_device, parse_dtype
@@ -48,6 +49,13 @@ class HPSv2(RewardModel):
 
     optional_modules = (("open_clip", "hpsv2"),)
     requires_prompts = True
+
+    @classmethod
+    def weight_sources(cls, settings: Mapping[str, Any]) -> list[WeightSource]:
+        filename = settings["checkpoint_filename"] or HPS_CHECKPOINTS.get(settings["version"])
+        if filename is None:
+            return []  # an unknown version: building it says so
+        return [WeightSource("checkpoint_source", str(settings["checkpoint_source"]), filename, settings["cache_dir"])]
 
     def __init__(
         self,

@@ -20,11 +20,17 @@ class WeightsNotFound(FileNotFoundError):
     entry points print it as a refusal, without a traceback."""
 
 
-def _hint(source: str, filename: str | None, config_key: str | None) -> str:
+def offline_hint(source: str, filename: str | None, config_key: str | None, setting: str | None = None) -> str:
+    """How to provide weights offline; ``setting`` (e.g. ``reward.clip_model=<local path>``) when the caller knows
+    where the setting lives, else the places a reward's ``config_key`` setting may live."""
     target = f"{source} {filename}" if filename else source
-    where = (f"the reward's `{config_key}` setting to a local path (training: reward.{config_key}=<path>; a part "
-             f"of reward=multi: reward.components.<name>.{config_key}=<path>)") if config_key \
-        else "the config key to a local path"
+    if setting is not None:
+        where = setting
+    elif config_key is not None:
+        where = (f"the reward's `{config_key}` setting to a local path (training: reward.{config_key}=<path>; a part "
+                 f"of reward=multi: reward.components.<name>.{config_key}=<path>)")
+    else:
+        where = "the config key to a local path"
     return (
         f"No network here? Pre-download it with `hf download {target}` (it is then found in the Hugging Face "
         f"cache) or set {where}."
@@ -64,7 +70,7 @@ def fetch_file(
     if filename is None:
         raise WeightsNotFound(
             f"{source_str!r} is not an existing local file, and without a file name it cannot be fetched from the "
-            f"hub. {_hint(source_str, filename, config_key)}"
+            f"hub. {offline_hint(source_str, filename, config_key)}"
         )
 
     from huggingface_hub import hf_hub_download
@@ -80,7 +86,7 @@ def fetch_file(
         raise WeightsNotFound(
             f"could not find {filename!r}: {source_str!r} is not a local file and downloading it from the "
             f"Hugging Face Hub failed ({type(err).__name__}: {_first_line(err)}). "
-            f"{_hint(source_str, filename, config_key)}"
+            f"{offline_hint(source_str, filename, config_key)}"
         ) from err
 
 
@@ -94,7 +100,7 @@ def load_pretrained(loader: Callable[..., T], source: str | Path, *, config_key:
         return loader(str(source), **kwargs)
     except OSError as err:  # includes FileNotFoundError
         raise WeightsNotFound(
-            f"could not load {str(source)!r} ({_first_line(err)}). {_hint(str(source), None, config_key)}"
+            f"could not load {str(source)!r} ({_first_line(err)}). {offline_hint(str(source), None, config_key)}"
         ) from err
 
 

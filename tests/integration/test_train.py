@@ -319,8 +319,10 @@ sys.exit(code)
 
 
 def run_probed(module: str, args: list[str], cache_dir: Path, cwd: Path) -> tuple[subprocess.CompletedProcess, str]:
-    """``python -m <module> <args>`` through ENTRY_PROBE: the result, and the heavy packages it had imported."""
-    result = subprocess.run([sys.executable, "-c", ENTRY_PROBE, module, *args], cwd=cwd, env=cli_env(cache_dir),
+    """``python -m <module> <args>`` through ENTRY_PROBE: the result, and the heavy packages it had imported. An
+    empty Hugging Face cache: a machine that has downloaded the real models still finds none of them."""
+    env = {**cli_env(cache_dir), "HF_HUB_CACHE": str(cwd / "empty-hf-cache")}
+    result = subprocess.run([sys.executable, "-c", ENTRY_PROBE, module, *args], cwd=cwd, env=env,
                             capture_output=True, text=True, timeout=300)
     imported = result.stdout.rstrip().rpartition("\n")[2]
     assert imported.startswith("imported: "), result.stdout[-300:] + result.stderr[-3000:]
@@ -372,12 +374,11 @@ def test_bad_config_fails_before_loading(tmp_path, cache_dir):
                                           "set data.source to prompts that each name one of"), False),
     # a callback's own argument check, before any model loads
     ("sdpo.train", "callbacks.eval.steps=[0,1]", "callbacks.eval.steps=[0, 1]: need distinct step counts >= 1", False),
-    # a model that is not here: the message says how to provide it (a hub model outside the cache while
-    # downloads are off: tests/unit/test_model_sources.py)
+    # weights that are not here: the message says how to provide them (the cases: tests/unit/test_model_sources.py,
+    # tests/unit/test_reward_weights.py)
     ("sdpo.train", "model.source=/no/such/model", "Point `model.source` at a diffusers-layout folder", True),
     ("sdpo.evaluate", "model.source=/no/such/model", "Point `model.source` at a diffusers-layout folder", True),
-    # reward weights that are not here, found as the reward loads
-    ("sdpo.train", "reward=aesthetic", "`hf download openai/clip-vit-large-patch14`", False),
+    ("sdpo.train", "reward=aesthetic", "`hf download openai/clip-vit-large-patch14`", True),  # HF_HUB_OFFLINE=1
 ])
 def test_refused_run_leaves_no_empty_folder(tmp_path, cache_dir, module, bad, says, first):
     """A run refused by its config check did nothing: the folder Hydra named and made for it is removed, the

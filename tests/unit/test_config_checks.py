@@ -195,8 +195,10 @@ def test_prompts_the_reward_cannot_score_stop_the_run_before_sampling(tmp_path, 
         evaluate(compose_eval(["rewards=[color_match]"], tmp_path / "c", cache_dir))
 
 
-def test_every_registered_reward_has_its_config(tmp_path) -> None:
-    """``reward=<name>`` works for each registered reward: its file names that reward and passes the check."""
+def test_every_registered_reward_has_its_config(tmp_path, downloads) -> None:
+    """``reward=<name>`` works for each registered reward: its file names that reward and passes the check where its
+    weights can be downloaded (offline, they must be in the cache first: tests/unit/test_reward_weights.py)."""
+    downloads(True)
     from pathlib import Path
 
     from sdpo.rewards import available_rewards

@@ -5,27 +5,13 @@ on-disk layout (``models--org--name/refs/<rev>`` naming a ``snapshots/<commit>/`
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
 from sdpo.config_checks import ConfigError, validate_config
 from sdpo.eval_config import validate_eval_config
 from sdpo.model_sources import model_source_problems, source_problem
-from tests.conftest import compose, compose_eval
-
-COMMIT = "0123456789abcdef0123456789abcdef01234567"
-
-
-def cache_repo(cache: Path, repo: str, files: list[str], revision: str = "main") -> None:
-    """``repo`` at ``revision`` as ``hf download`` leaves it in the cache ``cache``."""
-    folder = cache / f"models--{repo.replace('/', '--')}"
-    (folder / "refs").mkdir(parents=True, exist_ok=True)
-    (folder / "refs" / revision).write_text(COMMIT)
-    for name in files:
-        (folder / "snapshots" / COMMIT / name).parent.mkdir(parents=True, exist_ok=True)
-        (folder / "snapshots" / COMMIT / name).write_text("{}")
+from tests.conftest import cache_repo, compose, compose_eval
 
 
 def test_local_folders_and_paths(tmp_path):

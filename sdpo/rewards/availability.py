@@ -1,0 +1,79 @@
+"""Reward weights checked before any model loads: each reward names the weights its settings would load
+(``RewardModel.weight_sources``), and a path that does not exist, or a hub repo missing from the Hugging Face cache
+while downloads are off, is refused with the ``hf download`` command, in seconds rather than after the policy, the
+training stack and the other models have loaded. Imports huggingface_hub's cache lookup only."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from sdpo.model_sources import downloads_off, is_hub_id
+from sdpo.rewards.base import WeightSource
+from sdpo.rewards.hub import offline_hint
+from sdpo.rewards.registry import reward_factory
+
+# a from_pretrained repo counts as present when either file is cached: a CLIP model has config.json, a
+# tokenizer-only download tokenizer_config.json
+PRETRAINED_MARKERS = ("config.json", "tokenizer_config.json")
+
+
+def reward_settings(name: str, kwargs: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The reward's ``__init__`` arguments with its defaults filled in; None when ``kwargs`` do not fit them (the
+    key check and the reward's own build say which)."""
+    factory = reward_factory(name)
+    if factory is None:
+        return None
+    try:  # __init__'s: the rewards' metaclass defines a __call__ of (*args, **kwargs)
+        bound = inspect.signature(factory.__init__).bind_partial(None, **kwargs)
+    except TypeError:
+        return None
+    bound.apply_defaults()
+    return {key: value for key, value in list(bound.arguments.items())[1:]}  # without self
+
+
+def missing_weights(weights: WeightSource, setting: str | None = None) -> str | None:
+    """Why ``weights`` cannot load here (None when they can, or may be downloaded as they load); ``setting`` says
+    how to point the config at a local copy instead."""
+    path = Path(weights.source).expanduser()
+    if path.is_file():
+        return None
+    if path.is_dir():
+        if weights.filename is None or (path / weights.filename).is_file():
+            return None
+        return f"that folder has no {weights.filename!r}: give the file's path, or the folder that holds it"
+    if not is_hub_id(weights.source):
+        return "no such file or folder, and not a hub id (org/name): give a local path or a hub repo"
+    why = downloads_off()
+    if why is None:
+        return None
+    from huggingface_hub import try_to_load_from_cache
+
+    files = (weights.filename,) if weights.filename else PRETRAINED_MARKERS
+    if any(isinstance(try_to_load_from_cache(weights.source, name, cache_dir=weights.cache_dir), str)
+           for name in files):
+        return None
+    return (f"not in the local Hugging Face cache while downloads are off ({why}). "
+            + offline_hint(weights.source, weights.filename, weights.key, setting))
+
+
+def reward_weight_problems(name: str, kwargs: Mapping[str, Any], where: str, label: str | None = None) -> list[str]:
+    """Each weight source of reward ``name`` built with ``kwargs`` that cannot load here, with what to set.
+    ``where``: the config node of its settings (``reward``, ``reward.components.<label>``), or with ``label`` the
+    reward list it is entry ``label`` of (``callbacks.eval.rewards``, evaluate's ``rewards``)."""
+    settings = reward_settings(name, kwargs)
+    if settings is None:
+        return []
+    problems = []
+    for weights in reward_factory(name).weight_sources(settings):
+        if label is None:
+            named, setting = f"{where}.{weights.key}", f"{where}.{weights.key}=<local path>"
+        else:
+            named = f"{where}: {label}'s {weights.key}"
+            setting = f"{where}=[{{{label}: {{{weights.key}: <local path>}}}}, ...]"
+        problem = missing_weights(weights, setting)
+        if problem is not None:
+            problems.append(f"{named}={weights.source}: {problem}")
+    return problems
