@@ -19,6 +19,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from PIL import Image
 
+from sdpo.callback_args import eval_problems, raise_problems, sample_grid_problems
 from sdpo.commands import cli_arg
 from sdpo.eval_results import cells_legend
 from sdpo.grids import fit_to_grid, image_grid
@@ -111,9 +112,7 @@ class SampleGrid(L.Callback):
     """Every N epochs (and after the last), save the iteration's 1-step and T-step images with their rewards."""
 
     def __init__(self, dirpath: str, every_n_epochs: int = 5, max_prompts: int = 8) -> None:
-        if every_n_epochs < 1 or max_prompts < 1:
-            raise ValueError(f"callbacks.sample_grid.every_n_epochs={every_n_epochs} and max_prompts={max_prompts}: "
-                             f"need >= 1 each (callbacks.sample_grid=null writes no grids)")
+        raise_problems(sample_grid_problems(every_n_epochs, max_prompts))
         self.dirpath = Path(dirpath)
         self.every_n_epochs = every_n_epochs
         self.max_prompts = max_prompts
@@ -344,7 +343,7 @@ class EvalDuringTraining(L.Callback):
         self,
         every_n_epochs: int = 25,
         prompts: str | Sequence[str] = ("cow", "goat", "lion", "tiger"),
-        steps: Sequence[int] = (1, 2, 4),
+        steps: int | Sequence[int] = (1, 2, 4),
         rewards: Sequence[str | Mapping[str, Any]] | Mapping[str, Any] = ("brightness", "colorfulness"),
         images_per_prompt: int = 2,
         seed: int = 0,
@@ -356,13 +355,8 @@ class EvalDuringTraining(L.Callback):
         from sdpo.prompts import load_prompts
         from sdpo.rewards.specs import parse_reward_specs
 
-        if every_n_epochs < 1:
-            raise ValueError(f"callbacks.eval.every_n_epochs={every_n_epochs}: need >= 1")
-        steps = tuple(int(k) for k in steps)
-        if not steps or min(steps) < 1 or len(set(steps)) != len(steps):
-            raise ValueError(f"callbacks.eval.steps={list(steps)}: need distinct step counts >= 1")
-        if images_per_prompt < 1 or batch_size < 1:
-            raise ValueError("callbacks.eval.images_per_prompt and callbacks.eval.batch_size must be >= 1")
+        raise_problems(eval_problems(every_n_epochs, steps, images_per_prompt, batch_size))
+        steps = (steps,) if isinstance(steps, int) else tuple(int(k) for k in steps)  # steps=4: one count
         self.every_n_epochs = every_n_epochs
         self.prompts = load_prompts(prompts if isinstance(prompts, str) else list(prompts))
         self.steps = steps

@@ -25,6 +25,7 @@ from typing import Any
 
 import lightning as L
 
+from sdpo.callback_args import raise_problems, requeue_problems, requeue_signal
 from sdpo.checkpoint_files import not_a_checkpoint, run_last_checkpoint
 from sdpo.config_checks import ConfigError
 
@@ -82,11 +83,8 @@ class RequeueOnSignal(L.Callback):
     """
 
     def __init__(self, signal: str = "USR1") -> None:
-        name = f"SIG{str(signal).upper().removeprefix('SIG')}"
-        if not isinstance(getattr(signals, name, None), signals.Signals):
-            raise ValueError(f"callbacks.requeue.signal={signal!r}: use a signal name such as USR1 (the one given "
-                             "to sbatch --signal)")
-        self.signum: signals.Signals = getattr(signals, name)
+        raise_problems(requeue_problems(signal))
+        self.signum: signals.Signals = requeue_signal(signal)
         self._previous: list[Any] = []  # the handler this one replaced, while registered
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -11,6 +11,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from sdpo.algo.dense import STRATEGIES
 from sdpo.app_config import CONFIG_DIR
+from sdpo.callback_args import callback_problems
 from sdpo.checkpoint_files import not_a_checkpoint, run_last_checkpoint
 from sdpo.commands import cli_arg
 from sdpo.config_keys import unknown_keys
@@ -176,6 +177,17 @@ def weight_problems(cfg: DictConfig) -> list[str]:
     return problems
 
 
+def resolved_callbacks(cfg: DictConfig) -> dict[str, Any]:
+    """``callbacks.<name>`` as plain dicts, each that resolves (one that does not fails as Hydra builds it)."""
+    nodes = {}
+    for name, node in (cfg.get("callbacks") or {}).items():
+        try:
+            nodes[str(name)] = OmegaConf.to_container(node, resolve=True) if node is not None else None
+        except Exception:  # noqa: BLE001 - an interpolation only the Hydra app can resolve, or a broken one
+            continue
+    return nodes
+
+
 def ckpt_path_problems(cfg: DictConfig) -> list[str]:
     """``ckpt_path`` must name a checkpoint file. Lightning's own names ("last", "best", ...) are refused: it looks
     for them in this run's own folder, which Hydra has just created empty, and without one it trains from the base
@@ -291,6 +303,7 @@ def validate_config(cfg: DictConfig) -> None:
     problems += prompt_source_problems(cfg)
     problems += optional_package_problems(cfg)
     problems += weight_problems(cfg)
+    problems += callback_problems(resolved_callbacks(cfg))
     overlap = a.get("overlap_scoring", False)
     need(isinstance(overlap, bool), f"algo.overlap_scoring={overlap!r}: use true or false")
     pairs = pairs_per_rank(cfg)

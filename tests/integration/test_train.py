@@ -372,8 +372,8 @@ def test_bad_config_fails_before_loading(tmp_path, cache_dir):
     # refusal says what the training prompts lack too (the module would have found it on the next run)
     ("sdpo.train", "reward=color_match", ("set callbacks.eval.prompts to prompts that each name one of",
                                           "set data.source to prompts that each name one of"), False),
-    # a callback's own argument check, before any model loads
-    ("sdpo.train", "callbacks.eval.steps=[0,1]", "callbacks.eval.steps=[0, 1]: need distinct step counts >= 1", False),
+    # a callback's own argument check, run on its config node
+    ("sdpo.train", "callbacks.eval.steps=[0,1]", "callbacks.eval.steps=[0, 1]: need distinct step counts >= 1", True),
     # weights that are not here: the message says how to provide them (the cases: tests/unit/test_model_sources.py,
     # tests/unit/test_reward_weights.py)
     ("sdpo.train", "model.source=/no/such/model", "Point `model.source` at a diffusers-layout folder", True),

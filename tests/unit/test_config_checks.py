@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import signal
 
 import pytest
 import torch
@@ -73,6 +74,12 @@ def problems(overrides: list[str], tmp_path) -> str:
     (["model.lora.alpha=[8]"], "model.lora.alpha=[8]: need a number or null"),
     (["data.source=my_prompts.txt"], "data.source: prompt source 'my_prompts.txt' is neither a built-in set"),
     (["callbacks.eval.prompts=held_out.txt"], "callbacks.eval.prompts: prompt source 'held_out.txt' is neither"),
+    # the callbacks' own argument checks, run before Lightning builds them
+    (["callbacks.eval.steps=[0,1]"], "callbacks.eval.steps=[0, 1]: need distinct step counts >= 1"),
+    (["callbacks.eval.steps=[1,two]"], "callbacks.eval.steps=[1, 'two']: use a list of integers"),
+    (["callbacks.eval.every_n_epochs=abc"], "callbacks.eval.every_n_epochs='abc': use an integer"),
+    (["callbacks.sample_grid.max_prompts=0"], "callbacks.sample_grid.every_n_epochs=5 and max_prompts=0: need >= 1"),
+    (["callbacks.requeue.signal=FOO"], "callbacks.requeue.signal='FOO': use a signal name such as USR1"),
 ])
 def test_refused_before_loading(overrides: list[str], expected: str, tmp_path) -> None:
     assert expected in problems(overrides, tmp_path)
@@ -89,9 +96,32 @@ def test_refused_before_loading(overrides: list[str], expected: str, tmp_path) -
     ["trainer.accumulate_grad_batches=1"],
     ["algo.max_grad_norm=null"],
     ["optim.lr=1", "algo.clip_range=1", "model.resolution=null", "model.lora.alpha=null"],  # ints are numbers too
+    ["callbacks.eval.steps=4", "callbacks.requeue.signal=sigusr2"],  # one step count; any case, with SIG or not
+    ["callbacks.eval=null", "callbacks.sample_grid=null", "callbacks.requeue=null"],
 ])
 def test_sound_neighbours_pass(overrides: list[str], tmp_path) -> None:
     assert problems(overrides, tmp_path) == ""
+
+
+@pytest.mark.parametrize("override,built", [
+    ("callbacks.eval.steps=[0,1]", None), ("callbacks.sample_grid.max_prompts=0", None),
+    ("callbacks.requeue.signal=FOO", None), ("callbacks.eval.steps=4", ("eval", "steps", (4,))),
+    ("callbacks.requeue.signal=sigusr2", ("requeue", "signum", signal.SIGUSR2)),
+])
+def test_callbacks_refuse_as_they_are_built_what_the_config_check_refuses(override, built, tmp_path) -> None:
+    """The same check runs in each callback's __init__ (a callback built without the config check)."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    name = override.split(".")[1]
+    node = compose([override], tmp_path, tmp_path).callbacks[name]
+    if built is None:
+        with pytest.raises(InstantiationException) as refused:  # Hydra's wrapper of the callback's error
+            instantiate(node)
+        assert isinstance(refused.value.__cause__, ValueError)
+        assert str(refused.value.__cause__) in problems([override], tmp_path)
+    else:
+        assert getattr(instantiate(node), built[1]) == built[2]
 
 
 @pytest.mark.skipif(any(importlib.util.find_spec(m) for m in ("open_clip", "ImageReward")),
