@@ -151,8 +151,8 @@ def optional_package_problems(cfg: DictConfig) -> list[str]:
 def weight_problems(cfg: DictConfig) -> list[str]:
     """Reward weights the run would load (training reward, a multi reward's parts, held-out rewards) that are neither
     here nor downloadable, and the policy model's (``sdpo.model_sources``): found now, not as each model loads."""
-    from sdpo.rewards.availability import reward_weight_problems
     from sdpo.rewards.multi import parse_components
+    from sdpo.rewards.preflight import reward_weight_problems
     from sdpo.rewards.specs import parse_reward_specs
 
     problems = model_source_problems(OmegaConf.to_container(cfg.model, resolve=True))
@@ -175,6 +175,44 @@ def weight_problems(cfg: DictConfig) -> list[str]:
         except ValueError:
             pass  # the evaluation callback names an unknown reward itself
     return problems
+
+
+def _prompts_of(source: Any) -> list[str] | None:
+    """The prompts of a prompt source as configs give it, or None when it cannot be read (said elsewhere)."""
+    try:
+        return load_prompts(list(source) if isinstance(source, (list, tuple)) else str(source))
+    except (ValueError, OSError):
+        return None
+
+
+def unscorable_prompt_problems(cfg: DictConfig) -> list[str]:
+    """Prompts a reward of the run cannot score (color_match's prompts must name a colour): the training reward on
+    ``data.source``, and every reward the evaluation callback scores on its prompts. Found before any model loads,
+    not as fitting starts."""
+    from sdpo.rewards.preflight import reward_prompt_problem
+    from sdpo.rewards.specs import parse_reward_specs
+
+    reward = OmegaConf.to_container(cfg.reward, resolve=True)
+    trained = (str(reward.get("name")), {k: v for k, v in reward.items() if k not in ("name", "_target_")})
+    said = []
+    training_prompts = _prompts_of(OmegaConf.to_container(cfg.data.source) if OmegaConf.is_list(cfg.data.source)
+                                   else cfg.data.source)
+    if training_prompts is not None:
+        said.append(reward_prompt_problem(*trained, training_prompts, "data.source"))
+    for name, node in resolved_callbacks(cfg).items():
+        if not isinstance(node, dict) or node.get("_target_") != "sdpo.callbacks.EvalDuringTraining":
+            continue
+        prompts = _prompts_of(node.get("prompts"))
+        try:
+            specs = parse_reward_specs(node.get("rewards"), key=f"callbacks.{name}.rewards")
+        except ValueError:
+            continue  # the callback names it as it is built
+        if node.get("include_training_reward", True) and trained[0] not in {label for label, _, _ in specs}:
+            specs.append((trained[0], *trained))
+        if prompts is not None:
+            said += [reward_prompt_problem(reward_name, kwargs, prompts, f"callbacks.{name}.prompts")
+                     for _, reward_name, kwargs in specs]
+    return list(dict.fromkeys(problem for problem in said if problem is not None))
 
 
 def resolved_callbacks(cfg: DictConfig) -> dict[str, Any]:
@@ -304,6 +342,7 @@ def validate_config(cfg: DictConfig) -> None:
     problems += optional_package_problems(cfg)
     problems += weight_problems(cfg)
     problems += callback_problems(resolved_callbacks(cfg))
+    problems += unscorable_prompt_problems(cfg)
     overlap = a.get("overlap_scoring", False)
     need(isinstance(overlap, bool), f"algo.overlap_scoring={overlap!r}: use true or false")
     pairs = pairs_per_rank(cfg)

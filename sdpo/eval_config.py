@@ -21,7 +21,7 @@ from sdpo.config_keys import unknown_keys
 from sdpo.model_card import recorded_reward, recorded_training
 from sdpo.model_sources import model_source_problems
 from sdpo.prompts import load_prompts, stored_prompts
-from sdpo.rewards.availability import reward_weight_problems
+from sdpo.rewards.preflight import reward_prompt_problem, reward_weight_problems
 from sdpo.rewards.registry import missing_packages
 from sdpo.rewards.specs import parse_reward_specs
 
@@ -115,6 +115,9 @@ def validate_eval_config(cfg: DictConfig) -> tuple[list[str], list[int], list[tu
             prompts = load_prompts(source)
         except ValueError as err:
             problems.append(f"prompts: {err}")
+    if prompts:  # a reward that cannot score some of them (color_match: a colour word)
+        problems += [problem for _, name, kwargs in specs
+                     if (problem := reward_prompt_problem(name, kwargs, prompts, "prompts")) is not None]
     try:
         device = resolve_device(str(cfg.device))
         need(device.type != "cuda" or torch.cuda.is_available(), f"device={cfg.device}: no CUDA device here")

@@ -23,6 +23,7 @@ from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from sdpo.config_checks import ConfigError
 from sdpo.policy.sdpa_backends import ATTENTION_BACKENDS, attention_backend
 
 
@@ -124,7 +125,7 @@ def check_attention_backend(unet: nn.Module, device: torch.device,
                         out.float().sum().backward()
             except RuntimeError as error:
                 reasons = ("; ".join(str(w.message).strip() for w in caught) or str(error)).rstrip(".")
-                raise ValueError(
+                raise ConfigError(  # a refusal: the message alone, nothing ran yet
                     f"algo.attention_backend={name} cannot run this UNet's attention ({heads} heads of dim {head_dim}) "
                     f"on {device}: {reasons}. Use algo.attention_backend=auto (torch chooses), or "
                     f"{'flash or math' if device.type == 'cpu' else 'another backend'}"

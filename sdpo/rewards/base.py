@@ -69,6 +69,12 @@ class RewardModel(nn.Module, metaclass=_FrozenAfterInit):
     optional_modules: tuple[tuple[str, str], ...] = ()
 
     @classmethod
+    def prompt_problem(cls, settings: Mapping[str, Any], prompts: Sequence[str], where: str) -> str | None:
+        """What ``check_prompts`` would say of ``prompts`` for a reward built with ``settings``, found without
+        loading any weights (the config check runs it before anything loads); None: every prompt can be scored."""
+        return None
+
+    @classmethod
     def weight_sources(cls, settings: Mapping[str, Any]) -> list[WeightSource]:
         """The weights this reward would load with ``settings`` (its ``__init__`` arguments, defaults filled in):
         the config check makes sure each is here or downloadable before any model loads. None by default."""

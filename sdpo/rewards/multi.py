@@ -71,6 +71,18 @@ class MultiReward(RewardModel):
         self.requires_prompts = any(reward.requires_prompts for reward in self.rewards.values())
         self.last_components: dict[str, Tensor] = {}
 
+    @classmethod
+    def prompt_problem(cls, settings: Mapping[str, Any], prompts: Sequence[str], where: str) -> str | None:
+        from sdpo.rewards.preflight import reward_prompt_problem
+
+        try:
+            parts = parse_components(settings["components"])
+        except (ValueError, TypeError):
+            return None  # building the reward says what is wrong
+        said = [problem for _, name, _, kwargs in parts
+                if (problem := reward_prompt_problem(name, kwargs, list(prompts), where)) is not None]
+        return "\n".join(said) or None
+
     def check_prompts(self, prompts: Sequence[str], where: str = "prompts") -> None:
         for reward in self.rewards.values():
             reward.check_prompts(prompts, where)

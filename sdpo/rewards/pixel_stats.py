@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -102,6 +103,16 @@ class ColorMatch(RewardModel):
             f"reward {self.name!r}: prompt {prompt!r} names no known colour; "
             f"use one of: {', '.join(self.colors)}"
         )
+
+    @classmethod
+    def prompt_problem(cls, settings: Mapping[str, Any], prompts: Sequence[str], where: str) -> str | None:
+        try:
+            cls(**settings).check_prompts(prompts, where)  # no weights: built in microseconds
+        except UnscorablePrompts as error:
+            return str(error)
+        except (ValueError, TypeError):
+            return None  # a bad colour table: building the reward says so
+        return None
 
     def check_prompts(self, prompts: Sequence[str], where: str = "prompts") -> None:
         colourless = [p for p in dict.fromkeys(prompts) if self.colour_word(p) is None]

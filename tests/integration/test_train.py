@@ -367,11 +367,16 @@ def test_bad_config_fails_before_loading(tmp_path, cache_dir):
     ("sdpo.train", "+algo.num_stepz=3", "did you mean algo.num_steps?", True),
     ("sdpo.train", "+trainer.devicez=2", "did you mean trainer.devices?", True),  # Trainer's arguments, unimported
     ("sdpo.evaluate", "checkpoint=/no/such.ckpt", "checkpoint=/no/such.ckpt: no such file", True),
-    ("sdpo.evaluate", "rewards=[color_match]", "set prompts to prompts that each name one of", False),  # cannot score
-    # found as fitting starts, after the CSV logger wrote its copy of the config: still nothing ran; the same
-    # refusal says what the training prompts lack too (the module would have found it on the next run)
+    ("sdpo.evaluate", "rewards=[color_match]", "set prompts to prompts that each name one of", True),  # cannot score
+    # one refusal for the training prompts and the held-out ones
     ("sdpo.train", "reward=color_match", ("set callbacks.eval.prompts to prompts that each name one of",
-                                          "set data.source to prompts that each name one of"), False),
+                                          "set data.source to prompts that each name one of"), True),
+    # what only the loaded model shows, found as fitting starts (after the CSV logger wrote its copy of the config:
+    # still nothing ran)
+    ("sdpo.train", "model=tiny_lcm callbacks.eval.steps=[1,60]", "this model's LCMScheduler samples at most 50 steps",
+     False),
+    ("sdpo.train", "algo.attention_backend=cudnn", "algo.attention_backend=cudnn cannot run this UNet's attention",
+     False),
     # a callback's own argument check, run on its config node
     ("sdpo.train", "callbacks.eval.steps=[0,1]", "callbacks.eval.steps=[0, 1]: need distinct step counts >= 1", True),
     # weights that are not here: the message says how to provide them (the cases: tests/unit/test_model_sources.py,
@@ -388,7 +393,7 @@ def test_refused_run_leaves_no_empty_folder(tmp_path, cache_dir, module, bad, sa
     earlier = tmp_path / "outputs" / task / "earlier-run"
     earlier.mkdir(parents=True)
     (earlier / f"{task}.log").write_text("an earlier run\n")
-    result, imported = run_probed(module, [bad], cache_dir, tmp_path)
+    result, imported = run_probed(module, bad.split(), cache_dir, tmp_path)
     assert result.returncode == 1
     for said in (says,) if isinstance(says, str) else says:
         assert said in result.stderr, said

@@ -11,6 +11,7 @@ import torch
 from sdpo.config_checks import ConfigError, validate_config
 from sdpo.policy.lora import make_trainable
 from sdpo.policy.steps import check_training_schedule, make_scheduler, timestep_schedule
+from sdpo.rewards import UnscorablePrompts
 from sdpo.train_run import train
 from tests.conftest import FAST, compose
 from tests.unit.test_steps import sd_turbo_like
@@ -207,22 +208,45 @@ def test_unknown_lora_target_lists_the_choices(cache_dir) -> None:
 
 
 def test_prompts_the_reward_cannot_score_stop_the_run_before_sampling(tmp_path, cache_dir, monkeypatch) -> None:
-    """color_match needs a colour in every prompt: the training prompts and the held-out ones are checked when
-    fitting starts, the evaluation CLI's once its rewards are built; none of them samples an image first."""
+    """color_match needs a colour in every prompt. The config checks find it (RewardModel.prompt_problem): the
+    training prompts, the held-out ones, a multi reward's part, the evaluation CLI's prompts. A reward that
+    overrides only check_prompts is still checked as fitting starts (the CLI's once its rewards are built), and
+    nothing samples an image first."""
+    from sdpo.eval_config import validate_eval_config
     from sdpo.evaluate_run import evaluate
+    from sdpo.rewards import RewardModel
+    from sdpo.rewards.pixel_stats import ColorMatch
     from tests.conftest import compose_eval
+
+    no_colour = r"of data.source name no known colour \('cat', 'dog'"
+    held_out = r"of callbacks.eval.prompts name no known colour \('cow'"
+    cli = r"3 prompt\(s\) of prompts name no known colour"
+    training = compose([*FAST, "reward=color_match", "callbacks.eval=null"], tmp_path / "a", cache_dir)
+    evaluating = compose([*FAST, "reward=color_match", "data.source=[red cat,blue dog]"], tmp_path / "b", cache_dir)
+    evaluation = compose_eval(["rewards=[color_match]"], tmp_path / "c", cache_dir)
+    for cfg, says in ((training, no_colour), (evaluating, held_out)):
+        with pytest.raises(ConfigError, match=says):
+            validate_config(cfg)
+    parts = compose(["reward=multi", "~reward.components.pickscore", "~reward.components.aesthetic",
+                     "+reward.components.color_match.weight=1", "callbacks.eval=null"], tmp_path / "d", cache_dir)
+    with pytest.raises(ConfigError, match=no_colour):
+        validate_config(parts)
+    with pytest.raises(ConfigError, match=cli):
+        validate_eval_config(evaluation)
 
     def no_sampling(*args, **kwargs):
         raise AssertionError("sampled before the prompts were checked")
 
+    monkeypatch.setattr(ColorMatch, "prompt_problem", RewardModel.prompt_problem)  # as a reward without it
     monkeypatch.setattr("sdpo.module.SDPOModule.sample_and_score", no_sampling)
     monkeypatch.setattr("sdpo.evaluation.sample_native", no_sampling)
-    with pytest.raises(ValueError, match=r"of data.source name no known colour \('cat', 'dog'"):
-        train(compose([*FAST, "reward=color_match", "callbacks.eval=null"], tmp_path / "a", cache_dir))
-    with pytest.raises(ValueError, match=r"of callbacks.eval.prompts name no known colour \('cow'"):
-        train(compose([*FAST, "reward=color_match", "data.source=[red cat,blue dog]"], tmp_path / "b", cache_dir))
-    with pytest.raises(ValueError, match=r"3 prompt\(s\) of prompts name no known colour"):
-        evaluate(compose_eval(["rewards=[color_match]"], tmp_path / "c", cache_dir))
+    validate_config(training)
+    with pytest.raises(UnscorablePrompts, match=no_colour):
+        train(training)
+    with pytest.raises(UnscorablePrompts, match=held_out):
+        train(evaluating)
+    with pytest.raises(UnscorablePrompts, match=cli):
+        evaluate(evaluation)
 
 
 def test_every_registered_reward_has_its_config(tmp_path, downloads) -> None:
@@ -238,12 +262,14 @@ def test_every_registered_reward_has_its_config(tmp_path, downloads) -> None:
     assert files == available_rewards()
     from sdpo.rewards.registry import missing_packages
 
+    coloured = ["data.source=[a red cat,a blue dog]", "callbacks.eval.prompts=[a green bird]"]  # its yaml's example
     for name in files:
-        cfg = compose([f"reward={name}"], tmp_path, tmp_path)
+        overrides = [f"reward={name}", *(coloured if name == "color_match" else [])]
+        cfg = compose(overrides, tmp_path, tmp_path)
         assert cfg.reward.name == name
         # passes, or (hpsv2, imagereward without their extras) names only the packages to install
         expected = [f"reward.name: {problem}" for problem in missing_packages(name)]
-        assert problems([f"reward={name}"], tmp_path) == (
+        assert problems(overrides, tmp_path) == (
             "invalid configuration:\n  - " + "\n  - ".join(expected) if expected else "")
 
 

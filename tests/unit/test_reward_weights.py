@@ -1,4 +1,4 @@
-"""Reward weights checked before any model loads (``RewardModel.weight_sources``, ``sdpo.rewards.availability``):
+"""Reward weights checked before any model loads (``RewardModel.weight_sources``, ``sdpo.rewards.preflight``):
 each model reward names the weights its settings load, and the config checks of train and evaluate refuse those
 that are neither here nor downloadable, with the setting to change. The Hugging Face cache is a real one in its
 on-disk layout (tests/conftest.py ``cache_repo``), read by huggingface_hub's own lookup."""

@@ -1,7 +1,11 @@
-"""Reward weights checked before any model loads: each reward names the weights its settings would load
-(``RewardModel.weight_sources``), and a path that does not exist, or a hub repo missing from the Hugging Face cache
-while downloads are off, is refused with the ``hf download`` command, in seconds rather than after the policy, the
-training stack and the other models have loaded. Imports huggingface_hub's cache lookup only."""
+"""What a reward's settings need, checked before any model loads: the weights it would load, and prompts it can score.
+
+Each reward names the weights its settings would load (``RewardModel.weight_sources``), and a path that does not
+exist, or a hub repo missing from the Hugging Face cache while downloads are off, is refused with the
+``hf download`` command; a reward that cannot score some prompts (``RewardModel.prompt_problem``: color_match
+needs a colour word) says which. Both in seconds, rather than after the policy, the training stack and the other
+models have loaded. Imports huggingface_hub's cache lookup only.
+"""
 
 from __future__ import annotations
 
@@ -77,3 +81,10 @@ def reward_weight_problems(name: str, kwargs: Mapping[str, Any], where: str, lab
         if problem is not None:
             problems.append(f"{named}={weights.source}: {problem}")
     return problems
+
+
+def reward_prompt_problem(name: str, kwargs: Mapping[str, Any], prompts: list[str], where: str) -> str | None:
+    """Why reward ``name`` with ``kwargs`` cannot score some of ``prompts`` (the config key ``where`` gives them),
+    or None."""
+    settings = reward_settings(name, kwargs)
+    return None if settings is None else reward_factory(name).prompt_problem(settings, prompts, where)
