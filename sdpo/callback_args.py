@@ -65,8 +65,8 @@ CHECKS: dict[str, Callable[..., list[str]]] = {  # a callback's _target_ -> its 
 
 
 def callback_problems(callbacks: Mapping[str, Any] | None) -> list[str]:
-    """The argument checks of every sdpo callback in ``callbacks`` (the ``callbacks`` config node as a dict). Values
-    of the wrong type are left to the callback itself, which says so as it is built."""
+    """The argument checks of every sdpo callback in ``callbacks`` (the ``callbacks`` config node as a dict), under
+    whatever name the config gives it."""
     problems = []
     for name, node in (callbacks or {}).items():
         check = CHECKS.get(node.get("_target_")) if isinstance(node, Mapping) else None

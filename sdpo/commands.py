@@ -21,7 +21,6 @@ def cli_arg(key: str, value: object) -> str:
     return f'"{word}"' if not re.search(r'["$`\\!]', word) else shlex.quote(word)
 
 
-
 def program_name(module: str) -> str:
     """How the user started ``module``'s command, for its usage line: ``sdpo-plot`` through the console script
     (pyproject's ``[project.scripts]``), else ``python -m sdpo.plot``."""

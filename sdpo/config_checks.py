@@ -167,11 +167,10 @@ def weight_problems(cfg: DictConfig) -> list[str]:
     else:
         kwargs = {k: v for k, v in reward.items() if k not in ("name", "_target_")}
         problems += reward_weight_problems(str(reward.get("name")), kwargs, "reward")
-    held_out = OmegaConf.select(cfg, "callbacks.eval.rewards", default=None)
-    if held_out is not None:
+    for node_name, node in evaluation_callbacks(cfg).items():
         try:
-            for label, name, kwargs in parse_reward_specs(held_out):
-                problems += reward_weight_problems(name, kwargs, "callbacks.eval.rewards", label)
+            for label, name, kwargs in parse_reward_specs(node.get("rewards")):
+                problems += reward_weight_problems(name, kwargs, f"callbacks.{node_name}.rewards", label)
         except ValueError:
             pass  # the evaluation callback names an unknown reward itself
     return problems
@@ -199,9 +198,7 @@ def unscorable_prompt_problems(cfg: DictConfig) -> list[str]:
                                    else cfg.data.source)
     if training_prompts is not None:
         said.append(reward_prompt_problem(*trained, training_prompts, "data.source"))
-    for name, node in resolved_callbacks(cfg).items():
-        if not isinstance(node, dict) or node.get("_target_") != "sdpo.callbacks.EvalDuringTraining":
-            continue
+    for name, node in evaluation_callbacks(cfg).items():
         prompts = _prompts_of(node.get("prompts"))
         try:
             specs = parse_reward_specs(node.get("rewards"), key=f"callbacks.{name}.rewards")
@@ -224,6 +221,12 @@ def resolved_callbacks(cfg: DictConfig) -> dict[str, Any]:
         except Exception:  # noqa: BLE001 - an interpolation only the Hydra app can resolve, or a broken one
             continue
     return nodes
+
+
+def evaluation_callbacks(cfg: DictConfig) -> dict[str, dict[str, Any]]:
+    """The held-out evaluation callbacks (``sdpo.callbacks.EvalDuringTraining``) by their name under ``callbacks``."""
+    return {name: node for name, node in resolved_callbacks(cfg).items()
+            if isinstance(node, dict) and node.get("_target_") == "sdpo.callbacks.EvalDuringTraining"}
 
 
 def ckpt_path_problems(cfg: DictConfig) -> list[str]:

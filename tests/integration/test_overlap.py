@@ -66,7 +66,8 @@ def test_overlapped_scoring_equals_scoring_after_sampling(tmp_path, cache_dir, c
     assert_weights_match(overlapped, plain, atol=1e-6)
 
 
-def test_overlap_without_a_second_chunk_is_refused(tmp_path):
+def test_overlap_without_a_second_chunk_is_refused(tmp_path, downloads):
+    downloads(True)  # the reference experiment's models would download (offline they must be cached first)
     cfg = compose(["data.prompts_per_batch=4", "algo.overlap_scoring=true"], tmp_path, tmp_path)
     with pytest.raises(ConfigError, match=r"algo.sample_batch_size=4 covers all 4 prompts of an iteration.*e\.g\. 2"):
         validate_config(cfg)
