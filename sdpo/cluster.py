@@ -3,9 +3,9 @@
 A SLURM job that is requeued (preemption with ``--requeue``, or ``RequeueOnSignal`` before its time limit) and
 torchrun workers restarted after a failure (``--max-restarts``) start again with the same command line, so
 ``sdpo.train.launch_overrides`` gives them the same run folder (``slurm-<job id>``, ``torchrun-<rdzv id>``).
-``restart_checkpoint`` then resumes from that folder's ``checkpoints/last.ckpt``: the last completed iteration,
-from which a resumed run equals an uninterrupted one (tests/integration/test_train.py). Without it the restarted
-job would start over from the base model, writing into the same folder.
+``sdpo.restart.restart_checkpoint`` then resumes from that folder's ``checkpoints/last.ckpt``: the last completed
+iteration, from which a resumed run equals an uninterrupted one (tests/integration/test_train.py). Without it the
+restarted job would start over from the base model, writing into the same folder.
 
 Lightning's own SLURM requeue handler is switched off (``slurm_plugins``): it saves a checkpoint the moment the
 signal arrives, in the middle of an iteration, and a run resumed from there repeats that iteration's sampling on
@@ -26,38 +26,8 @@ from typing import Any
 import lightning as L
 
 from sdpo.callback_args import raise_problems, requeue_problems, requeue_signal
-from sdpo.checkpoint_files import not_a_checkpoint, run_last_checkpoint
-from sdpo.config_checks import ConfigError
 
 log = logging.getLogger(__name__)
-
-RESTART_COUNTS = ("SLURM_RESTART_COUNT", "TORCHELASTIC_RESTART_COUNT")  # > 0 in a requeued / restarted job
-
-
-def restart_checkpoint(cfg: Any, env: Mapping[str, str]) -> str | None:
-    """The checkpoint a restarted job continues from: its run folder's ``last.ckpt`` when the scheduler says this is
-    a restart and no ``ckpt_path`` was given; None otherwise (a first start trains from the base model)."""
-    restarts = {name: env[name] for name in RESTART_COUNTS if int(env.get(name) or 0) > 0}
-    if cfg.get("ckpt_path") or not restarts:
-        return None
-    last = run_last_checkpoint(cfg)
-    if last is None:
-        return None
-    if last.exists():
-        return str(last)
-    if last.is_symlink():  # a link to a deleted file: training from the base model would discard the run
-        raise ConfigError(f"this job is a restart ({', '.join(f'{k}={v}' for k, v in restarts.items())}), but its "
-                          f"{last} {not_a_checkpoint(last, key='ckpt_path')}: continue from one of those with the "
-                          f"same command and ckpt_path=<file>, rather than train this run from the base model")
-    log.warning(
-        "this job is a restart (%s) but %s does not exist, so it trains from the base model. A restart finds its "
-        "checkpoint only in the run folder it first ran in: multi-task SLURM jobs and torchrun runs get one from "
-        "their job / rendezvous id, a single-task SLURM job needs hydra.run.dir=outputs/<task>/slurm-$SLURM_JOB_ID "
-        "(or it was stopped before its first iteration ended)",
-        ", ".join(f"{k}={v}" for k, v in restarts.items()), last,
-    )
-    return None
-
 
 def slurm_plugins() -> list:
     """Inside a SLURM job step: Lightning's SLURM environment without its mid-iteration requeue checkpoint."""

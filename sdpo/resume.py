@@ -127,3 +127,15 @@ def check_work_left(cfg: DictConfig, state: Mapping[str, Any] | None, ckpt_path:
             f"which already meets {' and '.join(reached)}: resuming would train nothing. To get its weights "
             f"without training: python -m sdpo.export {ckpt_path} <folder>"
         )
+
+
+def check_resume_before_loading(cfg: DictConfig, env: Mapping[str, str]) -> None:
+    """The resume checks of ``train`` (``check_work_left``, ``check_resume``) on the checkpoint the run would continue
+    from (``ckpt_path``, or a restarted job's ``last.ckpt``), run by the command line before Lightning and the models
+    load: a finished run continued without raising its limit, or a changed setting, is refused in seconds."""
+    from sdpo.restart import restart_checkpoint
+
+    ckpt_path = cfg.get("ckpt_path") or restart_checkpoint(cfg, env, warn=False)
+    state = read_resume_state(ckpt_path)
+    check_work_left(cfg, state, ckpt_path)
+    check_resume(cfg, state, ckpt_path)

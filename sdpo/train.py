@@ -80,12 +80,14 @@ def run_training(cfg: DictConfig) -> None:
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def hydra_main(cfg: DictConfig) -> None:
     from sdpo.config_checks import check_distributed, validate_config
+    from sdpo.resume import check_resume_before_loading
     from sdpo.run_folder import REFUSALS, refuse
     from sdpo.run_log import log_fatal_error
 
     try:
         validate_config(cfg)  # the config alone, before the run's imports: a mistyped key is refused in seconds
         check_distributed(cfg)
+        check_resume_before_loading(cfg, os.environ)
         run_training(cfg)
     except REFUSALS as error:
         raise refuse(error) from None

@@ -20,10 +20,11 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
 import sdpo.app_config  # noqa: F401  (registers the configs' resolvers)
-from sdpo.cluster import local_ranks_stopped_on_failure, restart_checkpoint, slurm_plugins
+from sdpo.cluster import local_ranks_stopped_on_failure, slurm_plugins
 from sdpo.config_checks import ConfigError, check_distributed, pairs_per_rank, validate_config
 from sdpo.loggers import continue_metrics, continue_wandb_run
 from sdpo.policy.speed import compile_mode, use_compile_cache
+from sdpo.restart import restart_checkpoint
 from sdpo.resume import check_resume, check_work_left, iterations_done, read_resume_state
 from sdpo.run_log import reports_after_fit
 

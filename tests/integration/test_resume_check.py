@@ -9,6 +9,7 @@ import pytest
 from sdpo.resume import NothingToResume, ResumeMismatch, resume_differences, resume_settings
 from sdpo.train_run import train
 from tests.conftest import FAST, compose, read_metrics
+from tests.integration.test_train import run_probed
 
 BASE = [*FAST, "model.lora.enabled=true", "trainer.max_epochs=1"]
 
@@ -113,3 +114,14 @@ def test_reward_identity_ignores_where_weights_live_but_not_weights(tmp_path, ca
     same_scale = compose(["reward=multi", "model.lora.enabled=true", "model.lora.rank=8", "model.lora.alpha=null"],
                          tmp_path, cache_dir)
     assert resume_differences({"model": lora.model, "algo": lora.algo, "reward": lora.reward}, same_scale) == []
+
+
+@pytest.mark.parametrize("change,says", [
+    (["trainer.max_epochs=1"], "has done 1 iteration (4 optimizer steps), which already meets trainer.max_epochs=1"),
+    (["algo.num_steps=3", "trainer.max_epochs=2"], "algo.num_steps: 4 in the checkpoint, 3 here"),
+])
+def test_the_command_line_refuses_a_resume_before_lightning_loads(change, says, checkpoint, tmp_path, cache_dir):
+    """``python -m sdpo.train`` runs both checks with torch alone loaded (~5 s to the refusal on 2 cores, not ~12)."""
+    result, imported = run_probed("sdpo.train", [*BASE, *change, f"ckpt_path={checkpoint}"], cache_dir, tmp_path)
+    assert result.returncode == 1 and says in result.stderr and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert "lightning" not in imported and "diffusers" not in imported, imported

@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from sdpo.cluster import RequeueOnSignal, requeue, restart_checkpoint, slurm_job_id
+from sdpo.cluster import RequeueOnSignal, requeue, slurm_job_id
 from sdpo.config_checks import ConfigError
+from sdpo.restart import restart_checkpoint
 
 
 def fake_scontrol(folder: Path, exit_code: int = 0) -> Path:
@@ -33,7 +34,7 @@ def test_only_a_restarted_job_continues_and_an_explicit_checkpoint_wins(tmp_path
     checkpoints = tmp_path / "checkpoints"
     cfg = OmegaConf.create({"ckpt_path": None, "callbacks": {"checkpoint": {"dirpath": str(checkpoints)}}})
     requeued, restarted = {"SLURM_RESTART_COUNT": "1"}, {"TORCHELASTIC_RESTART_COUNT": "2"}
-    with caplog.at_level(logging.WARNING, logger="sdpo.cluster"):
+    with caplog.at_level(logging.WARNING, logger="sdpo.restart"):
         assert restart_checkpoint(cfg, requeued) is None  # nothing saved (or another folder): base model, and why
     assert "SLURM_RESTART_COUNT=1" in caplog.text and "hydra.run.dir=outputs/<task>/slurm-$SLURM_JOB_ID" in caplog.text
     checkpoints.mkdir()
