@@ -25,6 +25,8 @@ from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 from omegaconf import DictConfig, open_dict
 
+from sdpo.resume import csv_metrics_path, foreign_metrics_problem
+
 log = logging.getLogger(__name__)
 
 
@@ -81,15 +83,6 @@ class RunCSVLogger(CSVLogger):
         return self._experiment
 
 
-def csv_metrics_path(cfg: DictConfig) -> Path | None:
-    """Where the CSV logger of ``cfg`` writes metrics.csv (None without one)."""
-    csv_cfg = (cfg.get("logger") or {}).get("csv")
-    if csv_cfg is None:
-        return None
-    return Path(str(csv_cfg.save_dir)) / str(csv_cfg.get("name") or "") / str(csv_cfg.get("version") or "") / \
-        "metrics.csv"
-
-
 def continue_metrics(cfg: DictConfig, ckpt_path: str | None, done: int | None) -> bool:
     """Decide what the CSV logger does with a metrics.csv already in the run folder, before anything is written.
 
@@ -103,13 +96,9 @@ def continue_metrics(cfg: DictConfig, ckpt_path: str | None, done: int | None) -
     path = csv_metrics_path(cfg)
     if path is None or not path.is_file() or path.stat().st_size == 0:
         return False
-    run_dir = Path(str(cfg.paths.output_dir)).resolve()
-    own = ckpt_path is not None and (str(ckpt_path) in ("last", "hpc")
-                                     or Path(str(ckpt_path)).absolute().resolve().is_relative_to(run_dir))
-    if not own:
-        resume = f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}"
-        raise ConfigError(f"the run folder {run_dir} already holds a run's metrics ({path}), which this run would "
-                          f"delete: choose another folder (hydra.run.dir=...), or continue that run with {resume}")
+    problem = foreign_metrics_problem(cfg, ckpt_path)
+    if problem is not None:
+        raise ConfigError(problem)
     with open_dict(cfg):
         cfg.logger.csv.append = True
         if done is not None:

@@ -129,13 +129,42 @@ def check_work_left(cfg: DictConfig, state: Mapping[str, Any] | None, ckpt_path:
         )
 
 
+def csv_metrics_path(cfg: DictConfig) -> Path | None:
+    """Where the CSV logger of ``cfg`` writes metrics.csv (None without one)."""
+    csv_cfg = (cfg.get("logger") or {}).get("csv")
+    if csv_cfg is None:
+        return None
+    return Path(str(csv_cfg.save_dir)) / str(csv_cfg.get("name") or "") / str(csv_cfg.get("version") or "") / \
+        "metrics.csv"
+
+
+def foreign_metrics_problem(cfg: DictConfig, ckpt_path: str | Path | None) -> str | None:
+    """Why this run would delete the metrics.csv already in its folder: it was written by another run, and this one
+    does not continue it from a checkpoint in the same folder (the CSV logger would start the file afresh)."""
+    path = csv_metrics_path(cfg)
+    if path is None or not path.is_file() or path.stat().st_size == 0:
+        return None
+    run_dir = Path(str(cfg.paths.output_dir)).resolve()
+    if ckpt_path is not None and (str(ckpt_path) in ("last", "hpc")
+                                  or Path(str(ckpt_path)).absolute().resolve().is_relative_to(run_dir)):
+        return None  # continued in its own folder: appended to
+    resume = f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}"
+    return (f"the run folder {run_dir} already holds a run's metrics ({path}), which this run would delete: choose "
+            f"another folder (hydra.run.dir=...), or continue that run with {resume}")
+
+
 def check_resume_before_loading(cfg: DictConfig, env: Mapping[str, str]) -> None:
-    """The resume checks of ``train`` (``check_work_left``, ``check_resume``) on the checkpoint the run would continue
-    from (``ckpt_path``, or a restarted job's ``last.ckpt``), run by the command line before Lightning and the models
-    load: a finished run continued without raising its limit, or a changed setting, is refused in seconds."""
+    """The resume checks of ``train`` (``check_work_left``, ``check_resume``, another run's metrics in the folder) on
+    the checkpoint the run would continue from (``ckpt_path``, or a restarted job's ``last.ckpt``), run by the command
+    line before Lightning and the models load: a finished run continued without raising its limit, or a changed
+    setting, is refused in seconds."""
+    from sdpo.config_checks import ConfigError
     from sdpo.restart import restart_checkpoint
 
     ckpt_path = cfg.get("ckpt_path") or restart_checkpoint(cfg, env, warn=False)
     state = read_resume_state(ckpt_path)
     check_work_left(cfg, state, ckpt_path)
     check_resume(cfg, state, ckpt_path)
+    problem = foreign_metrics_problem(cfg, ckpt_path)  # continue_metrics' refusal
+    if problem is not None:
+        raise ConfigError(problem)

@@ -125,3 +125,19 @@ def test_the_command_line_refuses_a_resume_before_lightning_loads(change, says, 
     result, imported = run_probed("sdpo.train", [*BASE, *change, f"ckpt_path={checkpoint}"], cache_dir, tmp_path)
     assert result.returncode == 1 and says in result.stderr and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert "lightning" not in imported and "diffusers" not in imported, imported
+
+
+def test_the_command_line_refuses_to_start_afresh_over_another_runs_metrics(checkpoint, tmp_path, cache_dir):
+    """A run folder that holds another run's metrics.csv, given without a checkpoint of its own: the CSV logger
+    would delete the file. Refused before Lightning loads, the file untouched."""
+    import shutil
+
+    folder = tmp_path / "earlier"
+    (folder / "csv").mkdir(parents=True)
+    metrics = shutil.copy(checkpoint.parent.parent / "csv" / "metrics.csv", folder / "csv" / "metrics.csv")
+    before = metrics.read_bytes()
+    result, imported = run_probed("sdpo.train", [*BASE, f"hydra.run.dir={folder}"], cache_dir, tmp_path)
+    assert result.returncode == 1 and "already holds a run's metrics" in result.stderr, result.stderr[-2000:]
+    assert f"ckpt_path={folder.resolve() / 'checkpoints' / 'last.ckpt'}" in result.stderr
+    assert "lightning" not in imported and "diffusers" not in imported, imported
+    assert metrics.read_bytes() == before
