@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import csv
 import os
+import signal
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -55,6 +57,19 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if units[item.nodeid] != item.nodeid:
             item.add_marker(pytest.mark.xdist_group(units[item.nodeid]))
+
+
+@pytest.fixture(autouse=True)
+def keep_sigint(request: pytest.FixtureRequest):
+    """Each test leaves Ctrl-C's handler as it found it: Lightning ignores SIGINT after a Ctrl-C (SIG_IGN) and
+    Lightning's DDP teardown resets it to SIG_DFL, and a later test of Ctrl-C on the same worker would then not stop
+    (or the worker would die). A test that changed it is named in a warning."""
+    before = signal.getsignal(signal.SIGINT)
+    yield
+    after = signal.getsignal(signal.SIGINT)
+    if before is not None and after != before:
+        warnings.warn(f"{request.node.nodeid} left SIGINT's handler as {after!r}: put back", stacklevel=1)
+        signal.signal(signal.SIGINT, before)
 
 
 REPO = Path(__file__).resolve().parent.parent

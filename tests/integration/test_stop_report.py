@@ -75,6 +75,7 @@ def stop_at(epoch: int, how: str) -> list[str]:
 def restore_sigint():
     """Lightning ignores SIGINT after a Ctrl-C (so a second one cannot cut its shutdown short): put it back."""
     previous = signal.getsignal(signal.SIGINT)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # a fresh Python's, whatever ran before on this worker
     yield
     signal.signal(signal.SIGINT, previous)
 
