@@ -31,8 +31,8 @@ def eval_problems(every_n_epochs: int = 25, steps: Sequence[int] = (1, 2, 4), im
     steps = list(steps) if isinstance(steps, Sequence) and not isinstance(steps, str) else [steps]
     wrong = _not_integers(key, every_n_epochs=every_n_epochs, images_per_prompt=images_per_prompt,
                           batch_size=batch_size)
-    wrong += [f"{key}.steps={steps}: use a list of integers, e.g. [1, 2, 4]"] * bool(_not_integers(key, **{
-        str(i): k for i, k in enumerate(steps)}))
+    if any(not isinstance(k, int) or isinstance(k, bool) for k in steps):
+        wrong.append(f"{key}.steps={steps}: use a list of integers, e.g. [1, 2, 4]")
     if wrong:
         return wrong
     problems = []

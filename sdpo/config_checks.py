@@ -148,26 +148,22 @@ def optional_package_problems(cfg: DictConfig) -> list[str]:
             for problem in missing_packages(name)]
 
 
-def weight_problems(cfg: DictConfig) -> list[str]:
+def trained_reward(cfg: DictConfig) -> tuple[str, dict[str, Any]]:
+    """The training reward's registry name and the settings it is built with."""
+    reward = OmegaConf.to_container(cfg.reward, resolve=True)
+    return str(reward.get("name")), {k: v for k, v in reward.items() if k not in ("name", "_target_")}
+
+
+def weight_problems(cfg: DictConfig, callbacks: dict[str, Any]) -> list[str]:
     """Reward weights the run would load (training reward, a multi reward's parts, held-out rewards) that are neither
-    here nor downloadable, and the policy model's (``sdpo.model_sources``): found now, not as each model loads."""
-    from sdpo.rewards.multi import parse_components
+    here nor downloadable, and the policy model's (``sdpo.model_sources``): found now, not as each model loads.
+    ``callbacks``: ``resolved_callbacks(cfg)``."""
     from sdpo.rewards.preflight import reward_weight_problems
     from sdpo.rewards.specs import parse_reward_specs
 
     problems = model_source_problems(OmegaConf.to_container(cfg.model, resolve=True))
-    reward = OmegaConf.to_container(cfg.reward, resolve=True)
-    if reward.get("name") == "multi":
-        try:
-            parts = parse_components(reward.get("components"))
-        except (ValueError, TypeError):
-            parts = []  # the multi reward names its own problem when built
-        for label, name, _, kwargs in parts:
-            problems += reward_weight_problems(name, kwargs, f"reward.components.{label}")
-    else:
-        kwargs = {k: v for k, v in reward.items() if k not in ("name", "_target_")}
-        problems += reward_weight_problems(str(reward.get("name")), kwargs, "reward")
-    for node_name, node in evaluation_callbacks(cfg).items():
+    problems += reward_weight_problems(*trained_reward(cfg), "reward")
+    for node_name, node in evaluation_callbacks(callbacks).items():
         try:
             for label, name, kwargs in parse_reward_specs(node.get("rewards")):
                 problems += reward_weight_problems(name, kwargs, f"callbacks.{node_name}.rewards", label)
@@ -179,26 +175,24 @@ def weight_problems(cfg: DictConfig) -> list[str]:
 def _prompts_of(source: Any) -> list[str] | None:
     """The prompts of a prompt source as configs give it, or None when it cannot be read (said elsewhere)."""
     try:
-        return load_prompts(list(source) if isinstance(source, (list, tuple)) else str(source))
+        return load_prompts(source if isinstance(source, Sequence) else str(source))  # a ListConfig is one too
     except (ValueError, OSError):
         return None
 
 
-def unscorable_prompt_problems(cfg: DictConfig) -> list[str]:
+def unscorable_prompt_problems(cfg: DictConfig, callbacks: dict[str, Any]) -> list[str]:
     """Prompts a reward of the run cannot score (color_match's prompts must name a colour): the training reward on
     ``data.source``, and every reward the evaluation callback scores on its prompts. Found before any model loads,
-    not as fitting starts."""
+    not as fitting starts. ``callbacks``: ``resolved_callbacks(cfg)``."""
     from sdpo.rewards.preflight import reward_prompt_problem
     from sdpo.rewards.specs import parse_reward_specs
 
-    reward = OmegaConf.to_container(cfg.reward, resolve=True)
-    trained = (str(reward.get("name")), {k: v for k, v in reward.items() if k not in ("name", "_target_")})
+    trained = trained_reward(cfg)
     said = []
-    training_prompts = _prompts_of(OmegaConf.to_container(cfg.data.source) if OmegaConf.is_list(cfg.data.source)
-                                   else cfg.data.source)
+    training_prompts = _prompts_of(cfg.data.source)
     if training_prompts is not None:
         said.append(reward_prompt_problem(*trained, training_prompts, "data.source"))
-    for name, node in evaluation_callbacks(cfg).items():
+    for name, node in evaluation_callbacks(callbacks).items():
         prompts = _prompts_of(node.get("prompts"))
         try:
             specs = parse_reward_specs(node.get("rewards"), key=f"callbacks.{name}.rewards")
@@ -223,9 +217,10 @@ def resolved_callbacks(cfg: DictConfig) -> dict[str, Any]:
     return nodes
 
 
-def evaluation_callbacks(cfg: DictConfig) -> dict[str, dict[str, Any]]:
-    """The held-out evaluation callbacks (``sdpo.callbacks.EvalDuringTraining``) by their name under ``callbacks``."""
-    return {name: node for name, node in resolved_callbacks(cfg).items()
+def evaluation_callbacks(callbacks: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The held-out evaluation callbacks (``sdpo.callbacks.EvalDuringTraining``) among ``resolved_callbacks``' nodes,
+    by their name under ``callbacks``."""
+    return {name: node for name, node in callbacks.items()
             if isinstance(node, dict) and node.get("_target_") == "sdpo.callbacks.EvalDuringTraining"}
 
 
@@ -343,9 +338,10 @@ def validate_config(cfg: DictConfig) -> None:
         need(cfg.data[key] >= 1, f"data.{key}={cfg.data[key]}: need >= 1")
     problems += prompt_source_problems(cfg)
     problems += optional_package_problems(cfg)
-    problems += weight_problems(cfg)
-    problems += callback_problems(resolved_callbacks(cfg))
-    problems += unscorable_prompt_problems(cfg)
+    callbacks = resolved_callbacks(cfg)
+    problems += weight_problems(cfg, callbacks)
+    problems += callback_problems(callbacks)
+    problems += unscorable_prompt_problems(cfg, callbacks)
     overlap = a.get("overlap_scoring", False)
     need(isinstance(overlap, bool), f"algo.overlap_scoring={overlap!r}: use true or false")
     pairs = pairs_per_rank(cfg)

@@ -41,6 +41,22 @@ def downloads_off(local_files_only: bool = False) -> str | None:
     return "HF_HUB_OFFLINE=1" if is_offline_mode() else None
 
 
+def uncached_offline(repo: str, files: tuple[str, ...], *, revision: str | None = None,
+                     cache_dir: str | Path | None = None, local_files_only: bool = False) -> str | None:
+    """Why hub ``repo`` cannot load here: downloads are off and none of ``files`` (what every copy of it has) is in
+    the Hugging Face cache at ``revision``; None when one is, or when it may be downloaded as it loads."""
+    why = downloads_off(local_files_only)
+    if why is None:
+        return None
+    from huggingface_hub import try_to_load_from_cache
+
+    if any(isinstance(try_to_load_from_cache(repo, name, cache_dir=cache_dir, revision=revision), str)
+           for name in files):
+        return None
+    at = f" at revision {revision}" if revision else ""
+    return f"not in the local Hugging Face cache{at} while downloads are off ({why})"
+
+
 def source_problem(source: str, key: str, *, revision: str | None = None, local_files_only: bool = False,
                    index_file: str = "model_index.json", hub_cache: str | Path | None = None,
                    advice: str | None = None) -> str | None:
@@ -56,16 +72,12 @@ def source_problem(source: str, key: str, *, revision: str | None = None, local_
         return f"{key}={source} is a file, not a folder. {advice or elsewhere}"
     if not is_hub_id(source):
         return f"{key}={source}: no such folder, and not a hub id (org/name). {advice or elsewhere}"
-    why = downloads_off(local_files_only)
-    if why is None:
-        return None  # downloaded as it loads
-    from huggingface_hub import try_to_load_from_cache
-
-    if isinstance(try_to_load_from_cache(source, index_file, cache_dir=hub_cache, revision=revision), str):
+    uncached = uncached_offline(source, (index_file,), revision=revision, cache_dir=hub_cache,
+                                local_files_only=local_files_only)
+    if uncached is None:
         return None
-    at = f" at revision {revision}" if revision else ""
-    return (f"{key}={source}: no such folder here, and as a hub id it is not in the local Hugging Face cache{at} "
-            f"while downloads are off ({why}). {advice or unavailable_advice(source, key)}")
+    return (f"{key}={source}: no such folder here, and as a hub id it is {uncached}. "
+            f"{advice or unavailable_advice(source, key)}")
 
 
 def model_source_problems(model: dict, hub_cache: str | Path | None = None,

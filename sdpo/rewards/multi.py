@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 from torch import Tensor, nn
 
-from sdpo.rewards.base import RewardModel
-from sdpo.rewards.registry import build_reward, register_reward
+from sdpo.rewards.base import RewardModel, WeightSource
+from sdpo.rewards.registry import build_reward, register_reward, reward_factory
 
 
 def parse_components(components: Any) -> list[tuple[str, str, float, dict[str, Any]]]:
@@ -70,6 +71,19 @@ class MultiReward(RewardModel):
         self.weights: dict[str, float] = {label: weight for label, _, weight, _ in parsed}
         self.requires_prompts = any(reward.requires_prompts for reward in self.rewards.values())
         self.last_components: dict[str, Tensor] = {}
+
+    @classmethod
+    def weight_sources(cls, settings: Mapping[str, Any]) -> list[WeightSource]:
+        """Its parts' weights, each under ``components.<label>.<setting>``."""
+        from sdpo.rewards.preflight import reward_settings
+
+        try:
+            parts = parse_components(settings["components"])
+        except (ValueError, TypeError):
+            return []  # building the reward says what is wrong
+        return [replace(weights, key=f"components.{label}.{weights.key}") for label, name, _, kwargs in parts
+                if (part := reward_settings(name, kwargs)) is not None
+                for weights in reward_factory(name).weight_sources(part)]
 
     @classmethod
     def prompt_problem(cls, settings: Mapping[str, Any], prompts: Sequence[str], where: str) -> str | None:

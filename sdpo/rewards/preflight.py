@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from sdpo.model_sources import downloads_off, is_hub_id
+from sdpo.model_sources import is_hub_id, uncached_offline
 from sdpo.rewards.base import WeightSource
 from sdpo.rewards.hub import offline_hint
 from sdpo.rewards.registry import reward_factory
@@ -50,17 +50,11 @@ def missing_weights(weights: WeightSource, setting: str | None = None) -> str | 
         return f"that folder has no {weights.filename!r}: give the file's path, or the folder that holds it"
     if not is_hub_id(weights.source):
         return "no such file or folder, and not a hub id (org/name): give a local path or a hub repo"
-    why = downloads_off()
-    if why is None:
-        return None
-    from huggingface_hub import try_to_load_from_cache
-
     files = (weights.filename,) if weights.filename else PRETRAINED_MARKERS
-    if any(isinstance(try_to_load_from_cache(weights.source, name, cache_dir=weights.cache_dir), str)
-           for name in files):
+    uncached = uncached_offline(weights.source, files, cache_dir=weights.cache_dir)
+    if uncached is None:
         return None
-    return (f"not in the local Hugging Face cache while downloads are off ({why}). "
-            + offline_hint(weights.source, weights.filename, weights.key, setting))
+    return f"{uncached}. " + offline_hint(weights.source, weights.filename, weights.key, setting)
 
 
 def reward_weight_problems(name: str, kwargs: Mapping[str, Any], where: str, label: str | None = None) -> list[str]:
