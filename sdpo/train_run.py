@@ -58,11 +58,23 @@ def quiet_libraries() -> None:
     # a run continued in its own folder (hydra.run.dir=<run> ckpt_path=...) finds its checkpoints there by design
     warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_drop_adverts)
+    print_lightning_messages_once()
     # DDP: the module logs values it has already gathered over ranks, so sync_dist would only repeat the reduction.
     warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\(.*sync_dist=True")
     # Printed on machines with many cores (every GPU node): the loader yields a few prompt strings per iteration,
     # which worker processes would only delay.
     warnings.filterwarnings("ignore", message=r"The '\w+_dataloader' does not have many workers")
+
+
+def print_lightning_messages_once() -> None:
+    """Lightning's top package gives its logger a console handler of its own and still passes every record on to
+    the root logger, whose console handler (Hydra's, on the command line) printed each message a second time. With
+    a console handler at the root, Lightning's own goes: one line each, in the format of the run's other lines."""
+    root_consoles = [h for h in logging.getLogger().handlers if type(h) is logging.StreamHandler]
+    lightning_logger = logging.getLogger("lightning")
+    if root_consoles and lightning_logger.propagate:
+        for handler in [h for h in lightning_logger.handlers if type(h) is logging.StreamHandler]:
+            lightning_logger.removeHandler(handler)
 
 
 def log_config(logger: Any, cfg: DictConfig) -> None:

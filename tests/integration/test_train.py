@@ -601,12 +601,16 @@ def test_a_sweep_runs_each_point_in_a_folder_usable_as_a_path(tmp_path, cache_di
 def test_continuing_a_run_in_its_own_folder_keeps_its_record(tmp_path, cache_dir):
     """The README's resume in the same folder (``hydra.run.dir=`` + ``ckpt_path=``) through the CLI: a refused
     attempt (nothing left to do) leaves the run's .hydra/ record as it was; the real continuation keeps the first
-    command's record in .hydra/earlier/1/ and appends to the run's metrics.csv."""
+    command's record in .hydra/earlier/1/ and appends to the run's metrics.csv. Lightning's messages print once."""
     import yaml
 
     run = tmp_path / "run"
     first = [*FAST, "callbacks.eval=null", "seed=3", f"hydra.run.dir={run}"]
-    assert run_cli([*first, "trainer.max_epochs=1"], cache_dir, timeout=300).returncode == 0
+    started = run_cli([*first, "trainer.max_epochs=1"], cache_dir, timeout=300)
+    assert started.returncode == 0, started.stderr[-3000:]
+    console = started.stdout + started.stderr
+    assert console.count("GPU available") == 1, console[-3000:]  # Lightning's own lines printed once, not twice
+    assert "GPU available" in (run / "train.log").read_text()  # and kept in the run's log
     original = (run / ".hydra" / "overrides.yaml").read_text()
     again = [*first, f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}"]
     refused = run_cli([*again, "trainer.max_epochs=1"], cache_dir, timeout=300)
