@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import os
 import shlex
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from sdpo.commands import cli_arg
+
+ZIP_MAGIC = b"PK\x03\x04"  # how every file torch.save writes begins
 
 
 def run_last_checkpoint(cfg: Any) -> Path | None:
@@ -30,10 +33,14 @@ def as_argument(key: str | None, path: Path) -> str:
     return cli_arg(key, path) if key else shlex.quote(str(path))
 
 
-def checkpoints_held(folder: Path, key: str | None, most: int = 3) -> str:
-    """``"; that folder holds <arg>, <arg>"`` for the newest complete-looking checkpoint files in ``folder``."""
+def checkpoints_held(folder: Path, key: str | None, most: int = 3, skip: Path | None = None) -> str:
+    """``"; that folder holds <arg>, <arg>"`` for the newest complete-looking checkpoint files in ``folder`` other
+    than ``skip``."""
     try:
-        files = [p for p in folder.glob("*.ckpt") if p.is_file()]  # is_file: a dangling link is not one
+        # is_file: a dangling link is not one; is_zipfile: one cut short has lost the directory at its end
+        files = [p for p in folder.glob("*.ckpt") if p.is_file() and zipfile.is_zipfile(p)]
+        if skip is not None:
+            files = [p for p in files if not p.samefile(skip)]
     except OSError:
         return ""
     files.sort(key=lambda p: p.stat().st_mtime, reverse=True)
@@ -69,9 +76,9 @@ def not_exported_weights(folder: Path) -> str:
             "python -m sdpo.export")
 
 
-def read_checkpoint(ckpt_path: str | Path, mmap: bool = False) -> dict:
+def read_checkpoint(ckpt_path: str | Path, mmap: bool = False, key: str | None = "checkpoint") -> dict:
     """A checkpoint written by ``sdpo.train`` (safe loading only; ``mmap``: its tensors are not read), or an error
-    that says what the file is not."""
+    that says what the file is not, naming the other checkpoints beside it as ``key=<path>``."""
     path = Path(ckpt_path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: not a checkpoint: {not_a_checkpoint(path, key=None)}")
@@ -81,8 +88,26 @@ def read_checkpoint(ckpt_path: str | Path, mmap: bool = False) -> dict:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as error:  # pickle, zip and weights-only errors all mean: not a checkpoint we can read safely
-        raise ValueError(f"{path}: not a checkpoint torch can load safely ({type(error).__name__}); give a run's "
-                         f"checkpoints/last.ckpt") from error
+        raise ValueError(f"{path}: {unreadable(path, error, key)}") from error
     if not isinstance(checkpoint, dict) or "hyper_parameters" not in checkpoint or "state_dict" not in checkpoint:
-        raise ValueError(f"{path}: not a checkpoint written by sdpo.train (it has no hyper_parameters/state_dict)")
+        raise ValueError(f"{path}: not a checkpoint written by sdpo.train (it has no hyper_parameters/state_dict)"
+                         + other_checkpoints(path, key))
     return checkpoint
+
+
+def unreadable(path: Path, error: Exception, key: str | None) -> str:
+    """Why torch could not load ``path``: a torch archive cut short or damaged (a copy or a save that did not finish,
+    a full disk), or a file of another kind; with the other checkpoints beside it."""
+    with path.open("rb") as file:
+        head = file.read(len(ZIP_MAGIC))
+    if head == ZIP_MAGIC:  # torch.save's format is a zip archive; torch then fails on its missing directory
+        what = (f"a torch archive of {path.stat().st_size:,} bytes that cannot be read ({type(error).__name__}): "
+                f"cut short or damaged (a copy or save that did not finish, a full disk?)")
+    else:
+        what = f"not a checkpoint torch can load safely ({type(error).__name__}); give a run's checkpoints/last.ckpt"
+    return what + other_checkpoints(path, key)
+
+
+def other_checkpoints(path: Path, key: str | None) -> str:
+    """``checkpoints_held`` of ``path``'s folder, leaving out ``path`` itself."""
+    return checkpoints_held(path.parent, key, skip=path)

@@ -22,7 +22,7 @@ def load_trained_module(ckpt_path: str | Path):
     """Rebuild the SDPOModule a checkpoint was written by, with its trained weights (safe loading only)."""
     from sdpo.checkpoint_files import read_checkpoint
 
-    return module_from_checkpoint(read_checkpoint(ckpt_path))
+    return module_from_checkpoint(read_checkpoint(ckpt_path, key=None))
 
 
 def module_from_checkpoint(checkpoint: dict):
@@ -65,7 +65,7 @@ def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path) -> Path:
     from sdpo.prompts import stored_prompts
     from sdpo.resume import iterations_done
 
-    checkpoint = read_checkpoint(ckpt_path)
+    checkpoint = read_checkpoint(ckpt_path, key=None)  # other checkpoints named as paths: the CLI takes them so
     module = module_from_checkpoint(checkpoint)
     path = save_trained_unet(module.unet, out_dir)
     history = checkpoint.get("callbacks", {}).get(RewardSummary.__qualname__, {}).get("history", [])

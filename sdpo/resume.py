@@ -13,8 +13,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import torch
 from omegaconf import DictConfig, OmegaConf
+
+from sdpo.checkpoint_files import read_checkpoint
+from sdpo.config_checks import ConfigError
 
 
 class ResumeMismatch(ValueError):
@@ -72,11 +74,16 @@ def resume_differences(checkpoint_hparams: Mapping[str, Any], cfg: DictConfig) -
 
 
 def read_resume_state(ckpt_path: str | Path | None) -> dict[str, Any] | None:
-    """The checkpoint a run resumes from, memory-mapped (its weights are not read here), or None without one. A
-    path Lightning resolves itself (``last``, a URL) is not read here."""
+    """The checkpoint a run resumes from, memory-mapped (its weights are not read here), or None without one; a
+    ``ConfigError`` saying what the file is when it is not a readable checkpoint of ``sdpo.train``. A path Lightning
+    resolves itself (``last``, a URL) is not read here."""
     if not ckpt_path or not Path(str(ckpt_path)).is_file():
         return None
-    return torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+    try:
+        return read_checkpoint(ckpt_path, mmap=True, key="ckpt_path")
+    except ValueError as error:  # a damaged file, or not one of our checkpoints: Lightning would fail on it later
+        reason = str(error).removeprefix(f"{Path(str(ckpt_path))}: ")
+        raise ConfigError(f"ckpt_path={ckpt_path}: {reason}") from None
 
 
 def check_resume(cfg: DictConfig, state: Mapping[str, Any] | None, ckpt_path: str | Path | None) -> list[str]:
@@ -158,7 +165,6 @@ def check_resume_before_loading(cfg: DictConfig, env: Mapping[str, str]) -> None
     the checkpoint the run would continue from (``ckpt_path``, or a restarted job's ``last.ckpt``), run by the command
     line before Lightning and the models load: a finished run continued without raising its limit, or a changed
     setting, is refused in seconds."""
-    from sdpo.config_checks import ConfigError
     from sdpo.restart import restart_checkpoint
 
     ckpt_path = cfg.get("ckpt_path") or restart_checkpoint(cfg, env, warn=False)

@@ -141,3 +141,51 @@ def test_the_command_line_refuses_to_start_afresh_over_another_runs_metrics(chec
     assert f"ckpt_path={folder.resolve() / 'checkpoints' / 'last.ckpt'}" in result.stderr
     assert "lightning" not in imported and "diffusers" not in imported, imported
     assert metrics.read_bytes() == before
+
+
+def damaged_copies(checkpoint, folder):
+    """Beside a good copy of ``checkpoint``: the same file cut short (a copy that did not finish), a torch file of
+    another kind, and a JSON file."""
+    import shutil
+
+    import torch
+
+    folder.mkdir()
+    good = shutil.copy(checkpoint, folder / "epoch=0-step=4.ckpt")
+    cut = folder / "last.ckpt"
+    cut.write_bytes(checkpoint.read_bytes()[: checkpoint.stat().st_size // 2])
+    torch.save({"w": torch.zeros(2)}, folder / "weights.ckpt")
+    (folder / "summary.json").write_text("{}")
+    return good, cut
+
+
+def test_a_damaged_or_foreign_checkpoint_is_refused_with_the_good_ones_beside_it(checkpoint, tmp_path, cache_dir,
+                                                                               monkeypatch):
+    """Lightning would fail on these after loading every model, with torch's own error (``OSError: [Errno 22]``,
+    ``KeyError: 'pytorch-lightning_version'``); the refusal says what the file is and which checkpoints in its
+    folder can be read (not the damaged one)."""
+    from sdpo.config_checks import ConfigError
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the models were loaded before the checkpoint was read")
+
+    monkeypatch.setattr("sdpo.module.SDPOModule.__init__", no_loading)
+    good, cut = damaged_copies(checkpoint, tmp_path / "checkpoints")
+    cases = {cut: f"a torch archive of {cut.stat().st_size:,} bytes that cannot be read",
+             tmp_path / "checkpoints" / "weights.ckpt": "not a checkpoint written by sdpo.train",
+             tmp_path / "checkpoints" / "summary.json": "not a checkpoint torch can load safely"}
+    for path, says in cases.items():
+        with pytest.raises(ConfigError) as error:
+            train(compose([*BASE, f"ckpt_path={path}", "trainer.max_epochs=2"], tmp_path / "run", cache_dir))
+        message = str(error.value)
+        assert message.startswith(f"ckpt_path={path}: {says}"), message
+        assert f"\"ckpt_path='{good}'\"" in message and f"={cut}" not in message.removeprefix(f"ckpt_path={path}")
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_command_line_refuses_a_damaged_checkpoint_before_lightning_loads(checkpoint, tmp_path, cache_dir):
+    _, cut = damaged_copies(checkpoint, tmp_path / "checkpoints")
+    result, imported = run_probed("sdpo.train", [*BASE, f"ckpt_path={cut}", "trainer.max_epochs=2"], cache_dir,
+                                  tmp_path)
+    assert result.returncode == 1 and "cut short or damaged" in result.stderr, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr and "lightning" not in imported, imported

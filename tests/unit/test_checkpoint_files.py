@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import shlex
 
+import torch
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
 from sdpo.checkpoint_files import not_a_checkpoint
@@ -21,8 +22,8 @@ def test_a_dangling_link_says_so_and_names_the_files_there_newest_first(tmp_path
     folder = tmp_path / "checkpoints"
     folder.mkdir()
     older, newer = folder / "epoch=13-step=56.ckpt", folder / "epoch=14-step=60.ckpt"
-    older.write_bytes(b"x")
-    newer.write_bytes(b"x")
+    torch.save({}, older)
+    torch.save({}, newer)
     os.utime(older, (1, 1))
     (folder / "last.ckpt").symlink_to("epoch=12-step=52.ckpt")
     said = not_a_checkpoint(folder / "last.ckpt", key="ckpt_path")
@@ -33,7 +34,8 @@ def test_a_dangling_link_says_so_and_names_the_files_there_newest_first(tmp_path
 
 def test_a_missing_file_names_the_checkpoints_beside_it_or_nothing(tmp_path):
     assert not_a_checkpoint(tmp_path / "lats.ckpt") == "no such file"
-    (tmp_path / "last.ckpt").write_bytes(b"x")
+    (tmp_path / "epoch=0-step=4.ckpt").write_bytes(b"PK\x03\x04")  # cut short: not offered
+    torch.save({}, tmp_path / "last.ckpt")
     said = not_a_checkpoint(tmp_path / "lats.ckpt")
     assert said == f"no such file; that folder holds checkpoint={tmp_path / 'last.ckpt'} (newest first)"
     assert not_a_checkpoint(tmp_path / "x.ckpt", key=None).endswith(f"holds {tmp_path / 'last.ckpt'} (newest first)")

@@ -9,6 +9,7 @@ import stat
 from pathlib import Path
 
 import pytest
+import torch
 from omegaconf import OmegaConf
 
 from sdpo.cluster import RequeueOnSignal, requeue, slurm_job_id
@@ -50,7 +51,7 @@ def test_a_restart_whose_last_ckpt_names_a_deleted_file_is_refused_not_trained_f
     """Training from the base model would discard the run; the refusal names the checkpoints that are there."""
     checkpoints = tmp_path / "checkpoints"
     checkpoints.mkdir()
-    (checkpoints / "epoch=14-step=60.ckpt").write_bytes(b"")
+    torch.save({}, checkpoints / "epoch=14-step=60.ckpt")
     (checkpoints / "last.ckpt").symlink_to("epoch=13-step=56.ckpt")
     cfg = OmegaConf.create({"ckpt_path": None, "callbacks": {"checkpoint": {"dirpath": str(checkpoints)}}})
     with pytest.raises(ConfigError) as refused:
