@@ -312,7 +312,8 @@ class ExportTrained(L.Callback):
         path = save_trained_unet(pl_module.unet, self.dirpath)
         summary = next((c for c in trainer.callbacks if isinstance(c, RewardSummary)), None)
         saved = trainer.checkpoint_callback
-        write_model_card(path, pl_module, trainer.fit_loop.epoch_progress.current.processed, trainer.global_step,
+        write_model_card(path, pl_module.hparams, pl_module.components.source, pl_module.step_kind,
+                         trainer.fit_loop.epoch_progress.current.processed, trainer.global_step,
                          summary.history if summary else [], getattr(trainer.datamodule, "prompts", ()),
                          (getattr(saved, "last_model_path", "") or None) if saved else None)
         report_at_end(f"trained weights for diffusers: {path} (README.md: how they were trained, how to load them)")

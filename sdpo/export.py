@@ -15,33 +15,14 @@ from pathlib import Path
 
 from sdpo.commands import program_name
 
-# torch, peft and diffusers load inside the functions, so that ``--help`` answers at once
-
-
-def load_trained_module(ckpt_path: str | Path):
-    """Rebuild the SDPOModule a checkpoint was written by, with its trained weights (safe loading only)."""
-    from sdpo.checkpoint_files import read_checkpoint
-
-    return module_from_checkpoint(read_checkpoint(ckpt_path, key=None))
-
-
-def module_from_checkpoint(checkpoint: dict):
-    """The SDPOModule of a checkpoint ``read_checkpoint`` returned, with its trained weights."""
-    from sdpo.module import SDPOModule
-
-    hp = checkpoint["hyper_parameters"]
-    module = SDPOModule(hp["model"], hp["algo"], hp["reward"], hp["optim"], seed=hp.get("seed", 0))
-    module.on_load_checkpoint(checkpoint)
-    missing, unexpected = module.load_state_dict(checkpoint["state_dict"], strict=False)
-    if unexpected:
-        raise KeyError(f"checkpoint weights the model does not have: {unexpected[:3]}")
-    return module
+# torch, peft and diffusers load inside the functions, so that ``--help`` answers at once, and the output folder and
+# the checkpoint are checked before the models load
 
 
 def check_out_dir(out_dir: str | Path, overwrite: bool) -> None:
     """Refuse a folder that holds files: an export mixed into another (a LoRA next to a full UNet) loads the wrong
     weights without a word. ``overwrite`` replaces an earlier export there, and only that."""
-    from sdpo.policy.lora import earlier_export
+    from sdpo.export_files import earlier_export
 
     folder = Path(out_dir)
     if folder.exists() and not folder.is_dir():
@@ -57,19 +38,22 @@ def check_out_dir(out_dir: str | Path, overwrite: bool) -> None:
 
 
 def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path) -> Path:
-    """Write the checkpoint's LoRA (or UNet) into ``out_dir`` with its model card, as a finished run does."""
+    """Write the checkpoint's LoRA (or UNet) into ``out_dir`` with its model card, as a finished run does. Only the
+    policy is rebuilt: the training reward's model is neither loaded nor needed here."""
     from sdpo.callbacks import RewardSummary
     from sdpo.checkpoint_files import read_checkpoint
     from sdpo.model_card import write_model_card
     from sdpo.policy.lora import save_trained_unet
     from sdpo.prompts import stored_prompts
     from sdpo.resume import iterations_done
+    from sdpo.saved_policy import policy_from_checkpoint
 
     checkpoint = read_checkpoint(ckpt_path, key=None)  # other checkpoints named as paths: the CLI takes them so
-    module = module_from_checkpoint(checkpoint)
-    path = save_trained_unet(module.unet, out_dir)
+    policy = policy_from_checkpoint(checkpoint, ckpt_path, current={})
+    path = save_trained_unet(policy.unet, out_dir)
     history = checkpoint.get("callbacks", {}).get(RewardSummary.__qualname__, {}).get("history", [])
-    write_model_card(path, module, iterations_done(checkpoint), int(checkpoint.get("global_step", 0)), history,
+    write_model_card(path, checkpoint["hyper_parameters"], policy.components.source, policy.components.step_kind,
+                     iterations_done(checkpoint), int(checkpoint.get("global_step", 0)), history,
                      stored_prompts(checkpoint), str(ckpt_path))
     return path
 
@@ -81,11 +65,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("out_dir", help="folder to write the LoRA (or full UNet) into; new or empty")
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier export in out_dir")
     args = parser.parse_args(argv)
-    from sdpo.train_run import quiet_libraries
-
-    quiet_libraries()
     try:
         check_out_dir(args.out_dir, args.overwrite)
+        from sdpo.checkpoint_files import read_checkpoint
+
+        read_checkpoint(args.checkpoint, mmap=True, key=None)  # is it one (its tensors are not read): in seconds
+        from sdpo.train_run import quiet_libraries
+
+        quiet_libraries()
         path = export_checkpoint(args.checkpoint, args.out_dir)
     except (FileNotFoundError, ValueError) as error:  # nothing written yet: say what to fix, without a traceback
         sys.exit(f"sdpo.export: {error}")

@@ -127,19 +127,19 @@ def model_card(hparams: Mapping[str, Any], source: str, step_kind: str, iteratio
     ])
 
 
-def write_model_card(folder: str | Path, module: Any, iterations: int, optimizer_steps: int,
-                     history: Sequence[Mapping[str, float]], prompts: Sequence[str] = (),
+def write_model_card(folder: str | Path, hparams: Mapping[str, Any], source: str, step_kind: str, iterations: int,
+                     optimizer_steps: int, history: Sequence[Mapping[str, float]], prompts: Sequence[str] = (),
                      checkpoint: str | None = None) -> Path:
-    """Write ``README.md`` into ``folder`` for ``module`` (an ``SDPOModule``) after ``iterations``, and the
-    training settings it summarises, whole, as ``TRAINING_FILE`` (what ``sdpo.evaluate lora=`` reads)."""
-    hparams = {"model": module.model_cfg, "algo": module.algo_cfg, "reward": module.reward_cfg,
-               "optim": module.optim_cfg, "seed": module.seed}
+    """Write ``README.md`` into ``folder`` after ``iterations``, and the training settings it summarises, whole, as
+    ``TRAINING_FILE`` (what ``sdpo.evaluate lora=`` reads). ``hparams``: the run's model, algo, reward, optim and
+    seed (a checkpoint's ``hyper_parameters``); ``source`` and ``step_kind`` as in ``model_card``."""
+    hparams = {key: hparams[key] for key in ("model", "algo", "reward", "optim")} | {"seed": hparams.get("seed", 0)}
     folder = Path(folder).expanduser().absolute()  # the card's commands then work from any directory
     checkpoint = str(Path(checkpoint).expanduser().absolute()) if checkpoint else None
     path = folder / CARD_NAME
-    path.write_text(model_card(hparams, module.components.source, module.step_kind, iterations, optimizer_steps,
-                               history, str(folder), prompts, checkpoint))
-    record = {**hparams, "base_model": module.components.source, "iterations": iterations,
+    path.write_text(model_card(hparams, source, step_kind, iterations, optimizer_steps, history, str(folder), prompts,
+                               checkpoint))
+    record = {**hparams, "base_model": source, "iterations": iterations,
               "optimizer_steps": optimizer_steps, "checkpoint": checkpoint}
     (folder / TRAINING_FILE).write_text(json.dumps(record, indent=1, default=str) + "\n")
     return path

@@ -97,16 +97,19 @@ def warn_if_trained_on_another_base(folder: Path, model_cfg: Mapping[str, Any]) 
 
 
 def _load_checkpoint(path: Path, current: dict) -> LoadedPolicy:
-    """Rebuild the checkpoint's UNet (its own model config, its LoRA layout, its trained weights).
-
-    Mirrors ``sdpo.export.load_trained_module`` without building the training reward model (a CLIP reward would
-    be loaded just to be dropped). A tiny model is built in the current cache, not the training run's.
-    """
     from sdpo.checkpoint_files import read_checkpoint
+
+    return policy_from_checkpoint(read_checkpoint(path), path, current)
+
+
+def policy_from_checkpoint(ckpt: Mapping[str, Any], path: str | Path, current: Mapping[str, Any]) -> LoadedPolicy:
+    """Rebuild the UNet of ``ckpt`` (``read_checkpoint(path)``): its own model config, its LoRA layout, its trained
+    weights. The training module without its reward model, which a CLIP reward would load (and need on this
+    machine) just to drop it. A tiny model is built in ``current``'s cache (the model config here), not the
+    training run's."""
     from sdpo.module import SDPOModule
     from sdpo.policy.lora import make_trainable
 
-    ckpt = read_checkpoint(path)
     if "model" not in ckpt["hyper_parameters"]:
         raise ValueError(f"{path} is not a checkpoint written by sdpo.train (no hyper_parameters.model)")
     hp = ckpt["hyper_parameters"]

@@ -10,6 +10,8 @@ import torch
 from diffusers import UNet2DConditionModel
 from peft import LoraConfig
 
+from sdpo.export_files import earlier_export
+
 
 def make_trainable(
     unet: UNet2DConditionModel,
@@ -84,16 +86,6 @@ def save_lora(unet: UNet2DConditionModel, directory: str | Path) -> Path:
         directory, unet_lora_layers=layers, safe_serialization=True, unet_lora_adapter_metadata=metadata
     )
     return directory
-
-
-# What save_trained_unet (and the model card) write: a LoRA file, or a full UNet's config and (sharded) weights
-EXPORT_PATTERNS = ("pytorch_lora_weights.safetensors", "config.json", "diffusion_pytorch_model*.safetensors",
-                   "diffusion_pytorch_model.safetensors.index.json", "README.md", "sdpo_training.json")
-
-
-def earlier_export(directory: str | Path) -> list[Path]:
-    """The files of an earlier export in ``directory``."""
-    return sorted({f for pattern in EXPORT_PATTERNS for f in Path(directory).glob(pattern)})
 
 
 def save_trained_unet(unet: UNet2DConditionModel, directory: str | Path) -> Path:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -62,6 +63,26 @@ def test_exported_lora_round_trips_through_load_lora_weights(tmp_path, cache_dir
         assert "2 iterations, 8 optimizer steps, T = 4 ddim steps" in card
         first, last = summary["first"]["train/reward_1step"], summary["last"]["train/reward_1step"]
         assert f"| 1-step | {first:.4f} | {last:.4f} | {last - first:+.4f} |" in card
+
+
+def test_export_rebuilds_the_policy_without_the_reward_model(tmp_path, cache_dir, tiny_reward_assets):
+    """A checkpoint trained on the aesthetic reward exports where the reward's CLIP and head are not (a laptop, a
+    login node; here: deleted after training), into the files the run's own export wrote."""
+    from safetensors.torch import load_file
+
+    clip = Path(shutil.copytree(tiny_reward_assets["clip"], tmp_path / "clip"))
+    head = Path(shutil.copy(tiny_reward_assets["head"], tmp_path / "aesthetic_head.pth"))
+    run = tmp_path / "run"
+    train(compose([*FAST, "model.lora.enabled=true", "trainer.max_epochs=1", "reward=aesthetic",
+                   f"reward.clip_model={clip}", f"reward.head_source={head}"], run, cache_dir))
+    shutil.rmtree(clip)
+    head.unlink()
+    exported = export_checkpoint(run / "checkpoints" / "last.ckpt", tmp_path / "export")
+    ours, theirs = (load_file(f / "pytorch_lora_weights.safetensors") for f in (exported, run / "trained"))
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    record = json.loads((exported / "sdpo_training.json").read_text())
+    assert record == json.loads((run / "trained" / "sdpo_training.json").read_text())
+    assert record["reward"]["name"] == "aesthetic" and record["checkpoint"] == str(run / "checkpoints" / "last.ckpt")
 
 
 def check_model_card(folder: Path, base_folder: str) -> str:
