@@ -1,15 +1,19 @@
 """Where the policy's weights come from, checked before anything loads.
 
-A local folder that is not there, or a hub model that is not in the local Hugging Face cache while downloads are
-off (``HF_HUB_OFFLINE=1``, ``model.local_files_only=true``: a cluster's compute nodes), would otherwise be found
-only as the model loads, after Lightning and diffusers were imported and the run folder was made. Imports
+A local folder that is not there, a hub model that is not in the local Hugging Face cache while downloads are
+off (``HF_HUB_OFFLINE=1``, ``model.local_files_only=true``: a cluster's compute nodes), or a pipeline there only in
+part (a download or copy cut short) would otherwise be found only as the model loads, after Lightning and diffusers
+were imported and the run folder was made, the last with diffusers' "does not appear to have a file named
+config.json" whichever file was missing. Imports
 ``huggingface_hub``'s cache lookup only (no diffusers), so the config checks stay light.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import json
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 TINY = "tiny"  # model.source of the embedded random-weight stand-ins, built in code
 PIPELINE_LAYOUT = "model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/"
@@ -59,14 +63,21 @@ def uncached_offline(repo: str, files: tuple[str, ...], *, revision: str | None 
 
 def source_problem(source: str, key: str, *, revision: str | None = None, local_files_only: bool = False,
                    index_file: str = "model_index.json", hub_cache: str | Path | None = None,
-                   advice: str | None = None) -> str | None:
+                   advice: str | None = None, variant: str | None = None, with_vae: bool = True) -> str | None:
     """What stops ``source`` (a local folder or a hub id, given as config key ``key``) from loading, found without
     loading it, with what to do (``advice`` replaces the usual "point ``key`` at ..."); None when it may load.
     ``index_file`` is the file every copy of it has at its root (a pipeline's ``model_index.json``, a VAE's
-    ``config.json``); ``hub_cache`` defaults to Hugging Face's own cache."""
+    ``config.json``); ``hub_cache`` defaults to Hugging Face's own cache. A pipeline (a local folder, or a cached
+    hub model while downloads are off) must hold every file the loader reads (``variant``: of its weights;
+    ``with_vae``: false when ``model.vae_source`` replaces its VAE)."""
     path = Path(source).expanduser()
     if path.is_dir():
-        return None  # what the folder holds is the loader's to check, file by file
+        if index_file != "model_index.json":
+            return None  # a VAE's folder: the loader's to check
+        missing = missing_pipeline_files(lambda name: path / name if (path / name).is_file() else None, variant,
+                                         with_vae)
+        return (f"{key}={source}: the folder lacks {missing} (a copy that did not finish?). Copy what is missing, "
+                f"or point `{key}` at a complete copy") if missing else None
     elsewhere = f"Point `{key}` at a diffusers-layout folder ({PIPELINE_LAYOUT}), or give a hub id (org/name)"
     if path.exists():
         return f"{key}={source} is a file, not a folder. {advice or elsewhere}"
@@ -74,10 +85,96 @@ def source_problem(source: str, key: str, *, revision: str | None = None, local_
         return f"{key}={source}: no such folder, and not a hub id (org/name). {advice or elsewhere}"
     uncached = uncached_offline(source, (index_file,), revision=revision, cache_dir=hub_cache,
                                 local_files_only=local_files_only)
-    if uncached is None:
+    if uncached is not None:
+        return (f"{key}={source}: no such folder here, and as a hub id it is {uncached}. "
+                f"{advice or unavailable_advice(source, key)}")
+    why = downloads_off(local_files_only)
+    if why is None or index_file != "model_index.json":
+        return None  # what is not cached is downloaded as it loads
+    missing = missing_pipeline_files(cached_file_lookup(source, revision, hub_cache), variant, with_vae)
+    if not missing:
         return None
-    return (f"{key}={source}: no such folder here, and as a hub id it is {uncached}. "
-            f"{advice or unavailable_advice(source, key)}")
+    at = f" at revision {revision}" if revision else ""
+    return (f"{key}={source}: the local Hugging Face cache holds only part of it{at} (a download that did not "
+            f"finish?), and downloads are off ({why}): no {missing}. {advice or unavailable_advice(source, key)}")
+
+
+FileLookup = Callable[[str], "Path | None"]  # a file of a model by its name in the repository: its path, or None
+
+
+def cached_file_lookup(repo: str, revision: str | None, cache_dir: str | Path | None) -> FileLookup:
+    """Find the files of hub ``repo`` at ``revision`` in the Hugging Face cache (huggingface_hub's own lookup)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    def find(name: str) -> Path | None:
+        hit = try_to_load_from_cache(repo, name, cache_dir=cache_dir, revision=revision)
+        return Path(hit) if isinstance(hit, str) else None
+
+    return find
+
+
+def weight_names(folder: str, stem: str, variant: str | None) -> tuple[str, ...]:
+    """The names a component's weights may have: one safetensors file or a sharded index, in ``variant`` when one is
+    asked for (diffusers and transformers then load nothing else: ``stem.fp16.safetensors``,
+    ``stem.safetensors.index.fp16.json``)."""
+    suffix = f".{variant}" if variant else ""
+    return f"{folder}/{stem}{suffix}.safetensors", f"{folder}/{stem}.safetensors.index{suffix}.json"
+
+
+def pipeline_needs(index: Mapping[str, Any], variant: str | None, with_vae: bool) -> list[tuple[str, ...]]:
+    """What the loader reads from a pipeline whose ``model_index.json`` is ``index``: for each file, the names it
+    may have (one of them must be there). Components the index does not list are not asked for."""
+    def listed(part: str) -> bool:
+        entry = index.get(part)  # diffusers writes [null, null] for an absent optional component
+        return isinstance(entry, (list, tuple)) and len(entry) == 2 and entry[1] is not None
+
+    needs: list[tuple[str, ...]] = [("scheduler/scheduler_config.json",)] if listed("scheduler") else []
+    models = {"unet": "diffusion_pytorch_model", "text_encoder": "model", "text_encoder_2": "model"}
+    if with_vae:
+        models["vae"] = "diffusion_pytorch_model"
+    for part, stem in models.items():
+        if listed(part):
+            needs += [(f"{part}/config.json",), weight_names(part, stem, variant)]
+    needs += [(f"{part}/vocab.json", f"{part}/tokenizer.json") for part in ("tokenizer", "tokenizer_2")
+              if listed(part)]
+    return needs
+
+
+def has_full_precision(find: FileLookup, names: tuple[str, ...], variant: str | None) -> bool:
+    """Whether weights missing in ``variant`` (``names``) are there in full precision (a repository or copy without
+    fp16 files, which ``model.variant=null`` loads)."""
+    return bool(variant) and any(find(name.replace(f".{variant}", "")) is not None for name in names)
+
+
+def missing_pipeline_files(find: FileLookup, variant: str | None = None, with_vae: bool = True) -> str | None:
+    """The files of a pipeline that ``find`` does not find (at most four named, ``", "``-joined), the shards a
+    sharded index names included; None when all are there, or when its ``model_index.json`` cannot be read (then
+    the loader says what is wrong)."""
+    try:
+        index = json.loads(find("model_index.json").read_text())  # type: ignore[union-attr]
+    except (AttributeError, OSError, ValueError):
+        return None
+    if not isinstance(index, dict):
+        return None
+    missing, full_precision = [], []
+    for names in pipeline_needs(index, variant, with_vae):
+        found = next((path for path in map(find, names) if path is not None), None)
+        folder = names[0].rsplit("/", 1)[0]
+        if found is None:
+            missing.append(names[0])
+            if has_full_precision(find, names, variant):
+                full_precision.append(f"{folder}/")
+        elif found.name.endswith(".json") and ".safetensors.index" in found.name:
+            shards = sorted(set(json.loads(found.read_text()).get("weight_map", {}).values()))
+            missing += [f"{folder}/{shard} (a shard its index names)" for shard in shards
+                        if find(f"{folder}/{shard}") is None]
+    if not missing:
+        return None
+    listed = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
+    if full_precision:
+        listed += (f" (full-precision weights are there for {', '.join(full_precision)}: model.variant=null "
+                   f"loads those)")
+    return listed
 
 
 def model_source_problems(model: dict, hub_cache: str | Path | None = None,
@@ -90,6 +187,7 @@ def model_source_problems(model: dict, hub_cache: str | Path | None = None,
     if source is not None and str(source) != TINY:
         problems.append(source_problem(str(source), "model.source", revision=model.get("revision"),
                                        local_files_only=local_only, hub_cache=hub_cache,
+                                       variant=model.get("variant"), with_vae=vae is None,
                                        advice=advice(str(source)) if advice else None))
     if vae is not None:
         problems.append(source_problem(str(vae), "model.vae_source", local_files_only=local_only,

@@ -5,13 +5,15 @@ on-disk layout (``models--org--name/refs/<rev>`` naming a ``snapshots/<commit>/`
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
 from sdpo.config_checks import ConfigError, validate_config
 from sdpo.eval_config import validate_eval_config
 from sdpo.model_sources import model_source_problems, source_problem
-from tests.conftest import cache_repo, compose, compose_eval
+from tests.conftest import HUB_COMMIT, cache_repo, compose, compose_eval
 
 
 def test_local_folders_and_paths(tmp_path):
@@ -73,3 +75,73 @@ def test_a_checkpoint_whose_base_model_is_not_here_says_what_model_cannot_change
     assert f"checkpoint={checkpoint} was trained on a model that is not here: model.source={gone}" in message
     assert f"`python -m sdpo.export {checkpoint} <folder>`, then lora=<folder> model.source=<your copy>" in message
     assert "Point `model.source`" not in message
+
+
+SD_INDEX = {"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
+            "vae": ["diffusers", "AutoencoderKL"], "text_encoder": ["transformers", "CLIPTextModel"],
+            "tokenizer": ["transformers", "CLIPTokenizer"], "scheduler": ["diffusers", "EulerDiscreteScheduler"],
+            "safety_checker": [None, None]}  # listed as absent: not asked for
+SHARDS = ["text_encoder/model.fp16-00001-of-00002.safetensors", "text_encoder/model.fp16-00002-of-00002.safetensors"]
+TEXT_INDEX = "text_encoder/model.safetensors.index.fp16.json"
+PIPELINE_FILES = ["scheduler/scheduler_config.json", "unet/config.json",
+                  "unet/diffusion_pytorch_model.fp16.safetensors", "vae/config.json",
+                  "vae/diffusion_pytorch_model.fp16.safetensors", "text_encoder/config.json", TEXT_INDEX, *SHARDS,
+                  "tokenizer/vocab.json",
+                  "tokenizer/merges.txt"]
+
+
+def write_pipeline(folder, drop=(), add=()) -> None:
+    """A pipeline's fp16 files as ``hf download --include "*.fp16.*" ...`` leaves them (contents that matter only for
+    the two indexes), less ``drop``, plus ``add``; the text encoder's weights are sharded."""
+    for name in [n for n in PIPELINE_FILES if n not in drop] + list(add):
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text("{}")
+    (folder / "model_index.json").write_text(json.dumps(SD_INDEX))
+    if TEXT_INDEX not in drop:
+        weight_map = {f"layer.{i}": shard.split("/")[1] for i, shard in enumerate(SHARDS)}
+        (folder / TEXT_INDEX).write_text(json.dumps({"weight_map": weight_map}))
+
+
+@pytest.mark.parametrize("drop,add,variant,with_vae,says", [
+    ((), (), "fp16", True, None),
+    (["unet/diffusion_pytorch_model.fp16.safetensors"], (), "fp16", True,
+     "unet/diffusion_pytorch_model.fp16.safetensors"),
+    (["unet/diffusion_pytorch_model.fp16.safetensors"], ["unet/diffusion_pytorch_model.safetensors"], "fp16", True,
+     "unet/diffusion_pytorch_model.fp16.safetensors (full-precision weights are there for unet/: "
+     "model.variant=null loads those)"),  # diffusers loads only the variant asked for
+    ([SHARDS[1]], (), "fp16", True, f"{SHARDS[1]} (a shard its index names)"),
+    (["vae/diffusion_pytorch_model.fp16.safetensors", "scheduler/scheduler_config.json"], (), "fp16", True,
+     "scheduler/scheduler_config.json, vae/diffusion_pytorch_model.fp16.safetensors"),
+    ((), (), None, True, "unet/diffusion_pytorch_model.safetensors"),  # model.variant=null: fp16 files are not it
+    (["vae/diffusion_pytorch_model.fp16.safetensors"], (), "fp16", False, None),  # model.vae_source replaces it
+    (["tokenizer/vocab.json"], ["tokenizer/tokenizer.json"], "fp16", True, None),
+    (["tokenizer/vocab.json"], (), "fp16", True, "tokenizer/vocab.json"),
+])
+def test_a_pipeline_must_hold_every_file_the_loader_reads(drop, add, variant, with_vae, says, tmp_path, downloads):
+    """A download or copy that did not finish: a local folder, or a hub model in the cache while downloads are off.
+    Before, such a model failed as it loaded, with "does not appear to have a file named config.json"."""
+    downloads(False)
+    local = tmp_path / "local"
+    write_pipeline(local, drop, add)
+    cache_repo(tmp_path / "cache", "org/model", [])
+    write_pipeline(tmp_path / "cache" / "models--org--model" / "snapshots" / HUB_COMMIT, drop, add)
+    in_folder = source_problem(str(local), "model.source", variant=variant, with_vae=with_vae)
+    in_cache = source_problem("org/model", "model.source", variant=variant, with_vae=with_vae,
+                              hub_cache=tmp_path / "cache")
+    if says is None:
+        assert in_folder is None and in_cache is None, (in_folder, in_cache)
+        return
+    assert in_folder.startswith(f"model.source={local}: the folder lacks {says}"), in_folder
+    assert in_cache.startswith("model.source=org/model: the local Hugging Face cache holds only part of it"), in_cache
+    assert f"downloads are off (HF_HUB_OFFLINE=1): no {says}" in in_cache and "`hf download org/model`" in in_cache
+    downloads(True)  # what is not in the cache is downloaded as the model loads
+    assert source_problem("org/model", "model.source", variant=variant, hub_cache=tmp_path / "cache") is None
+
+
+def test_train_and_evaluate_refuse_a_pipeline_folder_missing_its_unet_weights(tmp_path, cache_dir):
+    folder = tmp_path / "sd-copy"
+    write_pipeline(folder, drop=["unet/diffusion_pytorch_model.fp16.safetensors"])
+    with pytest.raises(ConfigError, match=f"model.source={folder}: the folder lacks unet/diffusion_pytorch_model"):
+        validate_config(compose([f"model.source={folder}"], tmp_path, cache_dir))
+    with pytest.raises(ConfigError, match=f"model.source={folder}: the folder lacks unet/diffusion_pytorch_model"):
+        validate_eval_config(compose_eval([f"model.source={folder}"], tmp_path, cache_dir))
