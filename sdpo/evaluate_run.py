@@ -52,7 +52,7 @@ def base_unet(policy: LoadedPolicy, device: torch.device) -> Iterator[UNet2DCond
 def evaluate(cfg: DictConfig) -> EvalResult | Comparison:
     """Evaluate with a composed ``evaluate`` config; writes the run folder and returns the result (with
     ``baseline=true``, the ``Comparison`` whose ``policy`` and ``base`` are both results)."""
-    from sdpo.train_run import quiet_libraries
+    from sdpo.library_output import quiet_libraries
 
     prompts, steps, specs = validate_eval_config(cfg)
     quiet_libraries()

@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> None:
         from sdpo.checkpoint_files import read_checkpoint
 
         read_checkpoint(args.checkpoint, mmap=True, key=None)  # is it one (its tensors are not read): in seconds
-        from sdpo.train_run import quiet_libraries
+        from sdpo.library_output import quiet_libraries
 
         quiet_libraries()
         path = export_checkpoint(args.checkpoint, args.out_dir)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import warnings
 from typing import Any
 
 import lightning as L
@@ -22,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 import sdpo.app_config  # noqa: F401  (registers the configs' resolvers)
 from sdpo.cluster import local_ranks_stopped_on_failure, slurm_plugins
 from sdpo.config_checks import ConfigError, check_distributed, pairs_per_rank, validate_config
+from sdpo.library_output import quiet_libraries
 from sdpo.loggers import continue_metrics, continue_wandb_run
 from sdpo.policy.speed import compile_mode, use_compile_cache
 from sdpo.restart import restart_checkpoint
@@ -29,52 +29,6 @@ from sdpo.resume import check_resume, check_work_left, iterations_done, read_res
 from sdpo.run_log import reports_after_fit
 
 log = logging.getLogger(__name__)
-
-
-def _drop_adverts(record: logging.LogRecord) -> bool:
-    """Drop Lightning notices that say nothing about the run or advise against it: "Tip: try installing litlogger",
-    printed at every start, and "set torch.set_float32_matmul_precision('medium' | 'high')" on Ampere and later
-    GPUs. That TF32 advice is what a 32-true run turns off on purpose (TF32 moves log-probs by about the clip
-    range; the run header says so), and a mixed-precision run's UNet matmuls are already bf16/fp16."""
-    message = record.getMessage()
-    return "litlogger" not in message and "set_float32_matmul_precision" not in message
-
-
-def quiet_libraries() -> None:
-    """Silence warnings from diffusers/transformers that say nothing about the user's run."""
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    diffusers_logging.set_verbosity_error()
-    transformers_logging.set_verbosity_error()
-    diffusers_logging.disable_progress_bar()
-    transformers_logging.disable_progress_bar()
-    # Frozen parts are in eval mode on purpose; the pytree notice is Lightning-internal.
-    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
-    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
-    warnings.filterwarnings("ignore", message=r".*litlogger")
-    # a resume writes into a new run folder by design; the best-model bookkeeping it says it drops is unused here
-    warnings.filterwarnings("ignore", message=r"The dirpath has changed from")
-    # a run continued in its own folder (hydra.run.dir=<run> ckpt_path=...) finds its checkpoints there by design
-    warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
-    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_drop_adverts)
-    print_lightning_messages_once()
-    # DDP: the module logs values it has already gathered over ranks, so sync_dist would only repeat the reduction.
-    warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\(.*sync_dist=True")
-    # Printed on machines with many cores (every GPU node): the loader yields a few prompt strings per iteration,
-    # which worker processes would only delay.
-    warnings.filterwarnings("ignore", message=r"The '\w+_dataloader' does not have many workers")
-
-
-def print_lightning_messages_once() -> None:
-    """Lightning's top package gives its logger a console handler of its own and still passes every record on to
-    the root logger, whose console handler (Hydra's, on the command line) printed each message a second time. With
-    a console handler at the root, Lightning's own goes: one line each, in the format of the run's other lines."""
-    root_consoles = [h for h in logging.getLogger().handlers if type(h) is logging.StreamHandler]
-    lightning_logger = logging.getLogger("lightning")
-    if root_consoles and lightning_logger.propagate:
-        for handler in [h for h in lightning_logger.handlers if type(h) is logging.StreamHandler]:
-            lightning_logger.removeHandler(handler)
 
 
 def log_config(logger: Any, cfg: DictConfig) -> None:
