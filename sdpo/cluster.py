@@ -18,6 +18,7 @@ import logging
 import os
 import signal as signals
 import subprocess
+import sys
 import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -123,6 +124,43 @@ def stop_local_ranks(trainer: L.Trainer) -> int:
         log.error("this rank failed: stopped the %d other local process(es) of the run, which would otherwise wait "
                   "for it in their next collective until the process group's timeout", len(running))
     return len(running)
+
+
+def exit_with_a_failed_ranks_status() -> None:
+    """When a rank Lightning started fails, its watchdog (``_ChildProcessObserver``, in rank 0's process) kills the
+    other ranks and then rank 0 itself with SIGKILL, so the run's command exited 137: what schedulers and people
+    read as "killed for memory". Now rank 0 exits with the failed rank's own status (1 for an error), its printed
+    output flushed first. The rank's stop notice still comes from the failed rank. Without that Lightning class (a
+    version that changed it), Lightning's behaviour stays."""
+    try:
+        from lightning.fabric.strategies.launchers.subprocess_script import _ChildProcessObserver
+    except ImportError:
+        return
+    lightnings = getattr(_ChildProcessObserver, "_terminate_all", None)
+    if lightnings is None or getattr(lightnings, "exits_with_failed_status", False):
+        return
+
+    def terminate_all(observer: Any) -> None:
+        if observer._main_pid != os.getpid():
+            return lightnings(observer)
+        failed = next((proc.returncode for proc in observer._child_processes if proc.returncode), 1)
+        for proc in observer._child_processes:
+            proc.send_signal(observer._termination_signal)
+        flushing = threading.Thread(target=_flush_output, daemon=True)  # not forever: the main thread may hold a lock
+        flushing.start()
+        flushing.join(timeout=2)
+        os._exit(failed if failed > 0 else 128 - failed)  # killed by signal N: 128 + N, as a shell reports it
+
+    terminate_all.exits_with_failed_status = True  # type: ignore[attr-defined]
+    _ChildProcessObserver._terminate_all = terminate_all
+
+
+def _flush_output() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # closed, or a broken pipe
+            pass
 
 
 @contextmanager

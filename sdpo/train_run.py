@@ -19,7 +19,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
 import sdpo.app_config  # noqa: F401  (registers the configs' resolvers)
-from sdpo.cluster import local_ranks_stopped_on_failure, slurm_plugins
+from sdpo.cluster import exit_with_a_failed_ranks_status, local_ranks_stopped_on_failure, slurm_plugins
 from sdpo.config_checks import ConfigError, check_distributed, pairs_per_rank, validate_config
 from sdpo.library_output import quiet_libraries
 from sdpo.loggers import continue_metrics, continue_wandb_run
@@ -115,6 +115,7 @@ def train(cfg: DictConfig) -> L.Trainer:
                           **no_checkpoints)
     for logger in trainer.loggers:  # not ``loggers``: trainer.fast_dev_run swaps them for a logger that writes nothing
         log_config(logger, cfg)
+    exit_with_a_failed_ranks_status()  # a rank this process started fails: exit with its status, not SIGKILL's
     # the reward table after the progress bar's last redraw, not above it; then, after a failure here, the ranks
     # this process started are stopped rather than left waiting for it
     with local_ranks_stopped_on_failure(trainer), reports_after_fit():
