@@ -4,8 +4,8 @@ A local folder that is not there, a hub model that is not in the local Hugging F
 off (``HF_HUB_OFFLINE=1``, ``model.local_files_only=true``: a cluster's compute nodes), or a pipeline there only in
 part (a download or copy cut short) would otherwise be found only as the model loads, after Lightning and diffusers
 were imported and the run folder was made, the last with diffusers' "does not appear to have a file named
-config.json" whichever file was missing. Imports
-``huggingface_hub``'s cache lookup only (no diffusers), so the config checks stay light.
+config.json" whichever file was missing. Imports ``huggingface_hub``'s cache lookup only (no diffusers), so the
+config checks stay light.
 """
 
 from __future__ import annotations
@@ -76,8 +76,10 @@ def source_problem(source: str, key: str, *, revision: str | None = None, local_
             return None  # a VAE's folder: the loader's to check
         missing = missing_pipeline_files(lambda name: path / name if (path / name).is_file() else None, variant,
                                          with_vae)
-        return (f"{key}={source}: the folder lacks {missing} (a copy that did not finish?). Copy what is missing, "
-                f"or point `{key}` at a complete copy") if missing else None
+        if missing is None:
+            return None
+        return (f"{key}={source}: the folder lacks {missing} (a copy that did not finish?). "
+                f"{advice or f'Copy what is missing, or point `{key}` at a complete copy'}")
     elsewhere = f"Point `{key}` at a diffusers-layout folder ({PIPELINE_LAYOUT}), or give a hub id (org/name)"
     if path.exists():
         return f"{key}={source} is a file, not a folder. {advice or elsewhere}"
@@ -146,6 +148,15 @@ def has_full_precision(find: FileLookup, names: tuple[str, ...], variant: str | 
     return bool(variant) and any(find(name.replace(f".{variant}", "")) is not None for name in names)
 
 
+def index_shards(index_file: Path) -> list[str]:
+    """The shard files a sharded weights index names (none when it cannot be read: the loader then says why)."""
+    try:
+        weight_map = json.loads(index_file.read_text()).get("weight_map", {})
+    except (OSError, ValueError, AttributeError):
+        return []
+    return sorted({str(shard) for shard in weight_map.values()}) if isinstance(weight_map, dict) else []
+
+
 def missing_pipeline_files(find: FileLookup, variant: str | None = None, with_vae: bool = True) -> str | None:
     """The files of a pipeline that ``find`` does not find (at most four named, ``", "``-joined), the shards a
     sharded index names included; None when all are there, or when its ``model_index.json`` cannot be read (then
@@ -165,8 +176,7 @@ def missing_pipeline_files(find: FileLookup, variant: str | None = None, with_va
             if has_full_precision(find, names, variant):
                 full_precision.append(f"{folder}/")
         elif found.name.endswith(".json") and ".safetensors.index" in found.name:
-            shards = sorted(set(json.loads(found.read_text()).get("weight_map", {}).values()))
-            missing += [f"{folder}/{shard} (a shard its index names)" for shard in shards
+            missing += [f"{folder}/{shard} (a shard its index names)" for shard in index_shards(found)
                         if find(f"{folder}/{shard}") is None]
     if not missing:
         return None
