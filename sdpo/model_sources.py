@@ -72,10 +72,8 @@ def source_problem(source: str, key: str, *, revision: str | None = None, local_
     ``with_vae``: false when ``model.vae_source`` replaces its VAE)."""
     path = Path(source).expanduser()
     if path.is_dir():
-        if index_file != "model_index.json":
-            return None  # a VAE's folder: the loader's to check
-        missing = missing_pipeline_files(lambda name: path / name if (path / name).is_file() else None, variant,
-                                         with_vae)
+        missing = missing_model_files(lambda name: path / name if (path / name).is_file() else None, index_file,
+                                      variant, with_vae)
         if missing is None:
             return None
         return (f"{key}={source}: the folder lacks {missing} (a copy that did not finish?). "
@@ -91,9 +89,9 @@ def source_problem(source: str, key: str, *, revision: str | None = None, local_
         return (f"{key}={source}: no such folder here, and as a hub id it is {uncached}. "
                 f"{advice or unavailable_advice(source, key)}")
     why = downloads_off(local_files_only)
-    if why is None or index_file != "model_index.json":
+    if why is None:
         return None  # what is not cached is downloaded as it loads
-    missing = missing_pipeline_files(cached_file_lookup(source, revision, hub_cache), variant, with_vae)
+    missing = missing_model_files(cached_file_lookup(source, revision, hub_cache), index_file, variant, with_vae)
     if not missing:
         return None
     at = f" at revision {revision}" if revision else ""
@@ -118,9 +116,10 @@ def cached_file_lookup(repo: str, revision: str | None, cache_dir: str | Path | 
 def weight_names(folder: str, stem: str, variant: str | None) -> tuple[str, ...]:
     """The names a component's weights may have: one safetensors file or a sharded index, in ``variant`` when one is
     asked for (diffusers and transformers then load nothing else: ``stem.fp16.safetensors``,
-    ``stem.safetensors.index.fp16.json``)."""
+    ``stem.safetensors.index.fp16.json``). ``folder`` "": at the repository's root."""
     suffix = f".{variant}" if variant else ""
-    return f"{folder}/{stem}{suffix}.safetensors", f"{folder}/{stem}.safetensors.index{suffix}.json"
+    base = f"{folder}/{stem}" if folder else stem
+    return f"{base}{suffix}.safetensors", f"{base}.safetensors.index{suffix}.json"
 
 
 def pipeline_needs(index: Mapping[str, Any], variant: str | None, with_vae: bool) -> list[tuple[str, ...]]:
@@ -157,27 +156,44 @@ def index_shards(index_file: Path) -> list[str]:
     return sorted({str(shard) for shard in weight_map.values()}) if isinstance(weight_map, dict) else []
 
 
+def missing_model_files(find: FileLookup, index_file: str, variant: str | None, with_vae: bool) -> str | None:
+    """``missing_pipeline_files`` for a pipeline (``index_file`` ``model_index.json``); for a VAE (``config.json``,
+    ``model.vae_source``, loaded in full precision): its config and weights, at the root or, in a pipeline's
+    folder, under ``vae/``."""
+    if index_file == "model_index.json":
+        return missing_pipeline_files(find, variant, with_vae)
+    folder = "" if find("config.json") is not None or find("vae/config.json") is None else "vae"
+    return missing_files(find, [(f"{folder}/config.json" if folder else "config.json",),
+                                weight_names(folder, "diffusion_pytorch_model", None)], None)
+
+
 def missing_pipeline_files(find: FileLookup, variant: str | None = None, with_vae: bool = True) -> str | None:
-    """The files of a pipeline that ``find`` does not find (at most four named, ``", "``-joined), the shards a
-    sharded index names included; None when all are there, or when its ``model_index.json`` cannot be read (then
-    the loader says what is wrong)."""
+    """The files of a pipeline that ``find`` does not find (``missing_files``); None when all are there, or when its
+    ``model_index.json`` cannot be read (then the loader says what is wrong)."""
     try:
         index = json.loads(find("model_index.json").read_text())  # type: ignore[union-attr]
     except (AttributeError, OSError, ValueError):
         return None
     if not isinstance(index, dict):
         return None
+    return missing_files(find, pipeline_needs(index, variant, with_vae), variant)
+
+
+def missing_files(find: FileLookup, needs: list[tuple[str, ...]], variant: str | None) -> str | None:
+    """Which of ``needs`` (for each file, the names it may have) ``find`` does not find, at most four named and
+    ``", "``-joined, the shards a sharded index names included, and where only full-precision weights are there
+    instead of ``variant``'s, which ``model.variant=null`` loads; None when all are there."""
     missing, full_precision = [], []
-    for names in pipeline_needs(index, variant, with_vae):
+    for names in needs:
         found = next((path for path in map(find, names) if path is not None), None)
-        folder = names[0].rsplit("/", 1)[0]
+        folder = names[0].rpartition("/")[0]  # "" at the root
         if found is None:
             missing.append(names[0])
             if has_full_precision(find, names, variant):
-                full_precision.append(f"{folder}/")
+                full_precision.append(f"{folder}/" if folder else "the root")
         elif found.name.endswith(".json") and ".safetensors.index" in found.name:
-            missing += [f"{folder}/{shard} (a shard its index names)" for shard in index_shards(found)
-                        if find(f"{folder}/{shard}") is None]
+            shards = [f"{folder}/{shard}" if folder else shard for shard in index_shards(found)]
+            missing += [f"{shard} (a shard its index names)" for shard in shards if find(shard) is None]
     if not missing:
         return None
     listed = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")

@@ -145,3 +145,31 @@ def test_train_and_evaluate_refuse_a_pipeline_folder_missing_its_unet_weights(tm
         validate_config(compose([f"model.source={folder}"], tmp_path, cache_dir))
     with pytest.raises(ConfigError, match=f"model.source={folder}: the folder lacks unet/diffusion_pytorch_model"):
         validate_eval_config(compose_eval([f"model.source={folder}"], tmp_path, cache_dir))
+
+
+def test_a_vae_source_must_hold_its_config_and_weights(tmp_path, downloads):
+    """``model.vae_source``: a VAE repository or folder (config.json at its root), or a pipeline folder whose vae/
+    is taken; loaded in full precision whatever ``model.variant`` says."""
+    downloads(False)
+
+    def vae(folder, names):
+        for name in names:
+            (folder / name).parent.mkdir(parents=True, exist_ok=True)
+            (folder / name).write_text("{}")
+        return str(folder)
+
+    def problem(source, **where):
+        return source_problem(source, "model.vae_source", index_file="config.json", **where)
+
+    assert problem(vae(tmp_path / "ok", ["config.json", "diffusion_pytorch_model.safetensors"])) is None
+    fp16_only = vae(tmp_path / "fp16", ["config.json", "diffusion_pytorch_model.fp16.safetensors"])
+    assert problem(fp16_only) == (f"model.vae_source={fp16_only}: the folder lacks diffusion_pytorch_model.safetensors "
+                                  f"(a copy that did not finish?). Copy what is missing, or point "
+                                  f"`model.vae_source` at a complete copy")
+    pipeline = vae(tmp_path / "pipeline", ["model_index.json", "vae/config.json"])
+    assert "the folder lacks vae/diffusion_pytorch_model.safetensors" in problem(pipeline)
+    cache_repo(tmp_path / "cache", "org/vae", ["config.json"])  # the weights' download did not finish
+    in_cache = problem("org/vae", hub_cache=tmp_path / "cache")
+    assert "holds only part of it" in in_cache and "no diffusion_pytorch_model.safetensors" in in_cache, in_cache
+    downloads(True)
+    assert problem("org/vae", hub_cache=tmp_path / "cache") is None
