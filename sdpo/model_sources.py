@@ -191,7 +191,7 @@ def missing_files(find: FileLookup, needs: list[tuple[str, ...]], variant: str |
             missing.append(names[0])
             if has_full_precision(find, names, variant):
                 full_precision.append(f"{folder}/" if folder else "the root")
-        elif found.name.endswith(".json") and ".safetensors.index" in found.name:
+        elif found.name.endswith(".json") and ".index" in found.name:  # a sharded checkpoint's index
             shards = [f"{folder}/{shard}" if folder else shard for shard in index_shards(found)]
             missing += [f"{shard} (a shard its index names)" for shard in shards if find(shard) is None]
     if not missing:

@@ -42,6 +42,7 @@ class WeightSource:
     source: str  # a local path, or a hub repo id
     filename: str | None = None  # a file of that folder or repo (fetch_file); None: a from_pretrained folder or repo
     cache_dir: str | None = None  # the Hugging Face cache it is looked up in (None: the default)
+    weights: tuple[str, ...] = ()  # a from_pretrained model's weights: the names they may have, one of them needed
 
 
 class UnscorablePrompts(ValueError):

@@ -29,6 +29,11 @@ from sdpo.rewards.registry import register_reward
 CLIP_MAX_LENGTH = 77
 
 
+# what CLIPModel.from_pretrained loads weights from (safetensors first; .bin only with weights_only loading)
+TRANSFORMERS_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                        "pytorch_model.bin.index.json")
+
+
 def load_clip_model(source: str, dtype: str | torch.dtype = "fp32", *, config_key: str = "model") -> nn.Module:
     """``CLIPModel.from_pretrained(source)`` (hub id or local dir) in ``dtype``, eval mode."""
     from transformers import CLIPModel
@@ -68,7 +73,8 @@ class _ClipTextImageReward(RewardModel):
     def weight_sources(cls, settings: Mapping[str, Any]) -> list[WeightSource]:
         model, tokenizer = str(settings["model"]), settings.get(cls.tokenizer_key)
         same = tokenizer is None or str(tokenizer) == model  # the model's own tokenizer: one source to look for
-        return [WeightSource("model", model)] + ([] if same else [WeightSource(cls.tokenizer_key, str(tokenizer))])
+        return [WeightSource("model", model, weights=TRANSFORMERS_WEIGHTS)] + (
+            [] if same else [WeightSource(cls.tokenizer_key, str(tokenizer))])
 
     def __init__(self, model: str, tokenizer: str, dtype: str, max_length: int, tokenizer_key: str) -> None:
         super().__init__()
@@ -241,7 +247,7 @@ class Aesthetic(RewardModel):
 
     @classmethod
     def weight_sources(cls, settings: Mapping[str, Any]) -> list[WeightSource]:
-        return [WeightSource("clip_model", str(settings["clip_model"])),
+        return [WeightSource("clip_model", str(settings["clip_model"]), weights=TRANSFORMERS_WEIGHTS),
                 WeightSource("head_source", str(settings["head_source"]), settings["head_filename"],
                              settings["cache_dir"])]
 

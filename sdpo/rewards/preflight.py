@@ -1,10 +1,11 @@
 """What a reward's settings need, checked before any model loads: the weights it would load, and prompts it can score.
 
 Each reward names the weights its settings would load (``RewardModel.weight_sources``), and a path that does not
-exist, or a hub repo missing from the Hugging Face cache while downloads are off, is refused with the
-``hf download`` command; a reward that cannot score some prompts (``RewardModel.prompt_problem``: color_match
-needs a colour word) says which. Both in seconds, rather than after the policy, the training stack and the other
-models have loaded. Imports huggingface_hub's cache lookup only.
+exist, a hub repo missing from the Hugging Face cache while downloads are off, or a model there only in part (its
+config without its weights, or some shards of them) is refused with the ``hf download`` command; a reward that
+cannot score some prompts (``RewardModel.prompt_problem``: color_match needs a colour word) says which. Both in
+seconds, rather than after the policy, the training stack and the other models have loaded. Imports
+huggingface_hub's cache lookup only.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from sdpo.model_sources import is_hub_id, uncached_offline
+from sdpo.model_sources import FileLookup, cached_file_lookup, downloads_off, is_hub_id, missing_files, uncached_offline
 from sdpo.rewards.base import WeightSource
 from sdpo.rewards.hub import offline_hint
 from sdpo.rewards.registry import reward_factory
@@ -45,16 +46,35 @@ def missing_weights(weights: WeightSource, setting: str | None = None) -> str | 
     if path.is_file():
         return None
     if path.is_dir():
-        if weights.filename is None or (path / weights.filename).is_file():
-            return None
-        return f"that folder has no {weights.filename!r}: give the file's path, or the folder that holds it"
+        if weights.filename is not None and not (path / weights.filename).is_file():
+            return f"that folder has no {weights.filename!r}: give the file's path, or the folder that holds it"
+        lacks = missing_model_weights(weights, lambda name: path / name if (path / name).is_file() else None)
+        return None if lacks is None else f"that folder lacks {lacks} (a copy that did not finish?)"
     if not is_hub_id(weights.source):
         return "no such file or folder, and not a hub id (org/name): give a local path or a hub repo"
     files = (weights.filename,) if weights.filename else PRETRAINED_MARKERS
     uncached = uncached_offline(weights.source, files, cache_dir=weights.cache_dir)
-    if uncached is None:
+    hint = offline_hint(weights.source, weights.filename, weights.key, setting)
+    if uncached is not None:
+        return f"{uncached}. {hint}"
+    why = downloads_off()
+    lacks = None if why is None else missing_model_weights(
+        weights, cached_file_lookup(weights.source, None, weights.cache_dir))
+    if lacks is None:
         return None
-    return f"{uncached}. " + offline_hint(weights.source, weights.filename, weights.key, setting)
+    return (f"the local Hugging Face cache holds only part of it (a download that did not finish?), and downloads "
+            f"are off ({why}): no {lacks}. {hint}")
+
+
+def missing_model_weights(weights: WeightSource, find: FileLookup) -> str | None:
+    """Which weights of a from_pretrained model (``weights.weights``) ``find`` does not find: none of their forms,
+    or shards their index names; None when they are there (or ``weights`` is not such a model)."""
+    if not weights.weights:
+        return None
+    missing = missing_files(find, [weights.weights], None)
+    if missing is None or "(a shard" in missing:
+        return missing
+    return f"{missing} (nor {', '.join(weights.weights[1:])})"
 
 
 def reward_weight_problems(name: str, kwargs: Mapping[str, Any], where: str, label: str | None = None) -> list[str]:

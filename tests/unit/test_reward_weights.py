@@ -5,6 +5,8 @@ on-disk layout (tests/conftest.py ``cache_repo``), read by huggingface_hub's own
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from sdpo.config_checks import ConfigError, validate_config
@@ -85,3 +87,38 @@ def test_multi_parts_and_held_out_rewards_say_where_their_setting_goes(tmp_path,
                             cache_dir)
     assert [p.split(":")[0:2] for p in refusal(validate_eval_config, evaluate)] == [
         ["rewards", " pickscore's model=/models/pick"], ["rewards", " pickscore's processor=org/tokenizer"]]
+
+
+def test_a_model_download_or_copy_cut_short_names_the_weights_it_lacks(tmp_path, cache_dir, downloads, hub_cache,
+                                                                      tiny_reward_assets):
+    """A CLIP model whose config arrived but whose weights did not (or only some shards of them) failed as the reward
+    loaded, after the policy and the training stack. A tokenizer needs no weights (PickScore's processor)."""
+    import json
+    import shutil
+
+    import huggingface_hub.constants
+
+    downloads(False)
+    hub_cache("openai/clip-vit-large-patch14", ["config.json", "tokenizer_config.json"])
+    hub_cache("laion/CLIP-ViT-H-14-laion2B-s32B-b79K", ["tokenizer_config.json"])
+    hub_cache("yuvalkirstain/PickScore_v1", ["config.json", "model.safetensors.index.json",
+                                             "model-00001-of-00002.safetensors"])
+    snapshot = Path(huggingface_hub.constants.HF_HUB_CACHE) / "models--yuvalkirstain--PickScore_v1" / "snapshots"
+    (index,) = snapshot.glob("*/model.safetensors.index.json")
+    index.write_text(json.dumps({"weight_map": {"a": "model-00001-of-00002.safetensors",
+                                                "b": "model-00002-of-00002.safetensors"}}))
+    cut, sharded = refusal(validate_config, compose(["reward=clip_score", "callbacks.eval.rewards=[pickscore]"],
+                                                    tmp_path, cache_dir))
+    assert cut.startswith("reward.model=openai/clip-vit-large-patch14: the local Hugging Face cache holds only part "
+                          "of it (a download that did not finish?), and downloads are off (HF_HUB_OFFLINE=1): no "
+                          "model.safetensors (nor model.safetensors.index.json, pytorch_model.bin, "
+                          "pytorch_model.bin.index.json). "), cut
+    assert sharded.startswith("callbacks.eval.rewards: pickscore's model=yuvalkirstain/PickScore_v1: the local "
+                              "Hugging Face cache holds only part of it"), sharded
+    assert "no model-00002-of-00002.safetensors (a shard its index names)" in sharded, sharded
+    copy = Path(shutil.copytree(tiny_reward_assets["clip"], tmp_path / "clip-copy"))
+    (copy / "model.safetensors").unlink()
+    local = compose(["reward=clip_score", f"reward.model={copy}"], tmp_path, cache_dir)
+    assert refusal(validate_config, local) == [
+        f"reward.model={copy}: that folder lacks model.safetensors (nor model.safetensors.index.json, "
+        f"pytorch_model.bin, pytorch_model.bin.index.json) (a copy that did not finish?)"]
