@@ -24,6 +24,7 @@ from sdpo.config_checks import ConfigError, check_distributed, pairs_per_rank, v
 from sdpo.library_output import quiet_libraries
 from sdpo.loggers import continue_metrics, continue_wandb_run
 from sdpo.policy.speed import compile_mode, use_compile_cache
+from sdpo.progress import default_progress_bar
 from sdpo.restart import restart_checkpoint
 from sdpo.resume import check_resume, check_work_left, iterations_done, read_resume_state
 from sdpo.run_log import reports_after_fit
@@ -106,6 +107,7 @@ def train(cfg: DictConfig) -> L.Trainer:
     datamodule = instantiate(cfg.data)
     # before the module loads its models: a callback's own argument checks are refusals like the config check's
     callbacks = [instantiate_callback(name, c) for name, c in cfg.get("callbacks", {}).items() if c is not None]
+    callbacks += default_progress_bar(callbacks, bool(cfg.trainer.get("enable_progress_bar", True)))
     module = SDPOModule(model=cfg.model, algo=cfg.algo, reward=cfg.reward, optim=cfg.optim, seed=cfg.seed)
     loggers = [instantiate(c) for c in cfg.get("logger", {}).values() if c is not None]
     no_checkpoints = {}

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import math
+import re
 
 import lightning as L
 
+from sdpo.progress import RunPaceBar, _RunColumn
 from sdpo.train_run import train
 from tests.conftest import compose, read_metrics
 
@@ -46,3 +48,34 @@ def test_tqdm_bars_show_the_phases(tmp_path, cache_dir, capsys):
     train(cfg)
     shown = capsys.readouterr()
     assert "sampling" in shown.out + shown.err and "training" in shown.out + shown.err
+
+
+class WatchThePace(L.Callback):
+    """As each iteration's batch starts (the bar has made its line): the line's time and speed texts, and the
+    pace's arithmetic."""
+
+    def __init__(self) -> None:
+        self.texts: list[list[str]] = []
+        self.paces: list[tuple] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        bar = trainer.progress_bar_callback
+        task = bar.progress.tasks[bar.train_progress_bar_id]
+        self.texts.append([str(c.render(task)) for c in bar.progress.columns if isinstance(c, _RunColumn)])
+        if bar._ended:  # at the moment the last iteration ended: seconds left = pace x iterations to go
+            self.paces.append((bar.run_pace(now=bar._ended[-1]), (bar._ended[-1] - bar._started) / len(bar._ended)))
+
+
+def test_the_iteration_line_shows_the_runs_time_and_pace(tmp_path, cache_dir):
+    """One batch per epoch made Lightning's columns read "0:00:01 • 0:00:00 0.00it/s" on every iteration."""
+    cfg = compose([*RUN, f"+callbacks.watch._target_={__name__}.WatchThePace"], tmp_path, cache_dir)
+    trainer = train(cfg)
+    assert isinstance(trainer.progress_bar_callback, RunPaceBar)  # what a run gets when its config names no bar
+    watch = next(c for c in trainer.callbacks if isinstance(c, WatchThePace))
+    assert watch.texts[0][1] == "-- s/it" and watch.texts[0][0].endswith(" • -:--:--")  # no pace before one ends
+    assert re.fullmatch(r"0:00:\d\d • 0:00:\d\d", watch.texts[1][0]) and re.fullmatch(r"\d+\.\d s/it",
+                                                                                      watch.texts[1][1])
+    ((elapsed, per_iteration, left), mean), = watch.paces  # 2 iterations: paced once, with 1 to go
+    assert per_iteration == mean and left == per_iteration * 1 and elapsed == mean
+    sampling = [c for c in trainer.progress_bar_callback.progress.columns if isinstance(c, _RunColumn)]
+    assert [type(c.lightnings).__name__ for c in sampling] == ["CustomTimeColumn", "ProcessingSpeedColumn"]
