@@ -73,16 +73,21 @@ def resume_differences(checkpoint_hparams: Mapping[str, Any], cfg: DictConfig) -
     return changed + [f"{key}: unset in the checkpoint, {now[key]!r} here" for key in now if key not in saved]
 
 
-def read_resume_state(ckpt_path: str | Path | None) -> dict[str, Any] | None:
+def read_resume_state(ckpt_path: str | Path | None, restarted: bool = False) -> dict[str, Any] | None:
     """The checkpoint a run resumes from, memory-mapped (its weights are not read here), or None without one; a
-    ``ConfigError`` saying what the file is when it is not a readable checkpoint of ``sdpo.train``. A path Lightning
-    resolves itself (``last``, a URL) is not read here."""
+    ``ConfigError`` saying what the file is when it is not a readable checkpoint of ``sdpo.train`` (``restarted``: it
+    is the ``last.ckpt`` a restarted job found, not a ``ckpt_path=`` the user gave). A path Lightning resolves
+    itself (``last``, a URL) is not read here."""
     if not ckpt_path or not Path(str(ckpt_path)).is_file():
         return None
     try:
         return read_checkpoint(ckpt_path, mmap=True, key="ckpt_path")
     except ValueError as error:  # a damaged file, or not one of our checkpoints: Lightning would fail on it later
         reason = str(error).removeprefix(f"{Path(str(ckpt_path))}: ")
+        if restarted:
+            raise ConfigError(f"this job is a restart, and the checkpoint it continues from, {ckpt_path}, is {reason}."
+                              f" Continue from another with the same command and ckpt_path=<file>, rather than "
+                              f"train this run from the base model") from None
         raise ConfigError(f"ckpt_path={ckpt_path}: {reason}") from None
 
 
@@ -167,8 +172,9 @@ def check_resume_before_loading(cfg: DictConfig, env: Mapping[str, str]) -> None
     setting, is refused in seconds."""
     from sdpo.restart import restart_checkpoint
 
-    ckpt_path = cfg.get("ckpt_path") or restart_checkpoint(cfg, env, warn=False)
-    state = read_resume_state(ckpt_path)
+    restart = None if cfg.get("ckpt_path") else restart_checkpoint(cfg, env, warn=False)
+    ckpt_path = cfg.get("ckpt_path") or restart
+    state = read_resume_state(ckpt_path, restarted=restart is not None)
     check_work_left(cfg, state, ckpt_path)
     check_resume(cfg, state, ckpt_path)
     problem = foreign_metrics_problem(cfg, ckpt_path)  # continue_metrics' refusal

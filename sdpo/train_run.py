@@ -97,7 +97,7 @@ def train(cfg: DictConfig) -> L.Trainer:
         ckpt_path = restart
     if compile_mode(cfg.algo.get("compile")) != "off" and cfg.algo.get("compile_backend", "inductor") == "inductor":
         use_compile_cache(cfg.algo.get("compile_cache_dir"))  # before anything compiles (and before DDP launches)
-    resumed = read_resume_state(ckpt_path)  # read once: the resume checks and the W&B run id
+    resumed = read_resume_state(ckpt_path, restarted=restart is not None)  # once: resume checks, the W&B run id
     check_work_left(cfg, resumed, ckpt_path)
     # resumed in its own folder: continue its metrics.csv rather than let Lightning delete it
     continue_metrics(cfg, ckpt_path, iterations_done(resumed) if resumed else None)

@@ -79,3 +79,25 @@ def test_a_bad_signal_name_fails_early():
     assert RequeueOnSignal("SIGUSR2").signum.name == "SIGUSR2"
     with pytest.raises(ValueError, match="callbacks.requeue.signal='USR9'"):
         RequeueOnSignal("USR9")
+
+
+def test_a_restart_whose_last_ckpt_is_damaged_says_it_is_the_restarts_and_names_the_readable_ones(tmp_path,
+                                                                                                  cache_dir):
+    """The restart chose the file, not a ``ckpt_path=`` of the user's: the refusal says so, before anything loads."""
+    from sdpo.resume import check_resume_before_loading
+    from tests.conftest import compose
+
+    cfg = compose(["trainer.max_epochs=3"], tmp_path, cache_dir)
+    checkpoints = tmp_path / "checkpoints"
+    checkpoints.mkdir()
+    good = checkpoints / "epoch=0-step=4.ckpt"
+    torch.save({"hyper_parameters": {}, "state_dict": {}}, good)
+    (checkpoints / "epoch=1-step=8.ckpt").write_bytes(good.read_bytes()[:100])  # the newest, cut short
+    (checkpoints / "last.ckpt").symlink_to("epoch=1-step=8.ckpt")
+    with pytest.raises(ConfigError) as refused:
+        check_resume_before_loading(cfg, {"SLURM_RESTART_COUNT": "1"})
+    said = str(refused.value)
+    assert said.startswith(f"this job is a restart, and the checkpoint it continues from, {checkpoints / 'last.ckpt'}"
+                           f", is a torch archive of 100 bytes that cannot be read"), said
+    assert said.endswith(f"that folder holds \"ckpt_path='{good}'\" (newest first). Continue from another with the "
+                         f"same command and ckpt_path=<file>, rather than train this run from the base model"), said
