@@ -57,10 +57,17 @@ def requeue_problems(signal: str = "USR1", key: str = "callbacks.requeue", **_: 
     return []
 
 
+def pace_problems(every_seconds: float = 60.0, key: str = "callbacks.pace", **_: Any) -> list[str]:
+    if isinstance(every_seconds, bool) or not isinstance(every_seconds, (int, float)) or every_seconds < 0:
+        return [f"{key}.every_seconds={every_seconds!r}: need a number of seconds >= 0 (0: a line per iteration)"]
+    return []
+
+
 CHECKS: dict[str, Callable[..., list[str]]] = {  # a callback's _target_ -> its argument check
     "sdpo.callbacks.SampleGrid": sample_grid_problems,
     "sdpo.callbacks.EvalDuringTraining": eval_problems,
     "sdpo.cluster.RequeueOnSignal": requeue_problems,
+    "sdpo.progress.PaceLog": pace_problems,
 }
 
 

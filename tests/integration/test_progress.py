@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 
@@ -62,8 +63,9 @@ class WatchThePace(L.Callback):
         bar = trainer.progress_bar_callback
         task = bar.progress.tasks[bar.train_progress_bar_id]
         self.texts.append([str(c.render(task)) for c in bar.progress.columns if isinstance(c, _RunColumn)])
-        if bar._ended:  # at the moment the last iteration ended: seconds left = pace x iterations to go
-            self.paces.append((bar.run_pace(now=bar._ended[-1]), (bar._ended[-1] - bar._started) / len(bar._ended)))
+        ended = bar.pace.ended
+        if ended:  # at the moment the last iteration ended: seconds left = pace x iterations to go
+            self.paces.append((bar.run_pace(now=ended[-1]), (ended[-1] - bar.pace.started) / len(ended)))
 
 
 def test_the_iteration_line_shows_the_runs_time_and_pace(tmp_path, cache_dir):
@@ -79,3 +81,22 @@ def test_the_iteration_line_shows_the_runs_time_and_pace(tmp_path, cache_dir):
     assert per_iteration == mean and left == per_iteration * 1 and elapsed == mean
     sampling = [c for c in trainer.progress_bar_callback.progress.columns if isinstance(c, _RunColumn)]
     assert [type(c.lightnings).__name__ for c in sampling] == ["CustomTimeColumn", "ProcessingSpeedColumn"]
+
+
+def test_the_pace_log_says_each_minute_and_at_the_end_what_the_bar_shows_on_a_terminal(tmp_path, cache_dir, caplog):
+    """Where stdout is no terminal (a cluster job's output file, pytest here) Rich draws no bar: the pace line is
+    logged instead, at most every ``every_seconds`` and after the last iteration."""
+    def logged(every_seconds: float, folder: str) -> list[str]:
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="sdpo.progress"):
+            train(compose([*RUN, "trainer.enable_progress_bar=false", f"callbacks.pace.every_seconds={every_seconds}"],
+                          tmp_path / folder, cache_dir))
+        return [r.getMessage() for r in caplog.records if r.name == "sdpo.progress"]
+
+    each = logged(0, "each")
+    assert [line.split(":")[0] for line in each] == ["iteration 1/2", "iteration 2/2"]
+    pattern = r"iteration 2/2: 0:00:\d\d spent, 0:00:00 left, \d+\.\d s/it, reward 1-step 0\.\d{4}, 3-step 0\.\d{4}"
+    assert re.fullmatch(pattern, each[1]), each[1]
+    rows = read_metrics(tmp_path / "each")
+    assert f"1-step {rows[-1]['train/reward_1step']:.4f}, 3-step {rows[-1]['train/reward_last']:.4f}" in each[1]
+    assert [line.split(":")[0] for line in logged(3600, "hourly")] == ["iteration 2/2"]  # the last one always

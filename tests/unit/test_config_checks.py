@@ -81,6 +81,8 @@ def problems(overrides: list[str], tmp_path) -> str:
     (["callbacks.eval.every_n_epochs=abc"], "callbacks.eval.every_n_epochs='abc': use an integer"),
     (["callbacks.sample_grid.max_prompts=0"], "callbacks.sample_grid.every_n_epochs=5 and max_prompts=0: need >= 1"),
     (["callbacks.requeue.signal=FOO"], "callbacks.requeue.signal='FOO': use a signal name such as USR1"),
+    (["callbacks.pace.every_seconds=-1"], "callbacks.pace.every_seconds=-1: need a number of seconds >= 0"),
+    (["callbacks.pace.every_seconds=often"], "callbacks.pace.every_seconds='often': need a number of seconds"),
 ])
 def test_refused_before_loading(overrides: list[str], expected: str, tmp_path) -> None:
     assert expected in problems(overrides, tmp_path)
@@ -108,6 +110,7 @@ def test_sound_neighbours_pass(overrides: list[str], tmp_path) -> None:
     ("callbacks.eval.steps=[0,1]", None), ("callbacks.sample_grid.max_prompts=0", None),
     ("callbacks.requeue.signal=FOO", None), ("callbacks.eval.steps=4", ("eval", "steps", (4,))),
     ("callbacks.requeue.signal=sigusr2", ("requeue", "signum", signal.SIGUSR2)),
+    ("callbacks.pace.every_seconds=-1", None), ("callbacks.pace.every_seconds=0", ("pace", "every_seconds", 0.0)),
 ])
 def test_callbacks_refuse_as_they_are_built_what_the_config_check_refuses(override, built, tmp_path) -> None:
     """The same check runs in each callback's __init__ (a callback built without the config check)."""
