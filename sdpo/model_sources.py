@@ -52,10 +52,8 @@ def uncached_offline(repo: str, files: tuple[str, ...], *, revision: str | None 
     why = downloads_off(local_files_only)
     if why is None:
         return None
-    from huggingface_hub import try_to_load_from_cache
-
-    if any(isinstance(try_to_load_from_cache(repo, name, cache_dir=cache_dir, revision=revision), str)
-           for name in files):
+    find = cached_file_lookup(repo, revision, cache_dir)
+    if any(find(name) is not None for name in files):
         return None
     at = f" at revision {revision}" if revision else ""
     return f"not in the local Hugging Face cache{at} while downloads are off ({why})"

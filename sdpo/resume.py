@@ -172,7 +172,7 @@ def check_resume_before_loading(cfg: DictConfig, env: Mapping[str, str]) -> None
     setting, is refused in seconds."""
     from sdpo.restart import restart_checkpoint
 
-    restart = None if cfg.get("ckpt_path") else restart_checkpoint(cfg, env, warn=False)
+    restart = restart_checkpoint(cfg, env, warn=False)  # None when ckpt_path is given
     ckpt_path = cfg.get("ckpt_path") or restart
     state = read_resume_state(ckpt_path, restarted=restart is not None)
     check_work_left(cfg, state, ckpt_path)

@@ -71,10 +71,10 @@ def missing_model_weights(weights: WeightSource, find: FileLookup) -> str | None
     or shards their index names; None when they are there (or ``weights`` is not such a model)."""
     if not weights.weights:
         return None
-    missing = missing_files(find, [weights.weights], None)
-    if missing is None or "(a shard" in missing:
-        return missing
-    return f"{missing} (nor {', '.join(weights.weights[1:])})"
+    first, *others = weights.weights
+    if all(find(name) is None for name in weights.weights):
+        return f"{first} (nor {', '.join(others)})"
+    return missing_files(find, [weights.weights], None)  # the shards a sharded index names
 
 
 def reward_weight_problems(name: str, kwargs: Mapping[str, Any], where: str, label: str | None = None) -> list[str]:
